@@ -1,0 +1,103 @@
+"""Test helpers: odd-shaped LoRA models, anchors, and the ground-truth trajectory."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import asft_kernels as asft
+from asft_kernels.reference import paper_regularizer
+
+# relative tolerance per parameter dtype (trajectory vs float64 ground truth)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+class OddNet(nn.Module):
+    """Linear layers of awkward shapes: (m, n) = (37, 123), (1, 37), (123, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(123, 37)
+        self.down = nn.Linear(37, 1)
+        self.out = nn.Linear(1, 123)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.down(torch.tanh(self.up(x)))))
+
+
+def odd_lora(r=3, seed=0, dtype=torch.float64, targets=("up", "down", "out"), rank_pattern=None):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    net = OddNet().to(dtype)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
+                     rank_pattern=rank_pattern or {})
+    torch.manual_seed(seed + 1)
+    return get_peft_model(net, cfg)
+
+
+def random_deltas(model: nn.Module, names, seed=0, dtype=torch.float64):
+    """Random alignment deltas for the named (base) modules, out × in layout."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        if name in names:
+            w = mod.weight
+            out[name] = torch.randn(w.shape, generator=g, dtype=dtype)
+    return out
+
+
+def odd_anchor(rank=None, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    deltas = random_deltas(OddNet().double(), {"up", "down", "out"}, seed=seed)
+    return asft.AlignmentAnchor.from_deltas(deltas, rank=rank, dtype=dtype)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def odd_task_loss(model, step, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(5, 123, generator=g).to(dtype)
+    y = torch.randn(5, 123, generator=g).to(dtype)
+    return (model(x) - y).pow(2).mean()
+
+
+def run_asft(model, binding, steps, loss_fn, lam=0.5, backend="eager", lr=1e-2, weight_decay=0.01, **kw):
+    opt = asft.AsFTAdamW(trainable(model), lr=lr, weight_decay=weight_decay, anchor=binding, anchor_lambda=lam,
+                         backend=backend, **kw)
+    losses = []
+    for s in range(steps):
+        opt.zero_grad()
+        loss_fn(model, s).backward()
+        opt.step()
+        losses.append(float(opt.anchor_loss))
+    return opt, losses
+
+
+def run_reference(model, binding, steps, loss_fn, lam=0.5, lr=1e-2, weight_decay=0.01, **kw):
+    """Ground truth: torch.optim.AdamW on task_loss + λ·paper_regularizer (autograd)."""
+    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=weight_decay, **kw)
+    losses = []
+    for s in range(steps):
+        opt.zero_grad()
+        reg = paper_regularizer(binding, lam)
+        (loss_fn(model, s) + reg).backward()
+        opt.step()
+        losses.append(float(reg))
+    return opt, losses
+
+
+def max_rel_err(params, ref_params):
+    worst = 0.0
+    for p, q in zip(params, ref_params):
+        p, q = p.detach().double(), q.detach().double()
+        worst = max(worst, float((p - q).abs().max() / q.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def clone_model(model):
+    return copy.deepcopy(model)

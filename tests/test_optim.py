@@ -1,0 +1,395 @@
+"""AsFTAdamW against the ground truth: AdamW on task_loss + λ·R (published formula)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import device_for, lora, tiny_llama
+from helpers import (
+    TOLERANCE,
+    clone_model,
+    max_rel_err,
+    odd_anchor,
+    odd_lora,
+    odd_task_loss,
+    run_asft,
+    run_reference,
+    trainable,
+)
+
+import asft_kernels as asft
+from asft_kernels.reference import paper_regularizer
+
+MODES = ["paper", "projector", "full"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rank", [1, 4, None], ids=["k1", "k4", "kfull"])
+def test_trajectory_float64_odd_shapes(backend, mode, rank):
+    anchor = odd_anchor(rank=rank)
+    dtype = torch.float64
+    m1, m2 = odd_lora(r=3), odd_lora(r=3)
+    b1, b2 = anchor.bind(m1, mode=mode), anchor.bind(m2, mode=mode)
+    loss = lambda m, s: odd_task_loss(m, s, dtype)  # noqa: E731
+    _, l1 = run_asft(m1, b1, 6, loss, backend=backend)
+    _, l2 = run_reference(m2, b2, 6, loss)
+    assert max_rel_err(trainable(m1), trainable(m2)) < TOLERANCE[dtype]
+    for a, b in zip(l1, l2):
+        assert a == pytest.approx(b, rel=1e-10)
+
+
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_trajectory_rank_one_and_odd_r(r):
+    anchor = odd_anchor(rank=2)
+    m1, m2 = odd_lora(r=r), odd_lora(r=r)
+    loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
+    run_asft(m1, anchor.bind(m1), 4, loss)
+    run_reference(m2, anchor.bind(m2), 4, loss)
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["paper", "projector"])
+def test_trajectory_low_precision(backend, dtype, mode):
+    """Low-precision parameters against the float64 ground truth, tolerance per dtype."""
+    device = device_for(backend)
+    anchor = odd_anchor(rank=4)
+    m1 = odd_lora(r=3).to(device=device, dtype=dtype)
+    m2 = odd_lora(r=3)
+    steps, lr = 3, 1e-3
+    run_asft(m1, anchor.bind(m1, mode=mode), steps, lambda m, s: odd_task_loss_on(m, s, dtype, device),
+             backend=backend, lr=lr, eps=1e-6)
+    run_reference(m2, anchor.bind(m2, mode=mode), steps, lambda m, s: odd_task_loss(m, s, torch.float64),
+                  lr=lr, eps=1e-6)
+    assert max_rel_err([p.cpu() for p in trainable(m1)], trainable(m2)) < TOLERANCE[dtype]
+
+
+def odd_task_loss_on(model, step, dtype, device):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(5, 123, generator=g).to(device=device, dtype=dtype)
+    y = torch.randn(5, 123, generator=g).to(device=device, dtype=dtype)
+    return (model(x).float() - y.float()).pow(2).mean()
+
+
+def test_lambda_zero_is_adamw_bit_for_bit():
+    anchor = odd_anchor(rank=4)
+    for dtype in (torch.float32, torch.float64):
+        m1, m2, m3 = (odd_lora(r=3, dtype=dtype) for _ in range(3))
+        loss = lambda m, s, dt=dtype: odd_task_loss(m, s, dt)  # noqa: E731
+        o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=0.0)
+        o2 = asft.AsFTAdamW(trainable(m2), lr=1e-2, anchor=None)
+        o3 = torch.optim.AdamW(trainable(m3), lr=1e-2)
+        for s in range(4):
+            for m, o in ((m1, o1), (m2, o2), (m3, o3)):
+                o.zero_grad()
+                loss(m, s).backward()
+                o.step()
+        for p1, p2, p3 in zip(trainable(m1), trainable(m2), trainable(m3)):
+            assert torch.equal(p1, p3) and torch.equal(p2, p3)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(o1.state[p1][key], o3.state[p3][key])
+        assert o1.anchor_loss is None
+
+
+def _llama_pair(dtype=torch.float64, r=4):
+    base = tiny_llama(dtype=dtype)
+    names = {n for n, _ in base.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    g = torch.Generator().manual_seed(3)
+    deltas = {n: torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.05
+              for n, mod in base.named_modules() if n in names}
+    anchor = asft.AlignmentAnchor.from_deltas(deltas, rank=6, dtype=torch.float64)
+    return base, anchor
+
+
+def _llama_loss(model, step):
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    return model(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trajectory_tiny_llama(backend, mode):
+    base, anchor = _llama_pair()
+    m1, m2 = lora(base), lora(base)
+    run_asft(m1, anchor.bind(m1, mode=mode), 4, _llama_loss, backend=backend, lam=2.0)
+    run_reference(m2, anchor.bind(m2, mode=mode), 4, _llama_loss, lam=2.0)
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_trajectory_gpt2_conv1d(backend):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=24, n_layer=2, n_head=4,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double()
+    # Conv1D stores weights in × out; the anchor is out × in.
+    g = torch.Generator().manual_seed(5)
+    deltas = {n: torch.randn(mod.weight.shape, generator=g, dtype=torch.float64).T
+              for n, mod in base.named_modules() if n.endswith(("attn.c_attn", "attn.c_proj"))}
+    anchor = asft.AlignmentAnchor.from_deltas(deltas, rank=5, dtype=torch.float64)
+    m1, m2 = (lora(base, r=3, targets=("attn.c_attn", "attn.c_proj"), fan_in_fan_out=True)
+              for _ in range(2))
+    b1 = anchor.bind(m1)
+    assert all(p.conv1d for p in b1)
+
+    def loss(model, step):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 50, (2, 8), generator=g)
+        return model(input_ids=ids, labels=ids).loss
+
+    run_asft(m1, b1, 3, loss, backend=backend)
+    run_reference(m2, anchor.bind(m2), 3, loss)
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_reference_matches_lora_forward_delta_for_conv1d():
+    """For Conv1D the anchored B A is the same ΔW (out × in) that PEFT adds in the forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=24, n_layer=1, n_head=4)).double()
+    model = lora(base, r=3, targets=("c_attn",), fan_in_fan_out=True)
+    mod = model.base_model.model.transformer.h[0].attn.c_attn
+    x = torch.randn(4, 24, dtype=torch.float64)
+    lora_out = mod(x) - mod.base_layer(x)
+    pair_delta = mod.lora_B["default"].weight @ mod.lora_A["default"].weight  # out × in
+    torch.testing.assert_close(lora_out, mod.scaling["default"] * x @ pair_delta.T)
+
+
+def test_state_dict_round_trip_mid_run_weights_only(backend, tmp_path):
+    anchor = odd_anchor(rank=3)
+    loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
+    # uninterrupted
+    m_ref = odd_lora(r=2)
+    run_asft(m_ref, anchor.bind(m_ref), 6, loss, backend=backend)
+    # interrupted after 3 steps: save, rebuild everything, load with weights_only, continue
+    m1 = odd_lora(r=2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, weight_decay=0.01, anchor=anchor.bind(m1), anchor_lambda=0.5,
+                        backend=backend)
+    for s in range(3):
+        o1.zero_grad()
+        loss(m1, s).backward()
+        o1.step()
+    torch.save({"model": m1.state_dict(), "optim": o1.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True, map_location="cpu")
+    assert not any(torch.is_tensor(v) and v.numel() > 1 and v.shape == anchor["up"].U.shape
+                   for v in _flat(ckpt["optim"])), "anchor tensors must stay out of the state dict"
+    m2 = odd_lora(r=2, seed=7)
+    m2.load_state_dict(ckpt["model"])
+    o2 = asft.AsFTAdamW(trainable(m2), lr=1e-2, weight_decay=0.01, anchor=anchor.bind(m2), anchor_lambda=0.5,
+                        backend=backend)
+    o2.load_state_dict(ckpt["optim"])
+    for s in range(3, 6):
+        o2.zero_grad()
+        loss(m2, s).backward()
+        o2.step()
+    assert max_rel_err(trainable(m2), trainable(m_ref)) < 1e-12
+
+
+def _flat(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _flat(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _flat(v)
+    else:
+        yield obj
+
+
+def test_state_dict_moves_between_adamw_and_asft():
+    anchor = odd_anchor(rank=3)
+    loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
+    m1 = odd_lora(r=2)
+    torch_opt = torch.optim.AdamW(trainable(m1), lr=1e-2)
+    for s in range(2):
+        torch_opt.zero_grad()
+        loss(m1, s).backward()
+        torch_opt.step()
+    ours = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=0.0)
+    ours.load_state_dict(torch_opt.state_dict())
+    back = torch.optim.AdamW(trainable(m1), lr=1e-2)
+    back.load_state_dict(ours.state_dict())
+    for p in trainable(m1):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(back.state[p][key], torch_opt.state[p][key])
+
+
+def test_scheduler_closure_and_param_groups():
+    anchor = odd_anchor(rank=3)
+    loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    lam = 0.3
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=lam)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    s1 = torch.optim.lr_scheduler.LambdaLR(o1, lambda e: 1.0 / (1 + e))
+    s2 = torch.optim.lr_scheduler.LambdaLR(o2, lambda e: 1.0 / (1 + e))
+    b2 = anchor.bind(m2)
+    for s in range(4):
+        def closure1(s=s):
+            o1.zero_grad()
+            out = loss(m1, s)
+            out.backward()
+            return out
+
+        def closure2(s=s):
+            o2.zero_grad()
+            out = loss(m2, s) + paper_regularizer(b2, lam)
+            out.backward()
+            return out
+
+        returned = o1.step(closure1)
+        assert torch.is_tensor(returned)
+        o2.step(closure2)
+        s1.step()
+        s2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_gradient_accumulation_applies_regularizer_once_per_step():
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    b2 = anchor.bind(m2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    for s in range(3):
+        o1.zero_grad()
+        o2.zero_grad()
+        for micro in range(2):
+            (odd_task_loss(m1, 10 * s + micro, torch.float64) / 2).backward()
+            (odd_task_loss(m2, 10 * s + micro, torch.float64) / 2).backward()
+        paper_regularizer(b2, 1.0).backward()  # once per optimizer step
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_grad_scaler():
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2, dtype=torch.float32), odd_lora(r=2, dtype=torch.float32)
+    anchor32 = asft.AlignmentAnchor({k: v for k, v in anchor.items()})
+    b2 = anchor32.bind(m2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor32.bind(m1), anchor_lambda=1.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    sc1, sc2 = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for s in range(3):
+        o1.zero_grad()
+        o2.zero_grad()
+        sc1.scale(odd_task_loss(m1, s, torch.float32)).backward()
+        sc1.step(o1)
+        sc1.update()
+        # reference: the regularizer's gradient is not scaled by GradScaler's factor after unscale
+        sc2.scale(odd_task_loss(m2, s, torch.float32) + paper_regularizer(b2, 1.0).float()).backward()
+        sc2.step(o2)
+        sc2.update()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-4
+
+
+def test_unanchored_params_and_missing_grads():
+    """Biases get plain AdamW; a param without grad is untouched and gets no state."""
+    anchor = odd_anchor(rank=3)
+    m1 = odd_lora(r=2)
+    m1.base_model.model.up.bias.requires_grad_(True)
+    m1.base_model.model.out.bias.requires_grad_(True)
+    m2 = clone_model(m1)
+    b2 = anchor.bind(m2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    frozen1 = m1.base_model.model.out.bias
+    for s in range(3):
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 1.0)).backward()
+        frozen1.grad = None
+        m2.base_model.model.out.bias.grad = None
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    assert len(o1.state[frozen1]) == 0
+
+
+def test_outside_edit_invalidates_cached_statistics():
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    b2 = anchor.bind(m2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    for s in range(4):
+        if s == 2:
+            with torch.no_grad():
+                for m in (m1, m2):
+                    m.base_model.model.up.lora_B["default"].weight.mul_(0.5)
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 1.0)).backward()
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_pairing_survives_parameter_swap():
+    """accelerate/FSDP2 swap parameter objects in place; the pairing is positional."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    b2 = anchor.bind(m2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    for s in range(4):
+        if s == 2:  # swap every parameter object of m1 for a copy, in module and optimizer
+            mapping = {}
+            for mod in m1.modules():
+                for name, p in list(mod.named_parameters(recurse=False)):
+                    new = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    setattr(mod, name, new)
+                    mapping[id(p)] = new
+            for group in o1.param_groups:
+                for i, p in enumerate(group["params"]):
+                    new = mapping[id(p)]
+                    o1.state[new] = o1.state.pop(p)
+                    group["params"][i] = new
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 1.0)).backward()
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_use_lora_scaling_option():
+    anchor = odd_anchor(rank=3)
+    m1 = odd_lora(r=2)
+    binding = anchor.bind(m1, use_lora_scaling=True)
+    plain = anchor.bind(m1)
+    s = m1.base_model.model.up.scaling["default"]
+    assert s != 1.0
+    assert float(paper_regularizer(binding)) == pytest.approx(s * s * float(paper_regularizer(plain)), rel=1e-12)
+
+
+def test_anchor_loss_equals_reference_value():
+    anchor = odd_anchor(rank=4)
+    m1 = odd_lora(r=3)
+    binding = anchor.bind(m1, mode="paper")
+    expected = float(paper_regularizer(binding, 0.25))
+    opt = asft.AsFTAdamW(trainable(m1), lr=1e-3, anchor=binding, anchor_lambda=0.25)
+    odd_task_loss(m1, 0, torch.float64).backward()
+    opt.step()
+    assert float(opt.anchor_loss) == pytest.approx(expected, rel=1e-12)
+
+
+def test_state_dict_is_plain_tensors():
+    anchor = odd_anchor(rank=3)
+    m1 = odd_lora(r=2)
+    opt = asft.AsFTAdamW(trainable(m1), lr=1e-3, anchor=anchor.bind(m1))
+    odd_task_loss(m1, 0, torch.float64).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    for st in sd["state"].values():
+        assert set(st) == {"step", "exp_avg", "exp_avg_sq"}
+    assert all("anchor_pairs" in g and "anchor_lambda" in g for g in sd["param_groups"])
