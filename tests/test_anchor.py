@@ -213,17 +213,15 @@ def test_bind_refuses_dora():
 
 
 def _dora_model():
-    from peft import LoraConfig, get_peft_model
-
     from helpers import OddNet
+    from peft import LoraConfig, get_peft_model
 
     return get_peft_model(OddNet().double(), LoraConfig(r=2, target_modules=["up", "down", "out"], use_dora=True))
 
 
 def test_bind_refuses_pissa():
-    from peft import LoraConfig, get_peft_model
-
     from helpers import OddNet
+    from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(OddNet(), LoraConfig(r=2, target_modules=["up"], init_lora_weights="pissa"))
     with pytest.raises(asft.UnsupportedAdapterError, match="pissa"):
