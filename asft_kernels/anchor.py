@@ -101,6 +101,22 @@ class AnchorEntry:
         raise AsFTError(f"unknown anchor mode {mode!r}; expected one of {MODES}")
 
 
+def svd_method(shape: tuple[int, int], rank: int | None, *, method: str = "auto", oversample: int = 10) -> str:
+    """The SVD :func:`factorize_delta` runs for a delta of ``shape`` (m, n): ``"exact"``
+    (``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank``, needs ``rank``).
+
+    ``"auto"`` picks randomized when ``4·(rank + oversample) < min(m, n)``: there the
+    range finder works on a thin (n, rank + oversample) sketch and beats the full SVD.
+    """
+    if method not in ("auto", "exact", "randomized"):
+        raise AsFTError(f"unknown SVD method {method!r}")
+    if rank is None or method == "exact":
+        return "exact"
+    if method == "randomized" or 4 * (rank + oversample) < min(shape):
+        return "randomized"
+    return "exact"
+
+
 def factorize_delta(
     V: Tensor,
     rank: int | None = None,
@@ -139,12 +155,9 @@ def factorize_delta(
     work = V.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if not torch.isfinite(work).all():
         raise AnchorMismatchError(f"{name}: alignment delta of shape {(m, n)} holds NaN or inf")
-    fro = float(torch.linalg.matrix_norm(work.double()))
+    fro = float(torch.linalg.vector_norm(work, dtype=torch.float64))  # no float64 copy of V
     full = min(m, n)
-    use_random = method == "randomized" or (
-        method == "auto" and rank is not None and 4 * (rank + oversample) < full
-    )
-    if use_random and rank is not None:
+    if svd_method((m, n), rank, method=method, oversample=oversample) == "randomized":
         q = min(rank + oversample, full)
         U, s, _ = torch.svd_lowrank(work, q=q, niter=niter)
     else:

@@ -1,0 +1,432 @@
+"""Build an alignment anchor from an aligned and a base checkpoint, streaming.
+
+For every target module the delta ``V = W_aligned − W_base`` (m, n) (``out × in``; GPT-2
+``Conv1D`` weights are stored ``in × out`` and transposed) is formed from the two
+stored tensors, factorized (:func:`asft_kernels.anchor.factorize_delta`) and dropped
+before the next module is read. Both checkpoints are validated from their headers first
+(targets present on both sides, same shapes, same layout), so a mismatch fails before
+any tensor data is read or any SVD runs.
+
+Command line (registered in :mod:`asft_kernels.cli`)::
+
+    asft build-anchor --aligned A --base B --targets q_proj,v_proj --rank 64 --out anchor.safetensors
+    asft inspect anchor.safetensors [--plot spectrum.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .anchor import AlignmentAnchor, atomic_write, factorize_delta, normalize_module_name, svd_method
+from .checkpoint import CheckpointReader, open_checkpoint
+from .errors import AnchorFileError, AnchorMismatchError, AsFTError
+
+ALL_LINEAR = "all-linear"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TargetPair:
+    """One module to anchor: its name (aligned side), the two stored tensor keys, the
+    delta shape ``(m, n)`` in ``out × in`` layout and whether the weights are transposed."""
+
+    name: str
+    aligned_key: str
+    base_key: str
+    shape: tuple[int, int]
+    conv1d: bool
+
+
+def _weight_modules(reader: CheckpointReader) -> dict[str, str]:
+    """``{module name: tensor key}`` for every 2-D ``*.weight`` tensor, plus tied
+    aliases whose tensor is stored under another name (``lm_head`` → ``wte``)."""
+    modules: dict[str, str] = {}
+    for key in reader.keys():
+        if key.endswith(".weight") and len(reader.info(key)[0]) == 2:
+            modules[normalize_module_name(key)] = key
+    by_norm = {normalize_module_name(k) + ".weight": k for k in reader.keys()}
+    for name, others in reader.layout.tied.items():
+        module = normalize_module_name(name)
+        if module in modules or not name.endswith(".weight"):
+            continue
+        stored = next((by_norm[o] for o in others if o in by_norm), None)
+        if stored is not None and len(reader.info(stored)[0]) == 2:
+            modules[module] = stored
+    return modules
+
+
+def match_targets(names: Sequence[str], target_modules: str | Sequence[str], reader: CheckpointReader) -> list[str]:
+    """Module names selected by ``target_modules`` with PEFT's rules.
+
+    A list selects names equal to an entry or ending with ``"." + entry``; a string is a
+    regular expression that must match the whole name; ``"all-linear"`` selects every
+    ``nn.Linear``/``Conv1D`` weight except the output head (by module type when known,
+    else every 2-D weight that is not an embedding or output head by name).
+    """
+    layout = reader.layout
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            picked = []
+            for n in names:
+                if layout.is_output_head(n):
+                    continue
+                linear = layout.is_linear(n)
+                if linear is None:
+                    leaf = n.rsplit(".", 1)[-1]
+                    linear = not any(h in leaf for h in ("embed", "wte", "wpe", "word_embeddings", "shared"))
+                if linear:
+                    picked.append(n)
+            return picked
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise AsFTError(f"target_modules {target_modules!r} is not a valid regular expression: {exc}") from exc
+        return [n for n in names if pattern.fullmatch(n)]
+    targets = list(target_modules)
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise AsFTError(f"target_modules must be a non-empty list of names or a regex string, got {target_modules!r}")
+    return [n for n in names if n in targets or any(n.endswith("." + t) for t in targets)]
+
+
+def _pair_name(name: str, others: dict[str, str]) -> str | None:
+    """The module of the other checkpoint that ``name`` refers to: same name, or a unique
+    match on a dot boundary (one side saved from ``LlamaModel``, the other from
+    ``LlamaForCausalLM``)."""
+    if name in others:
+        return name
+    hits = [o for o in others if o.endswith("." + name) or name.endswith("." + o)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def plan_targets(aligned: CheckpointReader, base: CheckpointReader,
+                 target_modules: str | Sequence[str]) -> list[TargetPair]:
+    """Resolve and validate the target modules of two checkpoints from metadata only.
+
+    Raises:
+        AnchorMismatchError: different architectures, a target missing on one side, a
+            non-linear target, or different shapes (naming the module and both shapes).
+    """
+    a_type, b_type = aligned.layout.model_type, base.layout.model_type
+    if a_type and b_type and a_type != b_type:
+        raise AnchorMismatchError(
+            f"different architectures: aligned {aligned.description!r} is {a_type!r}, "
+            f"base {base.description!r} is {b_type!r}"
+        )
+    a_modules, b_modules = _weight_modules(aligned), _weight_modules(base)
+    a_names = match_targets(list(a_modules), target_modules, aligned)
+    b_names = match_targets(list(b_modules), target_modules, base)
+    if not a_names and not b_names:
+        raise AnchorMismatchError(
+            f"target_modules {target_modules!r} match no 2-D weight of {aligned.description!r}; "
+            f"its modules are e.g. {list(a_modules)[:6]}"
+        )
+    problems: list[str] = []
+    pairs: list[TargetPair] = []
+    paired_base: set[str] = set()
+    for name in a_names:
+        b_name = _pair_name(name, b_modules)
+        if b_name is None:
+            problems.append(f"{name}: in aligned {aligned.description!r} {aligned.info(a_modules[name])[0]}, "
+                            f"missing from base {base.description!r}")
+            continue
+        paired_base.add(b_name)
+        a_key, b_key = a_modules[name], b_modules[b_name]
+        a_shape, b_shape = aligned.info(a_key)[0], base.info(b_key)[0]
+        if a_shape != b_shape:
+            problems.append(f"{name}: aligned weight {a_shape} vs base weight {b_shape}")
+            continue
+        for reader, n in ((aligned, name), (base, b_name)):
+            if reader.layout.is_linear(n) is False:
+                problems.append(f"{n}: not a linear or Conv1D layer in {reader.description!r}; only those can "
+                                "carry LoRA factors that the anchor applies to")
+        a_conv, b_conv = aligned.layout.is_conv1d(name), base.layout.is_conv1d(b_name)
+        if a_conv is not None and b_conv is not None and a_conv != b_conv:
+            problems.append(f"{name}: Conv1D (in × out) in one checkpoint and Linear (out × in) in the other")
+            continue
+        conv1d = bool(a_conv if a_conv is not None else b_conv)
+        shape = (a_shape[1], a_shape[0]) if conv1d else (a_shape[0], a_shape[1])
+        pairs.append(TargetPair(name, a_key, b_key, shape, conv1d))
+    for b_name in b_names:
+        if b_name not in paired_base and _pair_name(b_name, a_modules) is None:
+            problems.append(f"{b_name}: in base {base.description!r} {base.info(b_modules[b_name])[0]}, "
+                            f"missing from aligned {aligned.description!r}")
+    if problems:
+        more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise AnchorMismatchError("checkpoints do not match: " + "; ".join(problems[:8]) + more)
+    return pairs
+
+
+def build_anchor(
+    aligned: Any,
+    base: Any,
+    target_modules: str | Sequence[str],
+    rank: int | None = 64,
+    energy: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    *,
+    method: str = "auto",
+    oversample: int = 10,
+    niter: int = 4,
+) -> AlignmentAnchor:
+    """Alignment anchor of ``aligned`` relative to ``base``, one module at a time.
+
+    For each target module, ``V = W_aligned − W_base`` (m, n) in ``out × in`` layout is
+    computed in float32 (float64 when ``dtype`` is float64) from the stored tensors of
+    any dtype (bf16/fp16 are upcast before subtracting), factorized, and released.
+
+    Args:
+        aligned: the aligned (chat/instruct) model: a local checkpoint directory (sharded
+            safetensors with ``model.safetensors.index.json``, ``model.safetensors``,
+            ``pytorch_model.bin[.index.json]``), a checkpoint file, a hub id resolved
+            from the local Hugging Face cache only, an ``nn.Module`` or a state dict.
+        base: the model it was aligned from, same kinds.
+        target_modules: as PEFT's ``target_modules``: list of names or suffixes
+            (``["q_proj", "v_proj"]``), a regex string matching whole names, or
+            ``"all-linear"`` (every linear/``Conv1D`` weight except the output head).
+        rank: directions kept per module; ``None`` keeps the numerical rank (exact SVD).
+        energy: keep per module the fewest directions that capture this fraction of
+            ``‖V‖²_F`` (0 < energy ≤ 1), capped by ``rank`` when both are given.
+        dtype: dtype of the stored bases, float32 or float64.
+        device: where the SVD runs (``"cuda"`` for large models); default CPU.
+        progress: show a tqdm progress bar over modules.
+        method: ``"auto"``, ``"exact"`` or ``"randomized"``, see
+            :func:`asft_kernels.anchor.svd_method`.
+        oversample: extra sketch columns of the randomized SVD.
+        niter: power iterations of the randomized SVD.
+
+    Returns:
+        The anchor; ``anchor.metadata`` records the sources, rank, energy, method, dtype,
+        device, time, per-module rank / energy captured / SVD method / seconds, and the
+        reader counters (tensors read, peak tensors alive at once).
+
+    Memory: at most one tensor per checkpoint is alive at a time (the readers count
+    them), so the peak is about two stored weights, the float32 delta and the SVD
+    workspace of one module, never two models. Measured (docs/build.md): building from
+    two sharded 50 MB float32 checkpoints raised the peak RSS by a small fraction of the
+    checkpoint size.
+
+    Raises:
+        AnchorMismatchError: different architectures, a target missing on one side or
+            matching nothing, different shapes; raised before any tensor data is read.
+        AnchorFileError: missing, truncated or corrupted files, NaN/inf in a weight, a
+            hub id absent from the local cache.
+        AsFTError: bad ``rank``, ``energy``, ``dtype`` or ``method``.
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise AsFTError(f"rank must be a positive int or None, got {rank!r}")
+    if energy is not None and not (0.0 < float(energy) <= 1.0):
+        raise AsFTError(f"energy must be in (0, 1], got {energy!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise AsFTError(f"anchor dtype must be torch.float32 or torch.float64, got {dtype}")
+    svd_method((1, 1), rank, method=method, oversample=oversample)  # validates ``method``
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    start = time.perf_counter()
+    a_reader = open_checkpoint(aligned, "aligned")
+    b_reader = open_checkpoint(base, "base")
+    pairs = plan_targets(a_reader, b_reader, target_modules)
+
+    from tqdm.auto import tqdm
+
+    entries = {}
+    per_module: dict[str, dict[str, Any]] = {}
+    for pair in tqdm(pairs, desc="build-anchor", unit="module", disable=not progress):
+        t0 = time.perf_counter()
+        V = _read_delta(a_reader, b_reader, pair, device, work_dtype)
+        entry = factorize_delta(V, rank, energy, method=method, oversample=oversample, niter=niter,
+                                dtype=dtype, name=pair.name)
+        del V
+        entries[pair.name] = entry
+        per_module[pair.name] = {
+            "rank": entry.rank,
+            "energy": entry.energy,
+            "method": svd_method(pair.shape, rank, method=method, oversample=oversample),
+            "seconds": round(time.perf_counter() - t0, 6),
+            "conv1d": pair.conv1d,
+            "keys": [pair.aligned_key, pair.base_key],
+        }
+    stored_dtypes = {
+        "aligned": sorted({str(a_reader.info(p.aligned_key)[1]) for p in pairs}),
+        "base": sorted({str(b_reader.info(p.base_key)[1]) for p in pairs}),
+    }
+    metadata = {
+        "built_by": "build_anchor",
+        "sources": {"aligned": a_reader.description, "base": b_reader.description},
+        "model_type": a_reader.layout.model_type or b_reader.layout.model_type,
+        "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
+        "rank": rank,
+        "energy": energy,
+        "method": method,
+        "oversample": oversample,
+        "niter": niter,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "checkpoint_dtypes": stored_dtypes,
+        "seconds": round(time.perf_counter() - start, 6),
+        "per_module": per_module,
+        "streaming": {"aligned": a_reader.stats(), "base": b_reader.stats()},
+    }
+    return AlignmentAnchor(entries, metadata)
+
+
+def _read_delta(a_reader: CheckpointReader, b_reader: CheckpointReader, pair: TargetPair,
+                device: torch.device, work_dtype: torch.dtype) -> torch.Tensor:
+    """``V = W_aligned − W_base`` (m, n) for one pair, ``out × in``, in ``work_dtype``."""
+    w_aligned = a_reader.read(pair.aligned_key)
+    # copy=True: never subtract in place into a caller's parameter or a shared mmap.
+    V = w_aligned.to(device=device, dtype=work_dtype, copy=True)
+    w_base = b_reader.read(pair.base_key)
+    V.sub_(w_base.to(device=device, dtype=work_dtype))
+    if not bool(torch.isfinite(V).all()):
+        for reader, key, w in ((a_reader, pair.aligned_key, w_aligned), (b_reader, pair.base_key, w_base)):
+            if not bool(torch.isfinite(w.to(work_dtype)).all()):
+                raise AnchorFileError(f"{reader.where(key)!r}: tensor {key!r} holds NaN or inf")
+        raise AnchorFileError(f"{pair.name}: the delta overflows {work_dtype}")
+    del w_aligned, w_base
+    return V.T if pair.conv1d else V
+
+
+# Command line ---------------------------------------------------------------------------
+
+
+def _parse_targets(text: str) -> str | list[str]:
+    if text.lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_rank(text: str) -> int | None:
+    if text.lower() in ("none", "full", "exact"):
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"rank must be an integer or 'none', got {text!r}") from exc
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    targets: str | list[str] = args.targets_regex if args.targets_regex else _parse_targets(args.targets or "")
+    try:
+        anchor = build_anchor(args.aligned, args.base, targets, rank=args.rank, energy=args.energy,
+                              dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
+                              method=args.method, oversample=args.oversample, niter=args.niter)
+        anchor.save(args.out)
+    except AsFTError as exc:
+        print(f"asft build-anchor: error: {exc}", file=sys.stderr)
+        return 1
+    meta = anchor.metadata
+    energies = [e.energy for e in anchor.values()]
+    print(f"wrote {args.out}: {len(anchor)} modules, ranks {sorted({e.rank for e in anchor.values()})}, "
+          f"energy captured {min(energies):.4f}..{max(energies):.4f}, {meta['seconds']:.2f} s")
+    return 0
+
+
+def _decay(s: torch.Tensor) -> tuple[float, float, float]:
+    s = s.double()
+    s1 = float(s[0]) if s.numel() else 0.0
+    if s1 == 0.0:
+        return s1, 0.0, 0.0
+    return s1, float(s[(s.numel() - 1) // 2]) / s1, float(s[-1]) / s1
+
+
+def inspect_table(anchor: AlignmentAnchor) -> str:
+    """A text table: module, shape (m × n), rank, energy captured, ‖V‖_F, s₁, and the
+    singular-value decay ``s_mid/s₁`` and ``s_k/s₁``."""
+    header = ("module", "shape", "rank", "energy", "||V||_F", "s_1", "s_mid/s_1", "s_k/s_1")
+    rows = []
+    for name, e in anchor.items():
+        s1, mid, last = _decay(e.s)
+        rows.append((name, f"{e.shape[0]}x{e.shape[1]}", str(e.rank), f"{e.energy:.4f}", f"{e.fro_norm:.4g}",
+                     f"{s1:.4g}", f"{mid:.3g}", f"{last:.3g}"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def plot_spectrum(anchor: AlignmentAnchor, path: str | Path) -> None:
+    """Save a log-scale plot of ``sᵢ / s₁`` against ``i`` for every module (PNG, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for name, e in anchor.items():
+            s = e.s.double()
+            if s.numel() == 0 or float(s[0]) == 0.0:
+                continue
+            ax.plot(range(1, s.numel() + 1), (s / s[0]).numpy(), lw=1, alpha=0.6,
+                    label=name if len(anchor) <= 12 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("direction i")
+        ax.set_ylabel("s_i / s_1")
+        ax.set_title(f"alignment-delta spectrum ({len(anchor)} modules)")
+        if len(anchor) <= 12:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        anchor = AlignmentAnchor.load(args.anchor)
+    except AsFTError as exc:
+        print(f"asft inspect: error: {exc}", file=sys.stderr)
+        return 1
+    meta = anchor.metadata
+    if meta:
+        keys = ("built_by", "sources", "model_type", "rank", "energy", "method", "dtype", "device", "seconds")
+        print("build: " + ", ".join(f"{k}={meta[k]}" for k in keys if k in meta))
+    print(inspect_table(anchor))
+    if args.plot:
+        plot_spectrum(anchor, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``asft build-anchor`` and ``asft inspect``."""
+    p = subparsers.add_parser("build-anchor", help="build an alignment anchor from an aligned and a base checkpoint",
+                              description=build_anchor.__doc__.split("\n\n")[0])
+    p.add_argument("--aligned", required=True, help="aligned checkpoint: directory, file or cached hub id")
+    p.add_argument("--base", required=True, help="base checkpoint: directory, file or cached hub id")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--targets", help="comma-separated module names/suffixes, or 'all-linear'")
+    group.add_argument("--targets-regex", help="regular expression matching whole module names")
+    p.add_argument("--rank", type=_parse_rank, default=64, help="directions per module, or 'none' (default 64)")
+    p.add_argument("--energy", type=float, default=None, help="per-module rank by captured energy, e.g. 0.9")
+    p.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto")
+    p.add_argument("--oversample", type=int, default=10)
+    p.add_argument("--niter", type=int, default=4)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--device", default=None, help="SVD device, e.g. cuda (default cpu)")
+    p.add_argument("--out", required=True, help="output anchor file (.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_build)
+
+    q = subparsers.add_parser("inspect", help="print an anchor file's modules and spectra")
+    q.add_argument("anchor", help="anchor file written by build-anchor")
+    q.add_argument("--plot", default=None, help="also save a spectrum plot (PNG)")
+    q.set_defaults(func=_cmd_inspect)
+
+
+__all__ = ["TargetPair", "build_anchor", "inspect_table", "match_targets", "plan_targets", "plot_spectrum",
+           "register_cli"]
