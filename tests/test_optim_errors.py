@@ -1,0 +1,132 @@
+"""Bad input gets a clear ValueError subclass and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import odd_anchor, odd_lora, odd_task_loss, trainable
+
+import asft_kernels as asft
+
+
+def _snapshot(model, opt):
+    params = [p.detach().clone() for p in trainable(model)]
+    state = copy.deepcopy({id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()})
+    return params, state
+
+
+def _assert_unchanged(model, opt, snap):
+    params, state = snap
+    for p, q in zip(trainable(model), params):
+        assert torch.equal(p.detach(), q)
+    now = {id(p): st for p, st in opt.state.items()}
+    assert set(now) == set(state)
+    for pid, st in state.items():
+        for k, v in st.items():
+            assert torch.equal(now[pid][k], v)
+
+
+def _stepped(backend="eager", lam=1.0):
+    anchor = odd_anchor(rank=3)
+    model = odd_lora(r=2)
+    opt = asft.AsFTAdamW(trainable(model), lr=1e-2, anchor=anchor.bind(model), anchor_lambda=lam, backend=backend)
+    odd_task_loss(model, 0, torch.float64).backward()
+    opt.step()
+    odd_task_loss(model, 1, torch.float64).backward()
+    return model, opt
+
+
+@pytest.mark.parametrize("lam", [-1.0, float("nan"), float("inf"), "x"])
+def test_bad_lambda_at_construction(lam):
+    model = odd_lora(r=2)
+    with pytest.raises(asft.OptimizerInputError, match="anchor_lambda"):
+        asft.AsFTAdamW(trainable(model), anchor=odd_anchor(rank=2).bind(model), anchor_lambda=lam)
+
+
+def test_bad_lambda_set_later_changes_nothing():
+    model, opt = _stepped()
+    snap = _snapshot(model, opt)
+    opt.param_groups[0]["anchor_lambda"] = -0.5
+    with pytest.raises(asft.OptimizerInputError, match="anchor_lambda"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+
+
+def test_unknown_backend():
+    model = odd_lora(r=2)
+    with pytest.raises(asft.OptimizerInputError, match="backend"):
+        asft.AsFTAdamW(trainable(model), anchor=odd_anchor(rank=2).bind(model), backend="cuda")
+
+
+def test_unbound_anchor_is_refused():
+    model = odd_lora(r=2)
+    with pytest.raises(asft.OptimizerInputError, match="bind"):
+        asft.AsFTAdamW(trainable(model), anchor=odd_anchor(rank=2))
+
+
+def test_incompatible_flags():
+    model = odd_lora(r=2)
+    with pytest.raises(asft.OptimizerInputError, match="amsgrad"):
+        asft.AsFTAdamW(trainable(model), anchor=odd_anchor(rank=2).bind(model), amsgrad=True)
+
+
+def test_half_a_pair_in_the_optimizer():
+    model = odd_lora(r=2)
+    binding = odd_anchor(rank=2).bind(model)
+    params = [p for p in trainable(model) if p is not binding["up"].B]
+    with pytest.raises(asft.OptimizerInputError, match="up.*lora_B"):
+        asft.AsFTAdamW(params, anchor=binding)
+
+
+def test_pair_split_across_groups_with_different_lr():
+    model = odd_lora(r=2)
+    binding = odd_anchor(rank=2).bind(model)
+    a_params = [p for n, p in model.named_parameters() if "lora_A" in n]
+    b_params = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with pytest.raises(asft.OptimizerInputError, match="different 'lr'"):
+        asft.AsFTAdamW([{"params": a_params, "lr": 1e-3}, {"params": b_params, "lr": 1e-2}], anchor=binding)
+    # same hyperparameters in two groups is fine, and matches one group
+    opt = asft.AsFTAdamW([{"params": a_params}, {"params": b_params}], lr=1e-2, anchor=binding)
+    assert len(opt.param_groups[1]["anchor_pairs"]) == 3
+
+
+def test_mixed_dtype_pair_changes_nothing():
+    model, opt = _stepped()
+    pair = opt.anchor["down"]
+    snap = _snapshot(model, opt)
+    # swap lora_A of one pair for a float32 tensor, in module and optimizer
+    new = torch.nn.Parameter(pair.A.detach().float())
+    new.grad = torch.zeros_like(new)
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is pair.A:
+                group["params"][i] = new
+    with pytest.raises(asft.OptimizerInputError, match=r"down.*float32.*float64"):
+        opt.step()
+    params, state = snap
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p is not new:
+                assert any(torch.equal(p.detach(), q) for q in params)
+
+
+def test_wrong_shape_parameter_changes_nothing():
+    model, opt = _stepped()
+    pair = opt.anchor["up"]
+    snap = _snapshot(model, opt)
+    bad = torch.nn.Parameter(torch.zeros(pair.B.shape[0] + 1, pair.B.shape[1], dtype=torch.float64))
+    bad.grad = torch.zeros_like(bad)
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is pair.B:
+                group["params"][i] = bad
+                old_b = p
+    with pytest.raises(asft.OptimizerInputError, match=r"up.*\(38, 2\)"):
+        opt.step()
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is bad:
+                group["params"][i] = old_b
+    _assert_unchanged(model, opt, snap)
