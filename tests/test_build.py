@@ -1,0 +1,415 @@
+"""build_anchor: streaming from real (tiny) checkpoints of four architectures, target
+matching, layouts, errors, and the ``asft build-anchor`` / ``asft inspect`` commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lora
+
+import asft_kernels as asft
+from asft_kernels.anchor import normalize_module_name
+from asft_kernels.build import build_anchor, match_targets
+from asft_kernels.checkpoint import open_checkpoint
+from asft_kernels.cli import main
+from asft_kernels.reference import published_projection
+
+ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+           "gpt2": ["c_attn", "c_fc"]}
+SHARD = "20KB"  # forces several shards for these tiny models
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    yield
+    hf_logging.set_verbosity(level)
+
+
+def tiny_model(arch: str, seed: int = 0, hidden: int = 32, inter: int = 48):
+    """A tiny causal LM of ``arch`` (float32), built from a config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
+    else:
+        cfg = transformers.GPT2Config(n_embd=hidden, n_inner=inter, n_layer=2, n_head=4, vocab_size=64,
+                                      n_positions=64, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    return model.eval()
+
+
+def align(base, seed: int = 1, low_rank: int = 3):
+    """An "aligned" copy of ``base``: every 2-D weight gets a rank-``low_rank`` update plus
+    small full-rank noise, so deltas have a decaying spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    aligned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in aligned.parameters():
+            if p.ndim == 2:
+                m, n = p.shape
+                L = torch.randn(m, low_rank, generator=g) @ torch.randn(low_rank, n, generator=g)
+                p.add_(0.05 * L + 1e-3 * torch.randn(m, n, generator=g))
+    return aligned
+
+
+def true_delta(aligned, base, name: str, conv1d: bool) -> torch.Tensor:
+    """``V`` (out × in, float64) straight from the two models' weights."""
+    a = aligned.get_submodule(name).weight.detach().double()
+    b = base.get_submodule(name).weight.detach().double()
+    return (a - b).T if conv1d else a - b
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def ckpt(request, tmp_path_factory):
+    """(arch, aligned model, base model, aligned dir, base dir), sharded safetensors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    arch = request.param
+    base = tiny_model(arch)
+    aligned = align(base)
+    root = tmp_path_factory.mktemp(arch)
+    base.save_pretrained(root / "base", max_shard_size=SHARD)
+    aligned.save_pretrained(root / "aligned", max_shard_size=SHARD)
+    assert len(list((root / "aligned").glob("*.safetensors"))) > 2  # really sharded
+    return arch, aligned, base, root / "aligned", root / "base"
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    base = tiny_model("llama")
+    aligned = align(base)
+    root = tmp_path_factory.mktemp("llama_single")
+    base.save_pretrained(root / "base", max_shard_size=SHARD)
+    aligned.save_pretrained(root / "aligned", max_shard_size=SHARD)
+    return aligned, base, root
+
+
+# --- correctness on four architectures ---------------------------------------------------
+
+
+def test_anchor_equals_svd_of_true_deltas_and_binds(ckpt):
+    arch, aligned, base, a_dir, b_dir = ckpt
+    conv1d = arch == "gpt2"
+    anchor = build_anchor(a_dir, b_dir, TARGETS[arch], rank=None, dtype=torch.float64, progress=False)
+    expected = [n for n, _ in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS[arch]]
+    assert sorted(anchor) == sorted(expected)
+    for name in expected:
+        V = true_delta(aligned, base, name, conv1d)
+        e = anchor[name]
+        assert e.shape == tuple(V.shape)
+        torch.testing.assert_close(e.s, torch.linalg.svdvals(V)[: e.rank], rtol=1e-9, atol=1e-12)
+        # U diag(s²) Uᵀ = V Vᵀ is sign-invariant: the SVD of the true delta, exactly.
+        torch.testing.assert_close((e.U * e.s.square()) @ e.U.T, V @ V.T, rtol=1e-9, atol=1e-12)
+        assert e.fro_norm == pytest.approx(float(torch.linalg.matrix_norm(V)), rel=1e-12)
+        assert e.energy == pytest.approx(1.0, abs=1e-9)
+    meta = anchor.metadata
+    assert meta["per_module"][expected[0]]["conv1d"] is conv1d
+    assert meta["checkpoint_dtypes"]["aligned"] == ["torch.float32"]
+
+    # The PEFT model of the aligned checkpoint, loaded from disk: bind, and the
+    # regularizer through the built anchor equals the dense published formula.
+    import transformers
+
+    from asft_kernels.reference import paper_regularizer
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(a_dir).double()
+    peft_model = lora(loaded, r=4, targets=TARGETS[arch], **({"fan_in_fan_out": True} if conv1d else {}))
+    binding = anchor.bind(peft_model, mode="paper")
+    assert len(binding) == len(expected)
+    lam = 0.7
+    got = paper_regularizer(binding, anchor_lambda=lam)
+    want = torch.zeros((), dtype=torch.float64)
+    for pair in binding:
+        C = published_projection(true_delta(aligned, base, pair.key, conv1d))
+        BA = pair.B.detach() @ pair.A.detach()
+        want = want + lam * ((torch.eye(C.shape[0], dtype=C.dtype) - C) @ BA).pow(2).sum()
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_all_linear_matches_peft_resolution(ckpt):
+    arch, aligned, base, a_dir, b_dir = ckpt
+    anchor = build_anchor(a_dir, b_dir, "all-linear", rank=2, progress=False)
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=2, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+    peft_model = get_peft_model(copy.deepcopy(aligned), cfg)
+    peft_names = {normalize_module_name(n) for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert set(anchor) == peft_names
+    assert not any("lm_head" in n or "embed" in n or "wte" in n for n in anchor)
+    assert {e.rank for e in anchor.values()} == {2}
+    assert len(anchor.bind(peft_model)) == len(peft_names)
+
+
+def test_target_matching_rules(llama_ckpt):
+    _, _, root = llama_ckpt
+    reader = open_checkpoint(root / "aligned")
+    names = [normalize_module_name(k) for k in reader.keys() if k.endswith(".weight") and len(reader.info(k)[0]) == 2]
+    assert match_targets(names, ["q_proj"], reader) == ["model.layers.0.self_attn.q_proj",
+                                                         "model.layers.1.self_attn.q_proj"]
+    # exact full name, suffix on a dot boundary only ("proj" is not a suffix of "q_proj" here)
+    assert match_targets(names, ["model.layers.1.mlp.up_proj"], reader) == ["model.layers.1.mlp.up_proj"]
+    assert match_targets(names, ["proj"], reader) == []
+    # a string is a regex that must match the whole name
+    assert match_targets(names, r".*\.0\.self_attn\.(q|v)_proj", reader) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert match_targets(names, r"q_proj", reader) == []
+    assert reader.stats()["tensors_read"] == 0  # matching never reads tensor data
+
+
+def test_energy_picks_per_module_rank(llama_ckpt):
+    aligned, base, root = llama_ckpt
+    anchor = build_anchor(root / "aligned", root / "base", ["q_proj", "down_proj"], rank=None, energy=0.9,
+                          dtype=torch.float64, progress=False)
+    for name, e in anchor.items():
+        s = torch.linalg.svdvals(true_delta(aligned, base, name, False))
+        cum = torch.cumsum(s.square(), 0) / s.square().sum()
+        k = int((cum < 0.9).sum()) + 1  # fewest directions reaching 90 %
+        assert e.rank == k and e.energy >= 0.9
+        assert e.energy == pytest.approx(float(cum[k - 1]), rel=1e-9)
+        assert anchor.metadata["per_module"][name]["energy"] == pytest.approx(e.energy)
+
+
+def test_randomized_svd_recovers_low_rank_deltas(tmp_path):
+    base = tiny_model("llama", hidden=128, inter=160)
+    aligned = align(base, low_rank=3)
+    # remove the full-rank noise: deltas of exact rank 3, where the randomized SVD is exact
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for (_, pa), (_, pb) in zip(aligned.named_parameters(), base.named_parameters()):
+            if pa.ndim == 2:
+                pa.copy_(pb + torch.randn(pa.shape[0], 3, generator=g) @ torch.randn(3, pa.shape[1], generator=g))
+    anchor = build_anchor(aligned, base, ["v_proj", "gate_proj"], rank=3, progress=False)
+    assert all(m["method"] == "randomized" for m in anchor.metadata["per_module"].values())
+    for name, e in anchor.items():
+        V = true_delta(aligned, base, name, False)
+        torch.testing.assert_close((e.U.double() * e.s.double().square()) @ e.U.double().T, V @ V.T,
+                                   rtol=1e-4, atol=1e-3 * float(V.norm()) ** 2 / V.shape[0])
+        assert e.energy == pytest.approx(1.0, abs=1e-5)
+
+
+# --- sources, dtypes, layouts ------------------------------------------------------------
+
+
+def test_every_source_kind_gives_the_same_anchor(llama_ckpt, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    aligned, base, root = llama_ckpt
+    targets = ["k_proj", "up_proj"]
+    ref = build_anchor(root / "aligned", root / "base", targets, rank=None, dtype=torch.float64, progress=False)
+    # single safetensors file, .bin (torch.save zip format, read with mmap), state dict, module
+    save_file({k: v.contiguous() for k, v in aligned.state_dict().items() if k != "lm_head.weight"},
+              str(tmp_path / "aligned.safetensors"))
+    torch.save(base.state_dict(), tmp_path / "pytorch_model.bin")
+    # a hub id found in a local cache laid out as huggingface_hub writes it
+    snap = tmp_path / "hub" / "models--org--tiny-base" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--tiny-base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny-base" / "refs" / "main").write_text("0" * 40)
+    for f in (root / "base").iterdir():
+        os.symlink(f, snap / f.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for a_src, b_src in [(tmp_path / "aligned.safetensors", tmp_path / "pytorch_model.bin"),
+                         (aligned.state_dict(), base), (aligned, "org/tiny-base")]:
+        anchor = build_anchor(a_src, b_src, targets, rank=None, dtype=torch.float64, progress=False)
+        assert sorted(anchor) == sorted(ref)
+        for name in ref:
+            torch.testing.assert_close(anchor[name].s, ref[name].s, rtol=1e-12, atol=1e-12)
+
+
+def test_hub_id_absent_from_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(asft.AnchorFileError, match="not in the local Hugging Face cache"):
+        build_anchor("meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-7b-hf", ["q_proj"], progress=False)
+
+
+def test_bf16_and_fp16_checkpoints_are_upcast_before_subtracting(tmp_path):
+    base = tiny_model("qwen2")
+    aligned = align(base)
+    aligned.to(torch.bfloat16).save_pretrained(tmp_path / "a", max_shard_size=SHARD)
+    base.to(torch.float16).save_pretrained(tmp_path / "b", max_shard_size=SHARD)
+    anchor = build_anchor(tmp_path / "a", tmp_path / "b", ["o_proj"], rank=None, dtype=torch.float64,
+                          progress=False)
+    assert anchor.metadata["checkpoint_dtypes"] == {"aligned": ["torch.bfloat16"], "base": ["torch.float16"]}
+    for name, e in anchor.items():
+        V = aligned.get_submodule(name).weight.double() - base.get_submodule(name).weight.double()
+        torch.testing.assert_close((e.U * e.s.square()) @ e.U.T, V @ V.T, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("ckpt", ["gpt2"], indirect=True)
+def test_gpt2_tied_head_is_read_through_the_embedding(ckpt):
+    arch, aligned, base, a_dir, b_dir = ckpt
+    anchor = build_anchor(a_dir, b_dir, ["lm_head"], rank=None, dtype=torch.float64, progress=False)
+    assert list(anchor) == ["lm_head"]
+    assert anchor.metadata["per_module"]["lm_head"]["keys"] == ["transformer.wte.weight"] * 2
+    V = aligned.lm_head.weight.double() - base.lm_head.weight.double()  # (vocab, hidden), out × in
+    e = anchor["lm_head"]
+    assert e.shape == tuple(V.shape)
+    torch.testing.assert_close((e.U * e.s.square()) @ e.U.T, V @ V.T, rtol=1e-9, atol=1e-12)
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+def test_streaming_reader_holds_one_tensor_at_a_time(ckpt):
+    arch, _, _, a_dir, b_dir = ckpt
+    anchor = build_anchor(a_dir, b_dir, "all-linear", rank=4, progress=False)
+    for side in ("aligned", "base"):
+        stats = anchor.metadata["streaming"][side]
+        assert stats["tensors_read"] == len(anchor)  # each target read once, nothing else
+        assert stats["peak_live_tensors"] == 1
+
+
+def test_reader_counts_live_tensors(llama_ckpt):
+    _, _, root = llama_ckpt
+    reader = open_checkpoint(root / "aligned")
+    keys = [k for k in reader.keys() if k.endswith("proj.weight")][:3]
+    held = [reader.read(k) for k in keys]
+    assert reader.live_tensors == 3
+    del held
+    assert reader.live_tensors == 0 and reader.peak_live_tensors == 3 and reader.tensors_read == 3
+
+
+# --- mismatches and bad files --------------------------------------------------------------
+
+
+def test_shape_mismatch_names_module_and_shapes_before_any_read(llama_ckpt, tmp_path, monkeypatch):
+    import asft_kernels.build as build_mod
+
+    _, _, root = llama_ckpt
+    other = tiny_model("llama", inter=40)
+    other.save_pretrained(tmp_path / "other", max_shard_size=SHARD)
+    calls = []
+    monkeypatch.setattr(build_mod, "factorize_delta", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(build_mod, "_read_delta", lambda *a, **k: calls.append(a))
+    with pytest.raises(asft.AnchorMismatchError, match=r"model\.layers\.0\.mlp\.up_proj.*\(48, 32\).*\(40, 32\)"):
+        build_anchor(root / "aligned", tmp_path / "other", ["q_proj", "up_proj"], progress=False)
+    assert calls == []  # nothing read, no SVD
+
+
+@pytest.mark.parametrize("ckpt", ["gpt2"], indirect=True)
+def test_missing_targets_and_other_architectures(llama_ckpt, ckpt):
+    aligned, base, root = llama_ckpt
+    with pytest.raises(asft.AnchorMismatchError, match="match no 2-D weight"):
+        build_anchor(root / "aligned", root / "base", ["nonexistent_proj"], progress=False)
+    sd = {k: v for k, v in base.state_dict().items() if k != "model.layers.1.self_attn.v_proj.weight"}
+    with pytest.raises(asft.AnchorMismatchError, match=r"model\.layers\.1\.self_attn\.v_proj.*missing from base"):
+        build_anchor(root / "aligned", sd, ["v_proj"], progress=False)
+    with pytest.raises(asft.AnchorMismatchError, match="not a linear"):
+        build_anchor(aligned, base, ["embed_tokens"], progress=False)
+    _, _, _, gpt2_dir, _ = ckpt
+    with pytest.raises(asft.AnchorMismatchError, match="different architectures.*'llama'.*'gpt2'"):
+        build_anchor(root / "aligned", gpt2_dir, "all-linear", progress=False)
+
+
+def _copy_dir(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_and_truncated_files_give_file_errors(llama_ckpt, tmp_path):
+    _, _, root = llama_ckpt
+    index = json.loads((root / "aligned" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+
+    trunc = _copy_dir(root / "aligned", tmp_path / "trunc")
+    data = (trunc / shard).read_bytes()
+    (trunc / shard).write_bytes(data[: len(data) - 100])
+    with pytest.raises(asft.AnchorFileError, match="truncated or corrupted"):
+        build_anchor(trunc, root / "base", ["q_proj"], progress=False)
+
+    garbage = _copy_dir(root / "aligned", tmp_path / "garbage")
+    (garbage / shard).write_bytes(b"\xff" * 64)
+    with pytest.raises(asft.AnchorFileError, match=shard):
+        build_anchor(garbage, root / "base", ["q_proj"], progress=False)
+
+    missing = _copy_dir(root / "aligned", tmp_path / "missing")
+    (missing / shard).unlink()
+    with pytest.raises(asft.AnchorFileError, match="does not exist"):
+        build_anchor(missing, root / "base", ["q_proj"], progress=False)
+
+    bad_index = _copy_dir(root / "aligned", tmp_path / "bad_index")
+    (bad_index / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(asft.AnchorFileError, match="malformed"):
+        build_anchor(bad_index, root / "base", ["q_proj"], progress=False)
+
+    (tmp_path / "broken.bin").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(asft.AnchorFileError, match="broken.bin"):
+        build_anchor(tmp_path / "broken.bin", root / "base", ["q_proj"], progress=False)
+
+    # NaN inside a well-formed shard: named by file and tensor
+    from safetensors.torch import load_file, save_file
+
+    nan_dir = _copy_dir(root / "aligned", tmp_path / "nan")
+    tensors = load_file(str(nan_dir / shard))
+    tensors["model.layers.0.self_attn.q_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(nan_dir / shard), metadata={"format": "pt"})
+    with pytest.raises(asft.AnchorFileError, match=r"q_proj\.weight.*NaN"):
+        build_anchor(nan_dir, root / "base", ["q_proj"], progress=False)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def test_cli_build_inspect_and_plot(llama_ckpt, tmp_path, capsys):
+    _, _, root = llama_ckpt
+    out = tmp_path / "anchor.safetensors"
+    rc = main(["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"),
+               "--targets", "q_proj,v_proj", "--rank", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0 and out.is_file()
+    anchor = asft.AlignmentAnchor.load(out)
+    assert len(anchor) == 4 and {e.rank for e in anchor.values()} == {3}
+    assert anchor.metadata["built_by"] == "build_anchor" and anchor.metadata["rank"] == 3
+    ref = build_anchor(root / "aligned", root / "base", ["q_proj", "v_proj"], rank=3, progress=False)
+    for name in ref:
+        torch.testing.assert_close(anchor[name].s, ref[name].s)
+    capsys.readouterr()
+
+    png = tmp_path / "spectrum.png"
+    assert main(["inspect", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    for name, e in anchor.items():
+        line = next(ln for ln in text.splitlines() if ln.startswith(name))
+        assert f"{e.shape[0]}x{e.shape[1]}" in line and f"{e.energy:.4f}" in line
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_failure_leaves_no_output_file(llama_ckpt, tmp_path, capsys):
+    _, _, root = llama_ckpt
+    trunc = _copy_dir(root / "aligned", tmp_path / "trunc")
+    shard = sorted(trunc.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    out = tmp_path / "out" / "anchor.safetensors"
+    rc = main(["build-anchor", "--aligned", str(trunc), "--base", str(root / "base"), "--targets", "all-linear",
+               "--rank", "2", "--out", str(out), "--no-progress"])
+    assert rc == 1
+    assert "error" in capsys.readouterr().err
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+    # an existing anchor is left untouched by a failed rebuild
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"previous")
+    rc = main(["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"),
+               "--targets", "nonexistent", "--out", str(out), "--no-progress"])
+    assert rc == 1 and out.read_bytes() == b"previous" and len(list(out.parent.iterdir())) == 1
