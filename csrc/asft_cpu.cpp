@@ -342,17 +342,20 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
 }
 
 // ------------------------------------------------------------------------------ validation
-std::string shape_str(const at::Tensor& t) {
+// "(m, r)": shapes written as Python prints them
+std::string dims_str(at::IntArrayRef dims) {
   std::string s = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + (t.dim() == 1 ? ",)" : ")");
+  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
+  return s + (dims.size() == 1 ? ",)" : ")");
 }
+
+std::string shape_str(const at::Tensor& t) { return dims_str(t.sizes()); }
 
 void check_tensor(const at::Tensor& t, const char* name, size_t j, at::IntArrayRef shape, at::ScalarType dtype,
                   bool need_contiguous) {
   TORCH_CHECK_VALUE(t.defined(), "asft::cpp: ", name, "[", j, "] is undefined");
   TORCH_CHECK_VALUE(t.device().is_cpu(), "asft::cpp: ", name, "[", j, "] must be a CPU tensor, found ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == shape, "asft::cpp: ", name, "[", j, "] must have shape ", shape, ", found ",
+  TORCH_CHECK_VALUE(t.sizes() == shape, "asft::cpp: ", name, "[", j, "] must have shape ", dims_str(shape), ", found ",
                     shape_str(t));
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, "asft::cpp: ", name, "[", j, "] must be ", dtype, ", found ",
                     t.scalar_type());
