@@ -24,6 +24,7 @@ from torch.optim.adam import adam as _functional_adam
 
 from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair
 from .errors import OptimizerInputError
+from .integrations.distributed import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
 from .ops import BACKENDS, Backend, math_dtype, resolve_backend
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -38,10 +39,13 @@ class _Stats:
     G: Tensor
     M: Tensor
     tag: tuple
+    gathered_A: Tensor | None = None  # all of A (r, n) for FSDP2-sharded pairs, see integrations.distributed
 
 
 def _param_tag(A: Tensor, B: Tensor) -> tuple:
-    return (id(A), A._version, A.data_ptr(), A.dtype, id(B), B._version, B.data_ptr(), B.dtype)
+    # a DTensor's (FSDP2) storage and version counter live on its local shard
+    a, b = local_tensor(A), local_tensor(B)
+    return (id(A), a._version, a.data_ptr(), A.dtype, id(B), b._version, b.data_ptr(), B.dtype)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class _Work:
     B: Tensor
     group: dict
     lam: float
+    shard: ShardedPair | None = None  # local view when A, B are FSDP2 DTensors
 
 
 class AsFTAdamW(torch.optim.AdamW):
@@ -256,7 +261,7 @@ class AsFTAdamW(torch.optim.AdamW):
                 if A.grad is None and B.grad is None:
                     continue
                 _validate_pair(pair, A, B)
-                work.append(_Work(pair, A, B, group, float(lam)))
+                work.append(_Work(pair, A, B, group, float(lam), sharded_pair(pair.module_name, A, B)))
         return work
 
     def _plain_adamw(self, group: dict, exclude: set[int]) -> None:
@@ -297,13 +302,17 @@ class AsFTAdamW(torch.optim.AdamW):
                     state[name] = state[name].to(dtype=md).contiguous()
         return state
 
-    def _statistics(self, backend: Backend, w: _Work, U: Tensor) -> _Stats:
+    def _statistics(self, backend: Backend, w: _Work, U: Tensor, shard: ShardedPair | None = None) -> _Stats:
         tag = _param_tag(w.A, w.B)
         cached = self._stats.get(w.pair.key)
         if cached is not None and cached.tag == tag:
             return cached
-        (P,), (G,), (M,) = backend.stats_pass([U], [w.B.detach()], [w.A.detach()])
-        stats = _Stats(P, G, M, tag)
+        if shard is not None:
+            P, G, M, gathered_A = shard.statistics(backend.stats_pass, U)
+            stats = _Stats(P, G, M, tag, gathered_A)
+        else:
+            (P,), (G,), (M,) = backend.stats_pass([U], [w.B.detach()], [w.A.detach()])
+            stats = _Stats(P, G, M, tag)
         self._stats[w.pair.key] = stats
         return stats
 
@@ -319,7 +328,7 @@ class AsFTAdamW(torch.optim.AdamW):
             backend = resolve_backend(self._backend_request, device)
             basis_dtype = self._basis_dtype if (self._basis_dtype and md != torch.float64) else md
             U = w.pair.basis(device, basis_dtype)
-            stats = self._statistics(backend, w, U)
+            stats = self._statistics(backend, w, U, w.shard)
             P, G, M = stats.P, stats.G, stats.M
             wts = w.pair.weights(device, md)
             lam = w.lam * w.pair.coef
@@ -339,6 +348,8 @@ class AsFTAdamW(torch.optim.AdamW):
                 Q_B=(2 * lam) * M, R_B=(2 * lam) * (Pw @ M), H=(2 * lam) * (G - PtwP),
                 step_A=float(state_a["step"]), step_B=float(state_b["step"]), stats=stats,
             )
+            if w.shard is not None:
+                item = w.shard.localize(item, stats.gathered_A)
             batches.setdefault((backend.name, device, dtype, id(w.group)), []).append((backend, w, item))
         for items in batches.values():
             backend, w0, _ = items[0]
@@ -353,6 +364,13 @@ class AsFTAdamW(torch.optim.AdamW):
                 float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]), bool(group["maximize"]),
             )
+            sharded = [(w.shard, it["stats"]) for _, w, it in items if w.shard is not None]
+            if sharded:  # FSDP2: the backend wrote local shards and partial sums; complete them
+                shards, stats = zip(*sharded)
+                gathered = complete_sharded_step(shards, [s.P for s in stats], [s.G for s in stats],
+                                                 [s.M for s in stats])
+                for st, a_full in zip(stats, gathered):
+                    st.gathered_A = a_full
             for _, w, it in items:
                 it["stats"].tag = _param_tag(w.A, w.B)
         self._anchor_loss = total.detach()

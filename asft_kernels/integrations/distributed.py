@@ -1,0 +1,494 @@
+"""AsFTAdamW under torch.distributed: DDP, FSDP2, and the bytes each step communicates.
+
+**DDP** replicates every parameter and all-reduces the gradients before ``step()``, so
+each rank runs the anchored step on identical full tensors; nothing here is involved.
+
+**FSDP2** (``torch.distributed.fsdp.fully_shard``) hands the optimizer DTensor
+parameters sharded on dim 0: rank ``q`` holds rows ``b_q`` of ``B`` (m, r) and rows
+``a_q`` of ``A`` (r, n) (``torch.chunk`` layout). The symbols are those of DESIGN.md §1:
+
+* ``P = Uᵀ B = Σ_q U[b_q]ᵀ B[b_q]`` (k, r) and ``G = Bᵀ B = Σ_q B[b_q]ᵀ B[b_q]`` (r, r)
+  are sums over B's rows: each rank computes its partial sums from its rows of ``B`` and
+  the matching rows of ``U``, then one all-reduce of the k·r + r² numbers per pair.
+* ``M = A Aᵀ`` (r, r) and the anchoring gradient of A, ``(H A)[a_q] = H[a_q, :] A``,
+  need every row of A: A (r × n, tiny) is all-gathered once per step, right after the
+  update, and the gathered copy serves both this step's ``M`` and the next step's ``H A``.
+* The fused step (any backend) runs on the local shards: rows ``b_q`` of B with
+  ``U[b_q]`` and the global ``Q_B``, ``R_B``; rows ``a_q`` of A with the diagonal block
+  ``H[a_q, a_q]``, the off-diagonal blocks folded into the gradient:
+  ``grad_A[a_q] + H[a_q, ā_q] A[ā_q]``.
+
+Per step and anchored pair the collectives move O(k·r + r² + r·n) numbers; nothing of size
+m × n (or m × m, or m × r) is ever communicated. All collectives go through
+:func:`all_reduce_sum` and :func:`all_gather_rows`, which report to every active
+:func:`record_collectives` log: that is how the documented volumes are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import OptimizerInputError
+
+try:  # torch.distributed.tensor exists on every platform torch ships distributed for
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Replicate = Shard = None
+
+
+# ---------------------------------------------------------------------- accounting
+@dataclass(frozen=True)
+class CollectiveRecord:
+    """One collective issued by this module on this rank.
+
+    Attributes:
+        op: ``"all_reduce"`` or ``"all_gather"``.
+        sent_bytes: bytes this rank contributes (its input tensor).
+        received_bytes: bytes of the collective's result on this rank.
+        group_size: ranks taking part.
+        dtype: element dtype.
+    """
+
+    op: str
+    sent_bytes: int
+    received_bytes: int
+    group_size: int
+    dtype: torch.dtype
+
+
+@dataclass
+class CommunicationLog:
+    """The collectives issued while a :func:`record_collectives` block was active."""
+
+    records: list[CollectiveRecord] = field(default_factory=list)
+
+    @property
+    def sent_bytes(self) -> int:
+        """Total bytes contributed by this rank."""
+        return sum(r.sent_bytes for r in self.records)
+
+    @property
+    def received_bytes(self) -> int:
+        """Total bytes of the collectives' results on this rank."""
+        return sum(r.received_bytes for r in self.records)
+
+    @property
+    def largest_message_bytes(self) -> int:
+        """The largest single input or result, in bytes (0 when nothing was sent)."""
+        return max((max(r.sent_bytes, r.received_bytes) for r in self.records), default=0)
+
+    def count(self, op: str | None = None) -> int:
+        """Number of collectives (of kind ``op`` if given)."""
+        return sum(1 for r in self.records if op is None or r.op == op)
+
+
+_ACTIVE_LOGS: list[CommunicationLog] = []
+# all_gather_single replaces all_gather_into_tensor in recent torch releases
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@contextlib.contextmanager
+def record_collectives() -> Iterator[CommunicationLog]:
+    """Log every collective the anchored step issues inside the block (on this rank).
+
+    Example::
+
+        with record_collectives() as log:
+            optimizer.step()
+        print(log.count(), log.sent_bytes, log.received_bytes)
+    """
+    log = CommunicationLog()
+    _ACTIVE_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _ACTIVE_LOGS.remove(log)
+
+
+def _record(op: str, sent: Tensor, received: Tensor, group) -> None:
+    if not _ACTIVE_LOGS:
+        return
+    rec = CollectiveRecord(op, sent.numel() * sent.element_size(), received.numel() * received.element_size(),
+                           dist.get_world_size(group), sent.dtype)
+    for log in _ACTIVE_LOGS:
+        log.records.append(rec)
+
+
+def all_reduce_sum(tensor: Tensor, group) -> None:
+    """Sum a contiguous 1-D ``tensor`` over ``group`` in place (recorded)."""
+    _record("all_reduce", tensor, tensor, group)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def all_gather_rows(local: Tensor, row_ranges: Sequence[tuple[int, int]], group) -> Tensor:
+    """Concatenate the row blocks that the ranks of ``group`` hold (recorded).
+
+    Args:
+        local: (rows_q, ...) this rank's block; ranks may hold different row counts
+            (``torch.chunk`` layout), so blocks are padded to the largest for the collective.
+        row_ranges: ``[start, stop)`` of each group rank's block, in group-rank order.
+        group: the process group.
+
+    Returns:
+        (Σ rows_q, ...) every block in rank order.
+    """
+    width = max(stop - start for start, stop in row_ranges)
+    tail = tuple(local.shape[1:])
+    padded = local.new_zeros((width, *tail))
+    padded[: local.shape[0]].copy_(local)
+    out = local.new_empty((len(row_ranges) * width, *tail))
+    _record("all_gather", padded, out, group)
+    _all_gather_single(out, padded, group=group)
+    blocks = [out[q * width : q * width + (stop - start)] for q, (start, stop) in enumerate(row_ranges)]
+    return torch.cat(blocks, 0)
+
+
+# ---------------------------------------------------------------------- sharded pairs
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (where its storage and version counter live), else ``t``."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t._local_tensor
+    return t
+
+
+def _chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
+    # torch.chunk layout, as DTensor's Shard(0) and FSDP2 use it
+    chunk = math.ceil(size / parts) if size else 0
+    start = min(index * chunk, size)
+    return start, min(start + chunk, size)
+
+
+@dataclass
+class _RowSharding:
+    """Where the rows of a dim-0-sharded DTensor live: ``group`` None when replicated."""
+
+    group: object
+    ranges: list[tuple[int, int]]  # per group rank
+    local: tuple[int, int]
+
+
+def _row_sharding(t: Tensor, name: str, label: str) -> _RowSharding:
+    rows = t.shape[0]
+    mesh, placements = t.device_mesh, t.placements
+    shard_dims = [d for d, p in enumerate(placements) if not isinstance(p, Replicate)]
+    for d in shard_dims:
+        if not (isinstance(placements[d], Shard) and placements[d].dim == 0 and type(placements[d]) is Shard):
+            raise OptimizerInputError(
+                f"{name}: {label} is a DTensor with placements {placements}; anchoring supports dim-0 "
+                "sharding (FSDP2) and replication only"
+            )
+    if len(shard_dims) > 1:
+        raise OptimizerInputError(
+            f"{name}: {label} is sharded on dim 0 over {len(shard_dims)} mesh dimensions; anchoring "
+            "supports one sharded mesh dimension (FSDP2 or HSDP)"
+        )
+    if not shard_dims:
+        return _RowSharding(None, [(0, rows)], (0, rows))
+    d = shard_dims[0]
+    parts = mesh.size(d)
+    ranges = [_chunk_range(rows, parts, q) for q in range(parts)]
+    local = ranges[mesh.get_local_rank(d)]
+    if t._local_tensor.shape[0] != local[1] - local[0]:
+        raise OptimizerInputError(
+            f"{name}: {label} holds {t._local_tensor.shape[0]} local rows, expected rows {local} of {rows} "
+            "(torch.chunk layout)"
+        )
+    return _RowSharding(mesh.get_group(d), ranges, local)
+
+
+@dataclass
+class ShardedPair:
+    """The local view of an anchored pair whose parameters are DTensors (FSDP2).
+
+    Attributes:
+        name: module name (for messages).
+        A, B: the DTensor parameters, global shapes (r, n) and (m, r).
+        rows_B: ``[start, stop)`` of the rows of B (and of U) held by this rank.
+        rows_A: ``[start, stop)`` of the rows of A held by this rank.
+        ranges_A: rows of A held by each rank of the group.
+        group: the process group over which the pair is sharded (None: replicated).
+    """
+
+    name: str
+    A: Tensor
+    B: Tensor
+    rows_B: tuple[int, int]
+    rows_A: tuple[int, int]
+    ranges_A: list[tuple[int, int]]
+    group: object
+    # (full-size A, exp_avg_A, exp_avg_sq_A) handed to the backend this step, and the local
+    # shards their rows ``rows_A`` are copied back into
+    _staged_A: tuple | None = field(default=None, repr=False)
+
+    @property
+    def splits_A(self) -> bool:
+        """True when A's rows are split over ranks (the same answer on every rank, so all
+        ranks take part in the same collectives)."""
+        return any(rows != (0, self.A.shape[0]) for rows in self.ranges_A)
+
+    def U_rows(self, U: Tensor) -> Tensor:
+        """Rows ``rows_B`` of the basis ``U`` (m, k): those matching this rank's rows of B."""
+        start, stop = self.rows_B
+        return U[start:stop]
+
+    # -------------------------------------------------------------- statistics
+    def statistics(self, stats_pass, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Fresh global ``(P, G, M, A)`` from the stored shards: one all-gather of A, the
+        backend's stats pass on this rank's rows of B and U with all of A, one all-reduce of
+        the partial ``P``, ``G``.
+
+        Args:
+            stats_pass: a backend's ``stats_pass(U, B, A)``.
+            U: (m, k) full basis; this rank uses rows ``rows_B``.
+
+        Returns:
+            ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) in the math dtype, and all of ``A``
+            (r, n) in the parameter dtype.
+        """
+        (A_full,) = _gather_A([self])
+        (P,), (G,), (M,) = stats_pass([self.U_rows(U)], [local_tensor(self.B).detach()], [A_full])
+        _all_reduce_PG([self], [P], [G])
+        return P, G, M, A_full
+
+    # -------------------------------------------------------------- fused step
+    def localize(self, item: dict, A_full: Tensor) -> dict:
+        """Map one pair's fused-step arguments (global tensors, optimizer state DTensors) to
+        what this rank hands the backend, within the contract's shapes.
+
+        B side: this rank's rows of B, its gradient and moments, with the matching rows of U.
+        A side: when A is split over ranks, the backend gets full-size (r, n) copies: all of A
+        (as stored before the step), the local gradient and moments in this rank's rows and
+        zeros elsewhere, so ``g_A = grad_A + H A`` is exact on the local rows; only those rows
+        are copied back (:func:`complete_sharded_step`). ``P``, ``G`` stay the cached tensors:
+        the backend writes local partial sums into them, and ``M`` (computed from partly
+        stale rows) is rebuilt from the gathered A.
+
+        Args:
+            item: the fused-step arguments by schema name (``A``, ``B``, ``exp_avg_A``, …).
+            A_full: (r, n) all of A as stored before this step (parameter dtype).
+        """
+        out = dict(item)
+        for key in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "grad_A", "grad_B"):
+            out[key] = local_tensor(item[key])
+        out["U"] = self.U_rows(item["U"])
+        if self.splits_A:
+            start, stop = self.rows_A
+            staged = []
+            for key in ("A", "grad_A", "exp_avg_A", "exp_avg_sq_A"):
+                local = out[key]
+                full = A_full.clone() if key == "A" else local.new_zeros(A_full.shape)
+                full[start:stop].copy_(local)
+                staged.append((full, local))
+                out[key] = full
+            self._staged_A = (staged[0], staged[2], staged[3])
+        return out
+
+    def write_back(self) -> None:
+        """Copy this rank's rows of the updated full-size A and moments into the shards."""
+        if self._staged_A is None:
+            return
+        start, stop = self.rows_A
+        for full, local in self._staged_A:
+            local.copy_(full[start:stop])
+        self._staged_A = None
+
+
+def sharded_pair(name: str, A: Tensor, B: Tensor) -> ShardedPair | None:
+    """The :class:`ShardedPair` of ``A`` (r, n) and ``B`` (m, r) if they are DTensors, None
+    for plain tensors (single process, DDP).
+
+    Raises:
+        OptimizerInputError: only one of the two is a DTensor, they live on different meshes,
+            or a placement other than ``Shard(0)`` / ``Replicate`` is used (e.g. tensor
+            parallelism).
+    """
+    if DTensor is None:
+        return None
+    a_dt, b_dt = isinstance(A, DTensor), isinstance(B, DTensor)
+    if not a_dt and not b_dt:
+        return None
+    if a_dt != b_dt:
+        raise OptimizerInputError(
+            f"{name}: lora_A is {'a DTensor' if a_dt else 'a plain tensor'} but lora_B is "
+            f"{'a DTensor' if b_dt else 'a plain tensor'}; shard both with the same fully_shard call"
+        )
+    if A.device_mesh != B.device_mesh:
+        raise OptimizerInputError(f"{name}: lora_A and lora_B are sharded over different device meshes")
+    sa = _row_sharding(A, name, "lora_A")
+    sb = _row_sharding(B, name, "lora_B")
+    if (sa.group is None) != (sb.group is None):
+        raise OptimizerInputError(f"{name}: lora_A and lora_B must both be sharded on dim 0 or both replicated")
+    if sb.group is not None and sa.group is not sb.group:
+        raise OptimizerInputError(f"{name}: lora_A and lora_B are sharded over different mesh dimensions")
+    return ShardedPair(name, A, B, sb.local, sa.local, sa.ranges, sb.group)
+
+
+def _all_reduce_PG(pairs: Sequence[ShardedPair], P: Sequence[Tensor], G: Sequence[Tensor]) -> None:
+    """Sum the partial ``P`` (k, r) and ``G`` (r, r) over each pair's group, in place: one
+    all-reduce per (group, dtype, device) for all pairs."""
+    batches: dict[tuple, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        if pair.group is not None:
+            batches.setdefault((id(pair.group), P[i].dtype, P[i].device), []).append(i)
+    for idx in batches.values():
+        flat = torch.cat([t.reshape(-1) for i in idx for t in (P[i], G[i])])
+        all_reduce_sum(flat, pairs[idx[0]].group)
+        offset = 0
+        for i in idx:
+            for t in (P[i], G[i]):
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def _gather_A(pairs: Sequence[ShardedPair]) -> list[Tensor]:
+    """All of each pair's A (r, n), parameter dtype: one all-gather per (group, dtype,
+    device, row layout) for all pairs, their blocks side by side."""
+    gathered: list[Tensor] = [local_tensor(pair.A).detach() for pair in pairs]
+    batches: dict[tuple, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        if pair.group is not None and pair.splits_A:
+            a = gathered[i]
+            batches.setdefault((id(pair.group), a.dtype, a.device, tuple(pair.ranges_A)), []).append(i)
+    for idx in batches.values():
+        group, ranges = pairs[idx[0]].group, pairs[idx[0]].ranges_A
+        full = all_gather_rows(torch.cat([gathered[i] for i in idx], 1), ranges, group)
+        offset = 0
+        for i in idx:
+            n = pairs[i].A.shape[1]
+            gathered[i] = full[:, offset : offset + n].contiguous()
+            offset += n
+    return gathered
+
+
+def complete_sharded_step(
+    pairs: Sequence[ShardedPair], P: Sequence[Tensor], G: Sequence[Tensor], M: Sequence[Tensor]
+) -> list[Tensor]:
+    """Finish the fused step of sharded pairs: copy the local rows of A and its moments
+    back into the shards, all-reduce the partial ``P`` (k, r) and ``G`` (r, r) in place,
+    gather every pair's updated A (r, n) and write ``M = A Aᵀ`` (r, r) in place.
+
+    Pairs are batched per process group and dtype: one all-reduce and one all-gather per
+    batch, whatever the number of layers.
+
+    Returns:
+        All of each pair's A after the step, (r, n) in the parameter dtype: the next step's
+        ``A`` for :meth:`ShardedPair.localize`.
+    """
+    for pair in pairs:
+        pair.write_back()
+    _all_reduce_PG(pairs, P, G)
+    gathered = _gather_A(pairs)
+    for a_full, m in zip(gathered, M):
+        a = a_full.to(m.dtype)
+        m.copy_(a @ a.T)
+    return gathered
+
+
+# ---------------------------------------------------------------------- report
+def measure_step_communication(
+    m: int, n: int, r: int, k: int, pairs: int, steps: int = 2, dtype: torch.dtype = torch.float32
+) -> list[CommunicationLog]:
+    """Run ``steps`` anchored steps on ``pairs`` LoRA pairs of shape B (m, r), A (r, n) with a
+    k-direction anchor, sharded by ``fully_shard`` over all ranks of the default process
+    group, and return this rank's :class:`CommunicationLog` of each step.
+
+    The base weights live on the meta device (only their shape matters to the anchor), so
+    Llama-2-7B shapes fit on a laptop. Call on every rank of an initialized process group.
+    """
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..anchor import AlignmentAnchor, AnchorEntry
+    from ..optim import AsFTAdamW
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0].float()
+    s = torch.linspace(2.0, 1.0, k)
+    entry = AnchorEntry(U=U, s=s, fro_norm=float(s.norm()) * 1.01, shape=(m, n), energy=0.98)
+
+    class _Lora(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(n, m, bias=False, device="meta")
+            self.lora_A = nn.ModuleDict({"default": nn.Linear(n, r, bias=False, device=device, dtype=dtype)})
+            self.lora_B = nn.ModuleDict({"default": nn.Linear(r, m, bias=False, device=device, dtype=dtype)})
+
+    model = nn.ModuleDict({f"layer{i}": _Lora() for i in range(pairs)})
+    for mod in model.values():
+        fully_shard([mod.lora_A["default"], mod.lora_B["default"]], mesh=mesh)
+    anchor = AlignmentAnchor({f"layer{i}": entry for i in range(pairs)})
+    binding = anchor.bind(model)
+    params = [p for mod in model.values() for p in (mod.lora_A["default"].weight, mod.lora_B["default"].weight)]
+    opt = AsFTAdamW(params, lr=1e-3, anchor=binding)
+    logs = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with record_collectives() as log:
+            opt.step()
+        logs.append(log)
+    return logs
+
+
+def _report_worker(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        for r in args.r:
+            for k in args.k:
+                logs = measure_step_communication(args.m, args.n, r, k, args.pairs, steps=2)
+                if rank == 0:
+                    first, steady = logs
+                    out[(r, k)] = (first.count(), first.sent_bytes, first.received_bytes,
+                                   steady.count(), steady.sent_bytes, steady.received_bytes,
+                                   steady.largest_message_bytes)
+    finally:
+        dist.destroy_process_group()
+
+
+def _comm_report(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
+        out = manager.dict()
+        mp.spawn(_report_worker, args=(args.world_size, f"{tmp}/rdzv", args, out), nprocs=args.world_size)
+        rows = dict(out)
+    print(f"# FSDP2 anchored step, world size {args.world_size}, {args.pairs} pairs of B ({args.m}, r), "
+          f"A (r, {args.n}), fp32 params; bytes per rank, counted in the collectives")
+    print("| r | k | collectives (1st step) | sent / received, 1st step | collectives (per step) "
+          "| sent per step | received per step | per pair | largest message | m·n·4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (r, k), (c1, s1, r1, c, sent, recv, big) in sorted(rows.items()):
+        print(f"| {r} | {k} | {c1} | {s1:,} / {r1:,} | {c} | {sent:,} | {recv:,} | "
+              f"{(sent + recv) / args.pairs:,.0f} | {big:,} | {args.m * args.n * 4:,} |")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """``asft comm-report``: measure the bytes the anchored FSDP2 step communicates."""
+    p = subparsers.add_parser(
+        "comm-report", help="measure the collectives of the anchored step under FSDP2 (CPU, gloo)",
+        description="Spawn WORLD_SIZE CPU processes (gloo), shard PAIRS LoRA pairs with fully_shard, run "
+                    "two anchored steps and print the bytes each rank sends and receives per step.",
+    )
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--m", type=int, default=4096, help="rows of B (out features)")
+    p.add_argument("--n", type=int, default=4096, help="columns of A (in features)")
+    p.add_argument("--pairs", type=int, default=64, help="anchored LoRA pairs (Llama-2-7B q/v: 64)")
+    p.add_argument("--r", type=int, nargs="+", default=[8, 64], help="LoRA ranks")
+    p.add_argument("--k", type=int, nargs="+", default=[64, 256], help="anchor ranks")
+    p.set_defaults(func=_comm_report)
