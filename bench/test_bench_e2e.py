@@ -12,6 +12,7 @@ import pytest
 
 from bench.harness import (
     E2E_CONFIGS,
+    E2E_MIN_ROUNDS,
     E2E_VARIANTS,
     VariantUnavailable,
     build_e2e_case,
@@ -39,4 +40,4 @@ def test_e2e_step(benchmark, bench_device, variant):
         info["paired_overhead"] = paired_overhead(case.step, baseline.step, bench_device, PAIRS)
         info["paired_pairs"] = PAIRS
         del baseline
-    run_benchmark(benchmark, case, bench_device, SUITE, CONFIG.group, info)
+    run_benchmark(benchmark, case, bench_device, SUITE, CONFIG.group, info, min_rounds=E2E_MIN_ROUNDS)
