@@ -169,7 +169,7 @@ def _factor_kernel(
             q = tl.load(q_ptr + rr_idx, mask=rr_mask, other=0.0)
             g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             g = g + tl.dot(x, q, input_precision=DOT_PRECISION)
-            u_rb = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
+            u_rb = tl.full((BLOCK_ROWS, BLOCK_R), 0.0, tl.float32)
             for k0 in range(0, k, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < k
@@ -237,7 +237,7 @@ def _reduce_kernel(
     mask = offs < numel
     # Blocks past the end of a small output do no work.
     n_tiles = tl.where(block * BLOCK < numel, n_tiles, 0)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)
     for t in range(0, n_tiles):
         acc += tl.load(scratch + src + t * stride + offs, mask=mask, other=0.0)
     tl.store(dest + offs, acc, mask=mask)
@@ -327,18 +327,19 @@ def _check_device(tensors: Sequence[Tensor], what: str) -> torch.device:
 def _check_pair(j: int, U: Tensor, B: Tensor, A: Tensor) -> tuple[int, int, int, int]:
     if B.ndim != 2 or A.ndim != 2 or U.ndim != 2:
         raise OptimizerInputError(
-            f"pair {j}: expected 2-D U (m, k), B (m, r), A (r, n); found {tuple(U.shape)}, "
+            f"triton: U[{j}], B[{j}], A[{j}] must be 2-D (m, k), (m, r), (r, n); found {tuple(U.shape)}, "
             f"{tuple(B.shape)}, {tuple(A.shape)}")
     m, r = B.shape
     n = A.shape[1]
     k = U.shape[1]
     if A.shape[0] != r or U.shape[0] != m:
         raise OptimizerInputError(
-            f"pair {j}: shapes do not chain: U {tuple(U.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}")
+            f"triton: U[{j}] {tuple(U.shape)}, B[{j}] {tuple(B.shape)}, A[{j}] {tuple(A.shape)} do not chain "
+            "as (m, k), (m, r), (r, n)")
     if B.dtype != A.dtype or B.dtype not in _TL_DTYPES:
-        raise OptimizerInputError(f"pair {j}: A and B must share a float dtype; found {A.dtype} and {B.dtype}")
+        raise OptimizerInputError(f"triton: A[{j}] and B[{j}] must share a float dtype; found {A.dtype} and {B.dtype}")
     if U.dtype not in _TL_DTYPES:
-        raise OptimizerInputError(f"pair {j}: U must be a float tensor, found {U.dtype}")
+        raise OptimizerInputError(f"triton: U[{j}] must be a float tensor, found {U.dtype}")
     return m, n, r, k
 
 
@@ -445,13 +446,13 @@ def _triton_eligible(B: Tensor) -> bool:
 
 def _require(t: Tensor, name: str, j: int, device: torch.device, shape=None, dtype=None) -> None:
     if t.device != device:
-        raise OptimizerInputError(f"pair {j}: {name} is on {t.device}, expected {device}")
+        raise OptimizerInputError(f"triton: {name}[{j}] is on {t.device}, expected {device}")
     if not t.is_contiguous():
-        raise OptimizerInputError(f"pair {j}: {name} {tuple(t.shape)} must be contiguous")
+        raise OptimizerInputError(f"triton: {name}[{j}] {tuple(t.shape)} must be contiguous")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise OptimizerInputError(f"pair {j}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise OptimizerInputError(f"triton: {name}[{j}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if dtype is not None and t.dtype != dtype:
-        raise OptimizerInputError(f"pair {j}: {name} is {t.dtype}, expected {dtype}")
+        raise OptimizerInputError(f"triton: {name}[{j}] is {t.dtype}, expected {dtype}")
 
 
 def stats_pass(
@@ -471,7 +472,7 @@ def stats_pass(
             cannot run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     """
     if not (len(U) == len(B) == len(A)):
-        raise OptimizerInputError(f"stats_pass: {len(U)} U, {len(B)} B and {len(A)} A tensors")
+        raise OptimizerInputError(f"triton stats_pass: {len(U)} U, {len(B)} B and {len(A)} A tensors")
     shapes = [_check_pair(j, u, b, a) for j, (u, b, a) in enumerate(zip(U, B, A))]
     fast = [j for j in range(len(B)) if _triton_eligible(B[j])]
     slow = [j for j in range(len(B)) if not _triton_eligible(B[j])]
@@ -540,7 +541,7 @@ def fused_step(
     count = len(A)
     for name, values in lists.items():
         if len(values) != count:
-            raise OptimizerInputError(f"fused_step: {name} has {len(values)} entries, A has {count}")
+            raise OptimizerInputError(f"triton fused_step: {name} has {len(values)} entries, A has {count}")
     # Read-only inputs: a contiguous copy is as good as the original.
     for name in ("grad_A", "grad_B", "U", "Q_B", "R_B", "H"):
         lists[name] = [t.contiguous() for t in lists[name]]
@@ -563,7 +564,7 @@ def fused_step(
             t = lists[name][j]
             if tuple(t.shape) != shape or t.device != device:
                 raise OptimizerInputError(
-                    f"pair {j}: {name} is {tuple(t.shape)} on {t.device}, expected {shape} on {device}")
+                    f"triton: {name}[{j}] is {tuple(t.shape)} on {t.device}, expected {shape} on {device}")
     if slow:
         sel = lambda xs: [xs[j] for j in slow]
         eager.fused_step_impl(*(sel(v) for v in lists.values()), lr, beta1, beta2, eps, weight_decay, maximize)
