@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "asft_kernels.build",  # asft build-anchor, asft inspect
     "asft_kernels.ops.cpp",  # asft build-ext
     "asft_kernels.diagnostics",  # asft report
+    "asft_kernels.integrations.distributed",  # asft comm-report
 )
 
 

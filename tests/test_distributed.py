@@ -17,7 +17,7 @@ from conftest import available_backends, lora, tiny_llama
 
 import asft_kernels as asft
 from asft_kernels.errors import OptimizerInputError
-from asft_kernels.integrations.distributed import record_collectives
+from asft_kernels.integrations.distributed import lora_A_column_sharding, record_collectives
 from asft_kernels.reference import paper_regularizer
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
@@ -33,6 +33,9 @@ SAMPLES, SEQ, VOCAB = 4, 8, 64
 TARGETS = ("q_proj", "v_proj")
 # float32 parameters: distributed vs single process, and vs the float64 published formula
 TOL = 1e-5
+# backends that run CPU tensors; FSDP2 runs with each, DDP and the checkpoint with the last
+BACKENDS = [b for b in available_backends() if b in ("eager", "cpp")]
+DEFAULT = BACKENDS[-1]
 
 
 def _base_model(dtype=torch.float32):
@@ -90,13 +93,14 @@ def _train(model, opt, steps, rows=slice(None), log_last=False):
 
 
 # ---------------------------------------------------------------------- workers
-def _fsdp2(mesh, backend):
+def _fsdp2(mesh, backend, a_columns=False):
     from torch.distributed.fsdp import fully_shard
 
     model = _peft_model()
+    place = lora_A_column_sharding(model) if a_columns else None
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, shard_placement_fn=place)
     binding = _anchor().bind(model)
     return model, binding, _optimizer(model, binding, backend)
 
@@ -116,38 +120,39 @@ def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         rows = slice(rank * SAMPLES // WORLD, (rank + 1) * SAMPLES // WORLD)
         results = {}
+        # DDP: bind the wrapped model; plain tensors, gradients averaged by DDP
+        ddp = DDP(_peft_model())
+        binding = _anchor().bind(ddp)
+        losses, _ = _train(ddp, _optimizer(ddp, binding, DEFAULT), range(STEPS), rows)
+        results["ddp"] = {"params": _lora_params(ddp.module), "losses": losses,
+                          "keys": sorted(p.key for p in binding)}
+
         for backend in backends:
-            # DDP: bind the wrapped model, plain tensors, gradients averaged by DDP
-            ddp = DDP(_peft_model())
-            binding = _anchor().bind(ddp)
-            losses, _ = _train(ddp, _optimizer(ddp, binding, backend), range(STEPS), rows)
-            results[("ddp", backend)] = {"params": _lora_params(ddp.module), "losses": losses,
-                                         "keys": sorted(p.key for p in binding)}
+            # FSDP2: fully_shard per decoder layer and on the root; lora_A on rows or columns
+            for scenario, a_columns in (("fsdp2", False), ("fsdp2_columns", True)):
+                model, binding, opt = _fsdp2(mesh, backend, a_columns)
+                losses, log = _train(model, opt, range(STEPS), rows, log_last=True)
+                A0 = binding.pairs[0].A
+                results[(scenario, backend)] = {
+                    "params": _lora_params(model), "losses": losses, "records": [
+                        (r.op, r.sent_bytes, r.received_bytes, r.group_size) for r in log.records],
+                    "local_A": tuple(A0.to_local().shape), "placements": str(A0.placements),
+                }
 
-            # FSDP2: fully_shard per decoder layer and on the root
-            model, binding, opt = _fsdp2(mesh, backend)
-            losses, log = _train(model, opt, range(STEPS), rows, log_last=True)
-            A0 = binding.pairs[0].A
-            results[("fsdp2", backend)] = {
-                "params": _lora_params(model), "losses": losses, "records": [
-                    (r.op, r.sent_bytes, r.received_bytes, r.group_size) for r in log.records],
-                "local_rows_A": tuple(A0.to_local().shape), "placements": str(A0.placements),
-            }
-
-            # FSDP2 resumed from a distributed checkpoint written after RESUME_AT steps
-            ckpt = os.path.join(out_dir, f"ckpt_{backend}")
-            model, binding, opt = _fsdp2(mesh, backend)
-            _train(model, opt, range(RESUME_AT), rows)
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-            del model, opt
-            model, binding, opt = _fsdp2(mesh, backend)
-            msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=ckpt)
-            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            losses, _ = _train(model, opt, range(RESUME_AT, STEPS), rows)
-            results[("fsdp2_resumed", backend)] = {"params": _lora_params(model), "losses": losses}
+        # FSDP2 resumed from a distributed checkpoint written after RESUME_AT steps
+        ckpt = os.path.join(out_dir, "ckpt")
+        model, binding, opt = _fsdp2(mesh, DEFAULT)
+        _train(model, opt, range(RESUME_AT), rows)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+        del model, opt
+        model, binding, opt = _fsdp2(mesh, DEFAULT)
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        losses, _ = _train(model, opt, range(RESUME_AT, STEPS), rows)
+        results["fsdp2_resumed"] = {"params": _lora_params(model), "losses": losses}
 
         # placements anchoring does not support: sharding on dim 1 (tensor parallelism)
         A, B = torch.randn(R, 32), torch.randn(32, R)
@@ -168,7 +173,7 @@ def distributed_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(str(out / "rdzv"), str(out), available_backends()), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out / "rdzv"), str(out), BACKENDS), nprocs=WORLD, join=True)
     return torch.load(out / "results.pt", weights_only=False)
 
 
@@ -177,7 +182,7 @@ def single_process():
     """One process, the whole batch: AsFTAdamW (float32) per backend and the published
     formula (torch AdamW on task loss + λR, float64)."""
     out = {}
-    for backend in available_backends():
+    for backend in BACKENDS:
         model = _peft_model()
         binding = _anchor().bind(model)
         losses, _ = _train(model, _optimizer(model, binding, backend), range(STEPS))
@@ -212,11 +217,10 @@ def _loss_err(losses, ref) -> float:
 
 
 # ---------------------------------------------------------------------- tests
-@pytest.mark.parametrize("backend", available_backends())
-def test_ddp_matches_single_process(distributed_results, single_process, backend):
-    run = distributed_results[("ddp", backend)]
+def test_ddp_matches_single_process(distributed_results, single_process):
+    run = distributed_results["ddp"]
     assert len(run["keys"]) == 4 and all(k.startswith("model.layers.") for k in run["keys"])
-    single = single_process[backend]
+    single = single_process[DEFAULT]
     assert _rel_err(run["params"], single["params"]) <= TOL
     assert _loss_err(run["losses"], single["losses"]) <= TOL
     # and the published formula, float64
@@ -226,11 +230,14 @@ def test_ddp_matches_single_process(distributed_results, single_process, backend
     assert _rel_err(run["params"], init) > 100 * TOL
 
 
-@pytest.mark.parametrize("backend", available_backends())
-def test_fsdp2_matches_single_process(distributed_results, single_process, backend):
-    run = distributed_results[("fsdp2", backend)]
-    assert run["placements"] == "(Shard(dim=0),)"
-    assert run["local_rows_A"] == (math.ceil(R / WORLD), 32)  # rank 0 of the uneven split
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp2_columns"])
+def test_fsdp2_matches_single_process(distributed_results, single_process, backend, scenario):
+    run = distributed_results[(scenario, backend)]
+    if scenario == "fsdp2":  # FSDP2's default: rows, uneven split, rank 0 holds ceil(r / 2)
+        assert run["placements"] == "(Shard(dim=0),)" and run["local_A"] == (math.ceil(R / WORLD), 32)
+    else:
+        assert run["placements"] == "(Shard(dim=1),)" and run["local_A"] == (R, 32 // WORLD)
     single = single_process[backend]
     assert _rel_err(run["params"], single["params"]) <= TOL
     assert _loss_err(run["losses"], single["losses"]) <= TOL
@@ -238,7 +245,7 @@ def test_fsdp2_matches_single_process(distributed_results, single_process, backe
     assert _loss_err(run["losses"], single_process["reference"]["losses"]) <= TOL
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fsdp2_step_communicates_only_small_statistics(distributed_results, backend):
     """Steady-state step: one all-reduce of every pair's P (k, r) and G (r, r), one
     all-gather of every pair's A (r, n); nothing of size m × n."""
@@ -259,10 +266,17 @@ def test_fsdp2_step_communicates_only_small_statistics(distributed_results, back
     assert per_pair < min(m * n for m, n in shapes) * f32
 
 
-@pytest.mark.parametrize("backend", available_backends())
-def test_fsdp2_checkpoint_resumes_trajectory(distributed_results, backend):
-    straight = distributed_results[("fsdp2", backend)]
-    resumed = distributed_results[("fsdp2_resumed", backend)]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_column_sharded_A_only_all_reduces(distributed_results, backend):
+    """lora_A sharded on columns: one all-reduce of P (k, r), G (r, r), M (r, r) per pair."""
+    records = distributed_results[("fsdp2_columns", backend)]["records"]
+    pairs = 4
+    assert [(op, s, r) for op, s, r, _ in records] == [("all_reduce",) + (pairs * (K * R + 2 * R * R) * 4,) * 2]
+
+
+def test_fsdp2_checkpoint_resumes_trajectory(distributed_results):
+    straight = distributed_results[("fsdp2", DEFAULT)]
+    resumed = distributed_results["fsdp2_resumed"]
     assert _rel_err(resumed["params"], straight["params"]) <= TOL
     assert _loss_err(resumed["losses"], straight["losses"][RESUME_AT:]) <= TOL
 

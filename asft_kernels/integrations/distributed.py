@@ -4,24 +4,31 @@
 each rank runs the anchored step on identical full tensors; nothing here is involved.
 
 **FSDP2** (``torch.distributed.fsdp.fully_shard``) hands the optimizer DTensor
-parameters sharded on dim 0: rank ``q`` holds rows ``b_q`` of ``B`` (m, r) and rows
-``a_q`` of ``A`` (r, n) (``torch.chunk`` layout). The symbols are those of DESIGN.md §1:
+parameters, by default sharded on dim 0: rank ``q`` holds rows ``b_q`` of ``B`` (m, r) and
+rows ``a_q`` of ``A`` (r, n) (``torch.chunk`` layout). Symbols as in DESIGN.md §1:
 
 * ``P = Uᵀ B = Σ_q U[b_q]ᵀ B[b_q]`` (k, r) and ``G = Bᵀ B = Σ_q B[b_q]ᵀ B[b_q]`` (r, r)
-  are sums over B's rows: each rank computes its partial sums from its rows of ``B`` and
-  the matching rows of ``U``, then one all-reduce of the k·r + r² numbers per pair.
+  are sums over B's rows: each rank's backend computes its partial sums from its rows of B
+  and the matching rows of U, then one all-reduce of the k·r + r² numbers per pair. The B
+  update is row-local (``Q_B``, ``R_B`` are global r × r / k × r matrices).
 * ``M = A Aᵀ`` (r, r) and the anchoring gradient of A, ``(H A)[a_q] = H[a_q, :] A``,
   need every row of A: A (r × n, tiny) is all-gathered once per step, right after the
-  update, and the gathered copy serves both this step's ``M`` and the next step's ``H A``.
-* The fused step (any backend) runs on the local shards: rows ``b_q`` of B with
-  ``U[b_q]`` and the global ``Q_B``, ``R_B``; rows ``a_q`` of A with the diagonal block
-  ``H[a_q, a_q]``, the off-diagonal blocks folded into the gradient:
-  ``grad_A[a_q] + H[a_q, ā_q] A[ā_q]``.
+  update; the gathered copy gives this step's ``M`` and is the next step's A. The backend
+  updates a full-size (r, n) copy of A whose other ranks' rows carry zero gradient and
+  moments; only this rank's rows are copied back into the shards.
+* With ``lora_A`` sharded on dim 1 instead (``fully_shard(...,
+  shard_placement_fn=lora_A_column_sharding(model))``), ``M`` is a sum over columns and
+  ``H A`` is column-local: nothing is gathered, one all-reduce of k·r + 2r² per pair.
 
-Per step and anchored pair the collectives move O(k·r + r² + r·n) numbers; nothing of size
-m × n (or m × m, or m × r) is ever communicated. All collectives go through
-:func:`all_reduce_sum` and :func:`all_gather_rows`, which report to every active
-:func:`record_collectives` log: that is how the documented volumes are measured.
+The statistics carried to the next step are the all-reduced ones, so every rank holds
+the same ``P, G, M`` and computes the same anchoring terms. The fused step runs through
+whichever backend serves the local tensors.
+
+Per step and anchored pair the collectives move O(k·r + r² + r·n) numbers (O(k·r + r²)
+with column-sharded A); nothing of size m × n, m × m or m × r is ever communicated. All
+collectives go through :func:`all_reduce_sum` and :func:`all_gather_rows`, which report to
+every active :func:`record_collectives` log: that is how the documented volumes are
+measured (``asft comm-report``).
 """
 
 from __future__ import annotations
@@ -160,48 +167,52 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def _chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
-    # torch.chunk layout, as DTensor's Shard(0) and FSDP2 use it
+    # torch.chunk layout, as DTensor's Shard(d) and FSDP2 use it
     chunk = math.ceil(size / parts) if size else 0
     start = min(index * chunk, size)
     return start, min(start + chunk, size)
 
 
 @dataclass
-class _RowSharding:
-    """Where the rows of a dim-0-sharded DTensor live: ``group`` None when replicated."""
+class _Sharding:
+    """How a DTensor is split: along ``dim`` over ``group`` (both None when replicated),
+    ``ranges`` of that dim per group rank, ``local`` the range this rank holds."""
 
+    dim: int | None
     group: object
-    ranges: list[tuple[int, int]]  # per group rank
+    ranges: list[tuple[int, int]]
     local: tuple[int, int]
 
 
-def _row_sharding(t: Tensor, name: str, label: str) -> _RowSharding:
-    rows = t.shape[0]
+def _sharding(t: Tensor, name: str, label: str, dims: tuple[int, ...]) -> _Sharding:
     mesh, placements = t.device_mesh, t.placements
     shard_dims = [d for d, p in enumerate(placements) if not isinstance(p, Replicate)]
+    allowed = " or ".join(f"Shard({d})" for d in dims)
     for d in shard_dims:
-        if not (isinstance(placements[d], Shard) and placements[d].dim == 0 and type(placements[d]) is Shard):
+        p = placements[d]
+        if type(p) is not Shard or p.dim not in dims:
             raise OptimizerInputError(
-                f"{name}: {label} is a DTensor with placements {placements}; anchoring supports dim-0 "
-                "sharding (FSDP2) and replication only"
+                f"{name}: {label} is a DTensor with placements {placements}; anchoring supports {label} "
+                f"placements {allowed} (FSDP2) and Replicate only"
             )
     if len(shard_dims) > 1:
         raise OptimizerInputError(
-            f"{name}: {label} is sharded on dim 0 over {len(shard_dims)} mesh dimensions; anchoring "
+            f"{name}: {label} is sharded over {len(shard_dims)} mesh dimensions ({placements}); anchoring "
             "supports one sharded mesh dimension (FSDP2 or HSDP)"
         )
     if not shard_dims:
-        return _RowSharding(None, [(0, rows)], (0, rows))
+        return _Sharding(None, None, [(0, t.shape[0])], (0, t.shape[0]))
     d = shard_dims[0]
-    parts = mesh.size(d)
-    ranges = [_chunk_range(rows, parts, q) for q in range(parts)]
+    dim = placements[d].dim
+    size, parts = t.shape[dim], mesh.size(d)
+    ranges = [_chunk_range(size, parts, q) for q in range(parts)]
     local = ranges[mesh.get_local_rank(d)]
-    if t._local_tensor.shape[0] != local[1] - local[0]:
+    if t._local_tensor.shape[dim] != local[1] - local[0]:
         raise OptimizerInputError(
-            f"{name}: {label} holds {t._local_tensor.shape[0]} local rows, expected rows {local} of {rows} "
-            "(torch.chunk layout)"
+            f"{name}: {label} holds {tuple(t._local_tensor.shape)} locally, expected indices {local} of {size} "
+            f"along dim {dim} (torch.chunk layout)"
         )
-    return _RowSharding(mesh.get_group(d), ranges, local)
+    return _Sharding(dim, mesh.get_group(d), ranges, local)
 
 
 @dataclass
@@ -212,8 +223,9 @@ class ShardedPair:
         name: module name (for messages).
         A, B: the DTensor parameters, global shapes (r, n) and (m, r).
         rows_B: ``[start, stop)`` of the rows of B (and of U) held by this rank.
-        rows_A: ``[start, stop)`` of the rows of A held by this rank.
-        ranges_A: rows of A held by each rank of the group.
+        dim_A: 0 when A is sharded on rows (FSDP2's default), 1 on columns, None replicated.
+        ranges_A: per group rank, the ``[start, stop)`` of A along ``dim_A``.
+        local_A: this rank's entry of ``ranges_A``.
         group: the process group over which the pair is sharded (None: replicated).
     """
 
@@ -221,18 +233,19 @@ class ShardedPair:
     A: Tensor
     B: Tensor
     rows_B: tuple[int, int]
-    rows_A: tuple[int, int]
+    dim_A: int | None
     ranges_A: list[tuple[int, int]]
+    local_A: tuple[int, int]
     group: object
-    # (full-size A, exp_avg_A, exp_avg_sq_A) handed to the backend this step, and the local
-    # shards their rows ``rows_A`` are copied back into
+    # (full-size A, exp_avg_A, exp_avg_sq_A) handed to the backend this step, each with the
+    # local shard its rows ``local_A`` are copied back into
     _staged_A: tuple | None = field(default=None, repr=False)
 
     @property
-    def splits_A(self) -> bool:
+    def splits_A_rows(self) -> bool:
         """True when A's rows are split over ranks (the same answer on every rank, so all
         ranks take part in the same collectives)."""
-        return any(rows != (0, self.A.shape[0]) for rows in self.ranges_A)
+        return self.dim_A == 0 and any(rows != (0, self.A.shape[0]) for rows in self.ranges_A)
 
     def U_rows(self, U: Tensor) -> Tensor:
         """Rows ``rows_B`` of the basis ``U`` (m, k): those matching this rank's rows of B."""
@@ -240,10 +253,10 @@ class ShardedPair:
         return U[start:stop]
 
     # -------------------------------------------------------------- statistics
-    def statistics(self, stats_pass, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Fresh global ``(P, G, M, A)`` from the stored shards: one all-gather of A, the
-        backend's stats pass on this rank's rows of B and U with all of A, one all-reduce of
-        the partial ``P``, ``G``.
+    def statistics(self, stats_pass, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Fresh global ``(P, G, M)`` from the stored shards: the backend's stats pass on this
+        rank's rows of B and U, and on its columns of A, or on all of A (one all-gather) when
+        A is split on rows; then one all-reduce of the partial sums.
 
         Args:
             stats_pass: a backend's ``stats_pass(U, B, A)``.
@@ -251,36 +264,38 @@ class ShardedPair:
 
         Returns:
             ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) in the math dtype, and all of ``A``
-            (r, n) in the parameter dtype.
+            (r, n) in the parameter dtype when A is split on rows (else None).
         """
-        (A_full,) = _gather_A([self])
-        (P,), (G,), (M,) = stats_pass([self.U_rows(U)], [local_tensor(self.B).detach()], [A_full])
-        _all_reduce_PG([self], [P], [G])
-        return P, G, M, A_full
+        (A_used,) = _gather_A([self])
+        (P,), (G,), (M,) = stats_pass([self.U_rows(U)], [local_tensor(self.B).detach()], [A_used])
+        _all_reduce_stats([self], P=[P], G=[G], M=[M])
+        return P, G, M, (A_used if self.splits_A_rows else None)
 
     # -------------------------------------------------------------- fused step
-    def localize(self, item: dict, A_full: Tensor) -> dict:
+    def localize(self, item: dict, A_full: Tensor | None) -> dict:
         """Map one pair's fused-step arguments (global tensors, optimizer state DTensors) to
         what this rank hands the backend, within the contract's shapes.
 
         B side: this rank's rows of B, its gradient and moments, with the matching rows of U.
-        A side: when A is split over ranks, the backend gets full-size (r, n) copies: all of A
-        (as stored before the step), the local gradient and moments in this rank's rows and
-        zeros elsewhere, so ``g_A = grad_A + H A`` is exact on the local rows; only those rows
-        are copied back (:func:`complete_sharded_step`). ``P``, ``G`` stay the cached tensors:
-        the backend writes local partial sums into them, and ``M`` (computed from partly
-        stale rows) is rebuilt from the gathered A.
+        A side, sharded on columns: this rank's columns (``H A`` is column-local).
+        A side, split on rows: full-size (r, n) copies: all of A as stored before the step,
+        the local gradient and moments in this rank's rows and zeros elsewhere, so
+        ``g_A = grad_A + H A`` is exact on the local rows; only those rows are copied back
+        (:func:`complete_sharded_step`). The backend writes local partial sums into ``P``,
+        ``G`` (and ``M`` for column shards); with rows split, ``M`` is rebuilt from the
+        gathered A.
 
         Args:
             item: the fused-step arguments by schema name (``A``, ``B``, ``exp_avg_A``, …).
-            A_full: (r, n) all of A as stored before this step (parameter dtype).
+            A_full: (r, n) all of A as stored before this step (parameter dtype), needed
+                when A is split on rows.
         """
         out = dict(item)
         for key in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "grad_A", "grad_B"):
             out[key] = local_tensor(item[key])
         out["U"] = self.U_rows(item["U"])
-        if self.splits_A:
-            start, stop = self.rows_A
+        if self.splits_A_rows:
+            start, stop = self.local_A
             staged = []
             for key in ("A", "grad_A", "exp_avg_A", "exp_avg_sq_A"):
                 local = out[key]
@@ -295,7 +310,7 @@ class ShardedPair:
         """Copy this rank's rows of the updated full-size A and moments into the shards."""
         if self._staged_A is None:
             return
-        start, stop = self.rows_A
+        start, stop = self.local_A
         for full, local in self._staged_A:
             local.copy_(full[start:stop])
         self._staged_A = None
@@ -305,10 +320,13 @@ def sharded_pair(name: str, A: Tensor, B: Tensor) -> ShardedPair | None:
     """The :class:`ShardedPair` of ``A`` (r, n) and ``B`` (m, r) if they are DTensors, None
     for plain tensors (single process, DDP).
 
+    Supported placements (one sharded mesh dimension, any number of replicated ones): B on
+    ``Shard(0)``; A on ``Shard(0)`` (FSDP2's default) or ``Shard(1)`` (see
+    :func:`lora_A_column_sharding`), over the same mesh dimension as B.
+
     Raises:
-        OptimizerInputError: only one of the two is a DTensor, they live on different meshes,
-            or a placement other than ``Shard(0)`` / ``Replicate`` is used (e.g. tensor
-            parallelism).
+        OptimizerInputError: only one of the two is a DTensor, they live on different meshes
+            or mesh dimensions, or another placement is used (e.g. tensor parallelism).
     """
     if DTensor is None:
         return None
@@ -322,39 +340,72 @@ def sharded_pair(name: str, A: Tensor, B: Tensor) -> ShardedPair | None:
         )
     if A.device_mesh != B.device_mesh:
         raise OptimizerInputError(f"{name}: lora_A and lora_B are sharded over different device meshes")
-    sa = _row_sharding(A, name, "lora_A")
-    sb = _row_sharding(B, name, "lora_B")
+    sa = _sharding(A, name, "lora_A", (0, 1))
+    sb = _sharding(B, name, "lora_B", (0,))
     if (sa.group is None) != (sb.group is None):
-        raise OptimizerInputError(f"{name}: lora_A and lora_B must both be sharded on dim 0 or both replicated")
+        raise OptimizerInputError(f"{name}: lora_A and lora_B must both be sharded or both replicated")
     if sb.group is not None and sa.group is not sb.group:
         raise OptimizerInputError(f"{name}: lora_A and lora_B are sharded over different mesh dimensions")
-    return ShardedPair(name, A, B, sb.local, sa.local, sa.ranges, sb.group)
+    return ShardedPair(name, A, B, sb.local, sa.dim, sa.ranges, sa.local, sb.group)
 
 
-def _all_reduce_PG(pairs: Sequence[ShardedPair], P: Sequence[Tensor], G: Sequence[Tensor]) -> None:
-    """Sum the partial ``P`` (k, r) and ``G`` (r, r) over each pair's group, in place: one
-    all-reduce per (group, dtype, device) for all pairs."""
-    batches: dict[tuple, list[int]] = {}
+def lora_A_column_sharding(model, adapter_name: str = "default"):
+    """A ``shard_placement_fn`` for ``fully_shard`` that shards every ``lora_A`` weight (r, n)
+    on dim 1 (columns) and leaves every other parameter to FSDP2's default (dim 0).
+
+    With A split on columns, ``M = A Aᵀ`` is a sum over columns and ``H A`` is column-local,
+    so the anchored step all-reduces k·r + 2r² numbers per pair and gathers nothing.
+
+    Example::
+
+        place = lora_A_column_sharding(peft_model)
+        for layer in peft_model.base_model.model.model.layers:
+            fully_shard(layer, shard_placement_fn=place)
+        fully_shard(peft_model, shard_placement_fn=place)
+    """
+    from torch import nn
+
+    ids = {
+        id(mod.lora_A[adapter_name].weight)
+        for mod in model.modules()
+        if isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and adapter_name in mod.lora_A
+    }
+
+    def placement(param):
+        return Shard(1) if id(param) in ids else None
+
+    return placement
+
+
+def _all_reduce_stats(
+    pairs: Sequence[ShardedPair], P: Sequence[Tensor], G: Sequence[Tensor], M: Sequence[Tensor]
+) -> None:
+    """Sum the partial ``P`` (k, r), ``G`` (r, r) (and ``M`` (r, r) of pairs whose A is
+    sharded on columns) over each pair's group, in place: one all-reduce per (group, dtype,
+    device) for all pairs."""
+    batches: dict[tuple, list[tuple[Tensor, ...]]] = {}
     for i, pair in enumerate(pairs):
         if pair.group is not None:
-            batches.setdefault((id(pair.group), P[i].dtype, P[i].device), []).append(i)
-    for idx in batches.values():
-        flat = torch.cat([t.reshape(-1) for i in idx for t in (P[i], G[i])])
-        all_reduce_sum(flat, pairs[idx[0]].group)
+            parts = (P[i], G[i], M[i]) if pair.dim_A == 1 else (P[i], G[i])
+            batches.setdefault((id(pair.group), P[i].dtype, P[i].device), []).append((pair.group, parts))
+    for entries in batches.values():
+        tensors = [t for _, parts in entries for t in parts]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        all_reduce_sum(flat, entries[0][0])
         offset = 0
-        for i in idx:
-            for t in (P[i], G[i]):
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _gather_A(pairs: Sequence[ShardedPair]) -> list[Tensor]:
-    """All of each pair's A (r, n), parameter dtype: one all-gather per (group, dtype,
-    device, row layout) for all pairs, their blocks side by side."""
+    """Each pair's A as the backend needs it, parameter dtype: all of A (r, n) for pairs
+    whose A is split on rows (one all-gather per group, dtype, device and row layout, the
+    pairs' blocks side by side), the local shard otherwise."""
     gathered: list[Tensor] = [local_tensor(pair.A).detach() for pair in pairs]
     batches: dict[tuple, list[int]] = {}
     for i, pair in enumerate(pairs):
-        if pair.group is not None and pair.splits_A:
+        if pair.splits_A_rows:
             a = gathered[i]
             batches.setdefault((id(pair.group), a.dtype, a.device, tuple(pair.ranges_A)), []).append(i)
     for idx in batches.values():
@@ -370,35 +421,41 @@ def _gather_A(pairs: Sequence[ShardedPair]) -> list[Tensor]:
 
 def complete_sharded_step(
     pairs: Sequence[ShardedPair], P: Sequence[Tensor], G: Sequence[Tensor], M: Sequence[Tensor]
-) -> list[Tensor]:
+) -> list[Tensor | None]:
     """Finish the fused step of sharded pairs: copy the local rows of A and its moments
-    back into the shards, all-reduce the partial ``P`` (k, r) and ``G`` (r, r) in place,
-    gather every pair's updated A (r, n) and write ``M = A Aᵀ`` (r, r) in place.
+    back into the shards, all-reduce the partial ``P`` (k, r), ``G`` (r, r) (and ``M`` for
+    column-sharded A) in place, and for row-split A gather the updated A (r, n) and write
+    ``M = A Aᵀ`` (r, r) in place.
 
-    Pairs are batched per process group and dtype: one all-reduce and one all-gather per
-    batch, whatever the number of layers.
+    Pairs are batched per process group and dtype: one all-reduce (and one all-gather for
+    row-split A) per batch, whatever the number of layers.
 
     Returns:
-        All of each pair's A after the step, (r, n) in the parameter dtype: the next step's
-        ``A`` for :meth:`ShardedPair.localize`.
+        Per pair, all of A after the step, (r, n) in the parameter dtype, when A is split on
+        rows (the next step's input of :meth:`ShardedPair.localize`), else None.
     """
     for pair in pairs:
         pair.write_back()
-    _all_reduce_PG(pairs, P, G)
+    _all_reduce_stats(pairs, P, G, M)
     gathered = _gather_A(pairs)
-    for a_full, m in zip(gathered, M):
-        a = a_full.to(m.dtype)
-        m.copy_(a @ a.T)
-    return gathered
+    out: list[Tensor | None] = []
+    for pair, a_full, m in zip(pairs, gathered, M):
+        if pair.splits_A_rows:  # otherwise the backend's M is complete, or was all-reduced
+            a = a_full.to(m.dtype)
+            m.copy_(a @ a.T)
+        out.append(a_full if pair.splits_A_rows else None)
+    return out
 
 
 # ---------------------------------------------------------------------- report
 def measure_step_communication(
-    m: int, n: int, r: int, k: int, pairs: int, steps: int = 2, dtype: torch.dtype = torch.float32
+    m: int, n: int, r: int, k: int, pairs: int, steps: int = 2, dtype: torch.dtype = torch.float32,
+    a_columns: bool = False,
 ) -> list[CommunicationLog]:
     """Run ``steps`` anchored steps on ``pairs`` LoRA pairs of shape B (m, r), A (r, n) with a
     k-direction anchor, sharded by ``fully_shard`` over all ranks of the default process
-    group, and return this rank's :class:`CommunicationLog` of each step.
+    group (A on rows, or on columns with ``a_columns``), and return this rank's
+    :class:`CommunicationLog` of each step.
 
     The base weights live on the meta device (only their shape matters to the anchor), so
     Llama-2-7B shapes fit on a laptop. Call on every rank of an initialized process group.
@@ -425,8 +482,9 @@ def measure_step_communication(
             self.lora_B = nn.ModuleDict({"default": nn.Linear(r, m, bias=False, device=device, dtype=dtype)})
 
     model = nn.ModuleDict({f"layer{i}": _Lora() for i in range(pairs)})
+    place = lora_A_column_sharding(model) if a_columns else None
     for mod in model.values():
-        fully_shard([mod.lora_A["default"], mod.lora_B["default"]], mesh=mesh)
+        fully_shard([mod.lora_A["default"], mod.lora_B["default"]], mesh=mesh, shard_placement_fn=place)
     anchor = AlignmentAnchor({f"layer{i}": entry for i in range(pairs)})
     binding = anchor.bind(model)
     params = [p for mod in model.values() for p in (mod.lora_A["default"].weight, mod.lora_B["default"].weight)]
@@ -445,14 +503,15 @@ def _report_worker(rank: int, world: int, rdzv: str, args: argparse.Namespace, o
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
-        for r in args.r:
-            for k in args.k:
-                logs = measure_step_communication(args.m, args.n, r, k, args.pairs, steps=2)
-                if rank == 0:
-                    first, steady = logs
-                    out[(r, k)] = (first.count(), first.sent_bytes, first.received_bytes,
-                                   steady.count(), steady.sent_bytes, steady.received_bytes,
-                                   steady.largest_message_bytes)
+        for a_columns in (False, True):
+            for r in args.r:
+                for k in args.k:
+                    first, steady = measure_step_communication(args.m, args.n, r, k, args.pairs, steps=2,
+                                                               a_columns=a_columns)
+                    if rank == 0:
+                        out[(a_columns, r, k)] = (first.count(), first.sent_bytes, first.received_bytes,
+                                                  steady.count(), steady.sent_bytes, steady.received_bytes,
+                                                  steady.largest_message_bytes)
     finally:
         dist.destroy_process_group()
 
@@ -469,12 +528,13 @@ def _comm_report(args: argparse.Namespace) -> int:
         rows = dict(out)
     print(f"# FSDP2 anchored step, world size {args.world_size}, {args.pairs} pairs of B ({args.m}, r), "
           f"A (r, {args.n}), fp32 params; bytes per rank, counted in the collectives")
-    print("| r | k | collectives (1st step) | sent / received, 1st step | collectives (per step) "
-          "| sent per step | received per step | per pair | largest message | m·n·4 |")
+    print(f"# one m x n fp32 matrix: {args.m * args.n * 4:,} bytes")
+    print("| lora_A sharded on | r | k | 1st step: collectives | 1st step: sent / received | per step: collectives "
+          "| per step: sent | per step: received | per step and pair: sent + received | largest message |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for (r, k), (c1, s1, r1, c, sent, recv, big) in sorted(rows.items()):
-        print(f"| {r} | {k} | {c1} | {s1:,} / {r1:,} | {c} | {sent:,} | {recv:,} | "
-              f"{(sent + recv) / args.pairs:,.0f} | {big:,} | {args.m * args.n * 4:,} |")
+    for (a_columns, r, k), (c1, s1, r1, c, sent, recv, big) in sorted(rows.items()):
+        print(f"| {'dim 1' if a_columns else 'dim 0'} | {r} | {k} | {c1} | {s1:,} / {r1:,} | {c} | {sent:,} | "
+              f"{recv:,} | {(sent + recv) / args.pairs:,.0f} | {big:,} |")
     return 0
 
 
