@@ -138,7 +138,7 @@ def time_budget(suite: str) -> tuple[float, int, int]:
 
 
 #: minimum timed rounds of the end-to-end benchmarks (their steps take 0.1–0.3 s on a CPU)
-E2E_MIN_ROUNDS = 15
+E2E_MIN_ROUNDS = 10
 
 
 def default_threads(suite: str) -> int:
@@ -438,21 +438,28 @@ def run_benchmark(benchmark, case: StepCase, device: torch.device, suite: str, g
 
 def paired_overhead(step: Callable[[], object], baseline: Callable[[], object], device: torch.device,
                     pairs: int) -> float:
-    """Median over ``pairs`` alternating runs of ``step_time / baseline_time − 1``.
+    """Median over ``pairs`` back-to-back runs of ``step_time / baseline_time − 1``.
 
-    Alternating the two steps makes both see the same load on a shared machine; the
-    result is a second, drift-robust estimate next to the ratio of the two medians.
+    Running the two steps back to back makes both see the same load on a shared machine
+    (the order alternates from pair to pair); the result is a second, drift-robust
+    estimate next to the ratio of the two medians.
     """
-    ratios = []
-    for _ in range(pairs):
+
+    def timed(fn: Callable[[], object]) -> float:
         t0 = time.perf_counter()
-        step()
+        fn()
         synchronize(device)
-        t1 = time.perf_counter()
-        baseline()
-        synchronize(device)
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / max(t2 - t1, 1e-12))
+        return time.perf_counter() - t0
+
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            t_base = timed(baseline)
+            t_step = timed(step)
+        else:
+            t_step = timed(step)
+            t_base = timed(baseline)
+        ratios.append(t_step / max(t_base, 1e-12))
     ratios.sort()
     mid = len(ratios) // 2
     median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
