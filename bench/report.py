@@ -205,6 +205,10 @@ def machine_line(results: Results) -> str:
         if m.get(f"{pkg}_version"):
             parts.append(f"{pkg} {m[f'{pkg}_version']}")
     parts.append(f"parameters {m.get('dtype', '?').removeprefix('torch.')}")
+    if m.get("loadavg_start") is not None:
+        parts.append(f"1-min load average {m['loadavg_start']} at start, {m.get('loadavg_end')} at end")
+    if m.get("suite_wall_s") is not None:
+        parts.append(f"suite wall time {m['suite_wall_s'] / 60:.1f} min")
     commit = results.commit.get("id")
     if commit:
         parts.append(f"commit {commit[:10]}" + (" (dirty tree)" if results.commit.get("dirty") else ""))
@@ -410,9 +414,12 @@ with `A` (r, n), `B` (m, r), `U` (m, k), fixed task gradients, λ = 1, mode `pap
   LoRA parameters + one read of every `U`), so `variant ÷ floor` is the distance from the
   memory roofline at the bandwidth measured in the same run.
 
-Times are medians of repeated steps after warm-up; ratios compare medians from the same
+Times are medians of repeated steps after warm-up (the `paper_eager rounds` column gives
+how many timed steps its slow medians rest on); ratios compare medians from the same
 run. Peak memory is what one step allocates above what was allocated before it
 (`torch.profiler` memory events on CPU, `torch.cuda.max_memory_allocated` on GPU).
+On a CUDA machine, `bench/gpu_suite.sh` runs the tests and the GPU suite (Llama-2-7B
+q/v shapes, 64 layers) and writes the same tables under `$OUT`.
 """
 
 
