@@ -93,6 +93,12 @@ def lowrank_alignment(U: Tensor, c: Tensor, B: Tensor, A: Tensor) -> dict[str, f
     }
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a sharded (DTensor) parameter; other tensors as they are."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
 def _as_binding(model: nn.Module, anchor, mode: str | None, adapter_name: str, strict: bool) -> AnchorBinding:
     if isinstance(anchor, AnchorBinding):
         if mode is not None and mode != anchor.mode:
@@ -129,7 +135,7 @@ def alignment_report(
     binding = _as_binding(peft_model, anchor, mode, adapter_name, strict)
     rows = []
     for pair in binding:
-        stats = lowrank_alignment(pair.entry.U, pair.c, pair.B, pair.A)
+        stats = lowrank_alignment(pair.entry.U, pair.c, _full(pair.B), _full(pair.A))
         scaling = getattr(pair.module, "scaling", {}).get(pair.adapter, 1.0)
         rows.append(LayerAlignment(key=pair.key, module_name=pair.module_name, rank=int(pair.A.shape[0]),
                                    lora_scaling=float(scaling), **stats))

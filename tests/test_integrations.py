@@ -179,6 +179,13 @@ def test_non_adamw_optim_is_refused(tmp_path):
 
 def test_bad_trainer_arguments(tmp_path):
     model, anchor = _setup()
+    anchor_path = tmp_path / "anchor.safetensors"
+    anchor.save(anchor_path)
+    trainer = AsFTTrainer(model=model, args=_args(tmp_path, 1), anchor=str(anchor_path), anchor_mode="projector")
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, AsFTAdamW) and opt.anchor.mode == "projector" and len(opt.anchor) == 4
+    with pytest.raises(ValueError, match="AnchorBinding"):
+        AsFTTrainer(model=model, args=_args(tmp_path, 1), anchor=object())
     with pytest.raises(OptimizerInputError, match="anchor_lambda"):
         AsFTTrainer(model=model, args=_args(tmp_path, 1), anchor=anchor, anchor_lambda=-1.0)
     with pytest.raises(ValueError, match="anchor_mode"):
