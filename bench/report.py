@@ -232,6 +232,9 @@ def step_tables(results: Results) -> str:
         paper = g.get("paper_eager")
         cells.append(str(paper.rounds) if paper else "—")
         rows.append(cells)
+    impls = sorted({g["adamw_fused"].extra.get("backend", "?") for _, g in groups if "adamw_fused" in g})
+    if impls:
+        out.append(f"`adamw_fused` ran {', '.join(f'`{i}`' for i in impls)}.\n")
     out.append("Median time of one optimizer step (ms):\n")
     out.append(_table(["m", "n", "r", "k", "layers", *present, "paper_eager rounds"], rows, "r" * (6 + len(present))))
 
