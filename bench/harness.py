@@ -493,9 +493,11 @@ class E2EConfig:
 
     @property
     def group(self) -> str:
+        """Benchmark group name, e.g. ``e2e-llama-h256-L4-r16-k64-b2x128``."""
         return f"e2e-llama-h{self.hidden}-L{self.layers}-r{self.r}-k{self.k}-b{self.batch}x{self.seq}"
 
     def info(self) -> dict:
+        """The configuration as ``extra_info`` entries (``kind="e2e"``)."""
         return {"kind": "e2e", **{f: getattr(self, f) for f in self.__dataclass_fields__}}
 
 

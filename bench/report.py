@@ -437,6 +437,7 @@ def render_doc(results: Results, doc_path: Path, plot_path: Path | None, note: s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m bench.report`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="pytest-benchmark JSON written by `pytest bench --benchmark-json`")
     parser.add_argument("--markdown", type=Path, help="markdown tables (default: RESULTS.md beside the JSON)")
@@ -447,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Validate ``RESULTS.json``, then write the markdown, the plot and (``--doc``) the page.
+
+    Raises:
+        AsFTError: the results file is missing, unreadable or incomplete (nothing written).
+    """
     args = build_parser().parse_args(argv)
     results = load_results(args.results)  # validates before anything is written
     markdown_path = args.markdown or args.results.with_suffix(".md")
