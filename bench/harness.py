@@ -92,9 +92,9 @@ class StepShape:
 
 
 # m = n are Llama-2-7B q/v widths scaled to a CPU. paper_eager costs O(L·m²n) per step
-# (about 0.13 s at m = 1024, 0.9 s at 2048 and 7 s at 4096 per layer on one core), so
-# its timed rounds are fixed where a step takes seconds, and m = 4096 with 16 layers
-# (about two minutes per paper_eager step) is left out of the CPU suite.
+# (on one core: about a second per layer at m = 2048, ten or more at 4096), so its timed
+# rounds are fixed where a step takes seconds, and m = 4096 with 16 layers (minutes per
+# paper_eager step) is left out of the CPU suite.
 _CPU_SHAPES = [
     StepShape(m, m, r, k, 1, paper_rounds={1024: None, 2048: 3, 4096: 2}[m])
     for r, k in ((8, 64), (16, 64), (64, 64), (16, 256))
