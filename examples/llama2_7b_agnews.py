@@ -74,7 +74,9 @@ def load_asft_json(path: Path, tokenizer, max_length: int):
         labels = [-100] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]
         return {"input_ids": full_ids, "attention_mask": [1] * len(full_ids), "labels": labels}
 
-    return data.map(tokenize, remove_columns=data.column_names)
+    data = data.map(tokenize, remove_columns=data.column_names)
+    # a prompt longer than max_length leaves nothing to learn from (and a NaN loss)
+    return data.filter(lambda row: any(label != -100 for label in row["labels"]))
 
 
 def write_tiny_setup(root: Path, seed: int = 0) -> dict[str, Path]:
