@@ -128,6 +128,23 @@ def test_trainer_trajectory_and_logs_match_reference(tmp_path):
     assert "anchor_residual_mean" in train_logs[1]
 
 
+def test_trainer_checkpoint_resume_continues_the_trajectory(tmp_path):
+    """Checkpoint after 2 steps (adapter + AsFTAdamW state), resume in a fresh trainer from a
+    fresh model: step 3 lands where the uninterrupted reference does."""
+    model, anchor = _setup()
+    ref_params, ref_regs, _ = _reference(model, anchor, 3)
+    first = AsFTTrainer(model=copy.deepcopy(model), args=_args(tmp_path, 2, save_strategy="steps", save_steps=2),
+                        train_dataset=_dataset(), anchor=anchor, anchor_lambda=LAM)
+    first.train()
+    resumed_model = copy.deepcopy(model)
+    resumed = AsFTTrainer(model=resumed_model, args=_args(tmp_path, 3), train_dataset=_dataset(), anchor=anchor,
+                          anchor_lambda=LAM)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    _assert_params_match(resumed_model, ref_params)
+    logs = [h for h in resumed.state.log_history if "loss" in h]
+    assert [h["anchor_loss"] for h in logs] == pytest.approx(ref_regs, rel=1e-10)
+
+
 class _LoggingTrainer(Trainer):
     """Stands in for a TRL trainer: a Trainer subclass with its own ``log``."""
 
