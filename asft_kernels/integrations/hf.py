@@ -65,9 +65,9 @@ class AsFTCallback(TrainerCallback):
     The values are added to the training log entries (those with a ``loss``), both in
     ``state.log_history`` and in what the reporting callbacks see. Under
     :class:`AsFTMixin` they are inserted before any callback runs; with a plain
-    ``Trainer`` they are inserted when this callback's ``on_log`` runs, so reporters
-    registered before it (``report_to``) miss them: put it first with
-    ``Trainer(callbacks=[AsFTCallback()])``, which runs before the progress printer.
+    ``Trainer`` they are inserted when this callback's ``on_log`` runs: ``log_history``
+    and the console printer get them, but the reporting integrations (``report_to``),
+    which the Trainer registers before user callbacks, do not. Use the mixin for those.
     """
 
     def __init__(self, residual_every: int | None = None) -> None:
