@@ -58,6 +58,7 @@ struct StepScalars {
   acc_t bc2_sqrt;        // √(1 − β₂ᵗ)
   acc_t eps;
   acc_t sign;            // −1 when maximizing
+  bool lerp_from_start;  // torch's lerp: start + w·(end − start) when |w| < 0.5
 
   StepScalars(const Hyper& h, double step) {
     decay = static_cast<acc_t>(1.0 - h.lr * h.weight_decay);
@@ -70,6 +71,7 @@ struct StepScalars {
     bc2_sqrt = static_cast<acc_t>(std::sqrt(bc2));
     eps = static_cast<acc_t>(h.eps);
     sign = h.maximize ? acc_t(-1) : acc_t(1);
+    lerp_from_start = std::abs(one_minus_beta1) < acc_t(0.5);
   }
 };
 
@@ -79,7 +81,7 @@ template <typename param_t, typename acc_t>
 inline acc_t adamw_element(param_t& param, acc_t& exp_avg, acc_t& exp_avg_sq, acc_t g, const StepScalars<acc_t>& s) {
   acc_t p = static_cast<acc_t>(param) * s.decay;
   const acc_t w = s.one_minus_beta1;
-  const acc_t m = (std::abs(w) < acc_t(0.5)) ? exp_avg + w * (g - exp_avg) : g - (g - exp_avg) * (acc_t(1) - w);
+  const acc_t m = s.lerp_from_start ? exp_avg + w * (g - exp_avg) : g - (g - exp_avg) * (acc_t(1) - w);
   acc_t v = exp_avg_sq * s.beta2;
   v = v + s.one_minus_beta2 * g * g;
   const acc_t denom = std::sqrt(v) / s.bc2_sqrt + s.eps;
@@ -158,6 +160,7 @@ inline void b_row_tile(const PairView& pv, const StepScalars<acc_t>* s, int64_t 
     const param_t* __restrict gB = static_cast<const param_t*>(pv.grad_B) + i * r;
     acc_t* __restrict mB = static_cast<acc_t*>(pv.exp_avg_B) + i * r;
     acc_t* __restrict vB = static_cast<acc_t*>(pv.exp_avg_sq_B) + i * r;
+#pragma omp simd
     for (int64_t x = 0; x < T * r; ++x) {
       const acc_t g = s->sign * ((static_cast<acc_t>(gB[x]) + bq[x]) - ur[x]);
       b[x] = adamw_element<param_t, acc_t>(Bp[x], mB[x], vB[x], g, *s);
@@ -213,15 +216,61 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
 }
 
 // ------------------------------------------------------------------------------- A columns
+// ha[d0 + i, x0 : x0 + CW] = Σ_e H[d0 + i, e] a[e, x0 : x0 + CW] for TD rows at once: the TD×CW
+// accumulators stay in registers while the rows of `a` stream through once.
+template <typename acc_t, int TD, int CW>
+inline void ha_tile(const acc_t* __restrict H, const acc_t* __restrict a, acc_t* __restrict ha, int64_t r,
+                    int64_t W, int64_t d0, int64_t x0) {
+  acc_t acc[TD][CW] = {};
+  for (int64_t e = 0; e < r; ++e) {
+    const acc_t* ae = a + e * W + x0;
+    for (int i = 0; i < TD; ++i) {
+      const acc_t hde = H[(d0 + i) * r + e];
+#pragma omp simd
+      for (int x = 0; x < CW; ++x) acc[i][x] += hde * ae[x];
+    }
+  }
+  for (int i = 0; i < TD; ++i)
+    for (int x = 0; x < CW; ++x) ha[(d0 + i) * W + x0 + x] = acc[i][x];
+}
+
+// lanes[d0 + i][e0 + j][l] = Σ_x a[d0 + i, x·kLanes + l] a[e0 + j, x·kLanes + l]: each entry
+// of A Aᵀ is kLanes sequential partial sums, whatever the tile it was computed in.
+template <typename acc_t, int TD, int TE>
+inline void gram_tile(const acc_t* __restrict a, int64_t W, int64_t wpad, int64_t d0, int64_t e0, int64_t r,
+                      acc_t* __restrict M) {
+  acc_t acc[TD][TE][kLanes] = {};
+  for (int64_t x = 0; x < wpad; x += kLanes) {
+    for (int i = 0; i < TD; ++i) {
+      const acc_t* ad = a + (d0 + i) * W + x;
+      for (int j = 0; j < TE; ++j) {
+        const acc_t* ae = a + (e0 + j) * W + x;
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) acc[i][j][l] += ad[l] * ae[l];
+      }
+    }
+  }
+  for (int i = 0; i < TD; ++i) {
+    for (int j = 0; j < TE; ++j) {
+      const acc_t* L = acc[i][j];
+      const acc_t sum = ((L[0] + L[1]) + (L[2] + L[3])) + ((L[4] + L[5]) + (L[6] + L[7]));
+      M[(d0 + i) * r + e0 + j] = sum;
+      M[(e0 + j) * r + d0 + i] = sum;
+    }
+  }
+}
+
 template <typename param_t, typename acc_t, bool kUpdate>
 void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
   constexpr int64_t W = kColBlock;
+  constexpr int CW = 64 / sizeof(acc_t);  // columns per register tile (two AVX2 registers)
+  static_assert(W % CW == 0 && CW % kLanes == 0, "column block must hold whole tiles");
   const int64_t r = pv.r, n = pv.n;
   const int64_t c0 = blk * W;
   const int64_t w = std::min(W, n - c0);
-  const int64_t wpad = (w + kLanes - 1) / kLanes * kLanes;
-  // a: (r, W) block of A in the math dtype, zero-padded to a multiple of kLanes
-  std::vector<acc_t> buf(static_cast<size_t>(r * W + (kUpdate ? W : 0)));
+  const int64_t wpad = (w + CW - 1) / CW * CW;
+  // a: (r, W) block of A in the math dtype, zero-padded to whole tiles; ha: (r, W) H A
+  std::vector<acc_t> buf(static_cast<size_t>((kUpdate ? 2 : 1) * r * W));
   acc_t* __restrict a = buf.data();
   param_t* __restrict Ap = static_cast<param_t*>(pv.A);
   for (int64_t d = 0; d < r; ++d) {
@@ -238,43 +287,37 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
     const param_t* __restrict gA = static_cast<const param_t*>(pv.grad_A);
     acc_t* __restrict mA = static_cast<acc_t*>(pv.exp_avg_A);
     acc_t* __restrict vA = static_cast<acc_t*>(pv.exp_avg_sq_A);
-    acc_t* __restrict ha = a + r * W;  // (H A)[d, :] for the row being updated
-    // All rows of H A are needed before any row of A is overwritten in `a`, so update the
-    // stored parameters row by row but keep the old block until every row is done.
-    std::vector<acc_t> a_new(static_cast<size_t>(r * W), acc_t(0));
+    acc_t* __restrict ha = a + r * W;
+    for (int64_t x0 = 0; x0 < wpad; x0 += CW) {
+      int64_t d0 = 0;
+      for (; d0 + 4 <= r; d0 += 4) ha_tile<acc_t, 4, CW>(H, a, ha, r, W, d0, x0);
+      for (; d0 < r; ++d0) ha_tile<acc_t, 1, CW>(H, a, ha, r, W, d0, x0);
+    }
+    // `a` is no longer needed as input: it receives the stored new values
     for (int64_t d = 0; d < r; ++d) {
-      for (int64_t x = 0; x < w; ++x) ha[x] = acc_t(0);
-      for (int64_t e = 0; e < r; ++e) {
-        const acc_t hde = H[d * r + e];
-        const acc_t* ae = a + e * W;
-#pragma omp simd
-        for (int64_t x = 0; x < w; ++x) ha[x] += hde * ae[x];
-      }
       const int64_t off = d * n + c0;
-      acc_t* out = a_new.data() + d * W;
+      const acc_t* had = ha + d * W;
+      acc_t* out = a + d * W;
+#pragma omp simd
       for (int64_t x = 0; x < w; ++x) {
-        const acc_t g = s.sign * (static_cast<acc_t>(gA[off + x]) + ha[x]);
+        const acc_t g = s.sign * (static_cast<acc_t>(gA[off + x]) + had[x]);
         out[x] = adamw_element<param_t, acc_t>(Ap[off + x], mA[off + x], vA[off + x], g, s);
       }
     }
-    std::copy(a_new.begin(), a_new.end(), a);
   }
 
-  // M += A[:, block] A[:, block]ᵀ with kLanes fixed partial sums per entry
+  // M += A[:, block] A[:, block]ᵀ over tiles on and below the diagonal
   acc_t* M = static_cast<acc_t*>(pv.M_part) + blk * r * r;
-  for (int64_t d = 0; d < r; ++d) {
-    const acc_t* ad = a + d * W;
-    for (int64_t e = 0; e <= d; ++e) {
-      const acc_t* ae = a + e * W;
-      acc_t lanes[kLanes] = {};
-      for (int64_t x = 0; x < wpad; x += kLanes) {
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ad[x + l] * ae[x + l];
-      }
-      const acc_t sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      M[d * r + e] = sum;
-      M[e * r + d] = sum;
-    }
+  int64_t d0 = 0;
+  for (; d0 + 4 <= r; d0 += 4) {
+    int64_t e0 = 0;
+    for (; e0 + 2 <= d0 + 4; e0 += 2) gram_tile<acc_t, 4, 2>(a, W, wpad, d0, e0, r, M);
+    for (; e0 < d0 + 4; ++e0) gram_tile<acc_t, 4, 1>(a, W, wpad, d0, e0, r, M);
+  }
+  for (; d0 < r; ++d0) {
+    int64_t e0 = 0;
+    for (; e0 + 2 <= d0 + 1; e0 += 2) gram_tile<acc_t, 1, 2>(a, W, wpad, d0, e0, r, M);
+    for (; e0 <= d0; ++e0) gram_tile<acc_t, 1, 1>(a, W, wpad, d0, e0, r, M);
   }
 }
 
@@ -506,6 +549,10 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
     bind_kernels<true>(pv, pt);
   }
   run_pairs(pairs, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
+  // The kernels write through raw pointers; bump the version counters as in-place torch ops
+  // would, so autograd and the optimizer's edit detection see the new values.
+  for (at::TensorList list : {A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M})
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ from . import schema  # noqa: F401  (declares the ops before the library registe
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("asft_cpu.cpp",)
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-DNDEBUG")
 LDFLAGS = ("-fopenmp",)
 
 

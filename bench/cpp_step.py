@@ -1,0 +1,155 @@
+"""Time the C++ CPU step against eager, fused AdamW and the copy-bandwidth floor.
+
+For each configuration (fp32 LoRA pairs, B (m, r), A (r, n), basis U (m, k)) one run
+measures, interleaved round-robin, medians of ``--repeats`` timings after warm-up:
+
+* ``cpp kernel`` / ``eager kernel``: one ``fused_step`` call of the backend on all pairs;
+* ``cpp step`` / ``eager step``: ``AsFTAdamW(..., backend=...).step()`` (what a user runs:
+  kernel + the optimizer's r×r math and bookkeeping);
+* ``adamw fused``: ``torch.optim.AdamW(fused=True).step()`` on the same parameters, no anchor;
+* ``floor``: the bytes a step must move (AdamW's 7 fp32 accesses per LoRA element: read
+  p, g, m, v, write p, m, v; plus one read of every U) at the bandwidth of a ``copy_`` that
+  moves the same number of bytes (half read, half written), timed in the same run.
+
+Usage: ``python bench/cpp_step.py [--repeats 50] [--threads 2]``; prints one table per
+configuration and the ratios. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+CONFIGS = (
+    # (label, m, n, r, k, layers)
+    ("m=n=2048 r=16 k=64 x4", 2048, 2048, 16, 64, 4),
+    ("m=n=4096 r=8 k=256 x1", 4096, 4096, 8, 256, 1),
+)
+
+
+def _model(m: int, n: int, r: int, k: int, layers: int):
+    """A PEFT model of ``layers`` Linear(n, m) with rank-r LoRA, and an anchor of rank k."""
+    from peft import LoraConfig, get_peft_model
+
+    import asft_kernels as asft
+    from asft_kernels.anchor import AnchorEntry
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(*[torch.nn.Linear(n, m, bias=False) for _ in range(layers)])
+    model = get_peft_model(base, LoraConfig(r=r, target_modules=[str(i) for i in range(layers)],
+                                            init_lora_weights=False))
+    entries = {}
+    for i in range(layers):
+        U = torch.linalg.qr(torch.randn(m, k))[0]
+        s = torch.sort(torch.rand(k) + 0.1, descending=True).values
+        entries[str(i)] = AnchorEntry(U=U, s=s, fro_norm=float(s.norm()), shape=(m, n), energy=1.0)
+    binding = asft.AlignmentAnchor(entries).bind(model)
+    pairs = {p.key: (p.A, p.B) for p in binding}
+    params = [t for A, B in pairs.values() for t in (A, B)]
+    return params, binding, pairs
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(label, m, n, r, k, layers, repeats, warmup):
+    import asft_kernels as asft
+    from asft_kernels.ops import cpp, eager
+
+    assert cpp.is_available(), "C++ backend unavailable"
+    params, binding, pairs = _model(m, n, r, k, layers)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+
+    clones = {name: [p.detach().clone().requires_grad_() for p in params] for name in ("adamw",)}
+    for p, q in zip(params, clones["adamw"]):
+        q.grad = p.grad.clone()
+    opt_cpp = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend="cpp")
+    opt_eager = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend="eager")
+    opt_adamw = torch.optim.AdamW(clones["adamw"], lr=1e-4, fused=True)
+
+    # kernel-level inputs (schema order), shared by both kernels
+    md = torch.float32
+    cols = {key: [] for key in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB", "U", "Q", "R", "H")}
+    for key, (A, B) in pairs.items():
+        U = binding[key].entry.U.to(md).contiguous()
+        cols["A"].append(A.detach())
+        cols["B"].append(B.detach())
+        for name, like in (("mA", A), ("vA", A), ("mB", B), ("vB", B)):
+            cols[name].append(torch.rand_like(like.detach()) * 1e-3)
+        cols["P"].append(torch.zeros(k, r))
+        cols["G"].append(torch.zeros(r, r))
+        cols["M"].append(torch.zeros(r, r))
+        cols["gA"].append(A.grad)
+        cols["gB"].append(B.grad)
+        cols["U"].append(U)
+        cols["Q"].append(torch.randn(r, r) * 1e-3)
+        cols["R"].append(torch.randn(k, r) * 1e-3)
+        cols["H"].append(torch.randn(r, r) * 1e-3)
+    npairs = len(cols["A"])
+
+    def kernel(impl):
+        def call():
+            impl(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"],
+                 cols["M"], cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [5.0] * npairs,
+                 [5.0] * npairs, 1e-4, 0.9, 0.999, 1e-8, 0.0, False)
+        return call
+
+    lora_elems = sum(t.numel() for t in cols["A"] + cols["B"])
+    floor_bytes = 7 * 4 * lora_elems + sum(u.numel() * u.element_size() for u in cols["U"])
+    src = torch.rand(floor_bytes // 8)  # fp32: copy reads floor_bytes/2 and writes floor_bytes/2
+    dst = torch.empty_like(src)
+
+    providers = {
+        "cpp kernel": kernel(cpp.fused_step),
+        "eager kernel": kernel(eager.fused_step_impl),
+        "cpp step": opt_cpp.step,
+        "eager step": opt_eager.step,
+        "adamw fused": opt_adamw.step,
+        "floor (copy_)": lambda: dst.copy_(src),
+    }
+    times = {name: [] for name in providers}
+    for _ in range(warmup):
+        for fn in providers.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            times[name].append(_time(fn))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    bw = floor_bytes / med["floor (copy_)"]
+    print(f"\n{label}: fp32, {layers} pair(s), threads={torch.get_num_threads()}, repeats={repeats}")
+    print(f"  bytes a step must move: {floor_bytes / 1e6:.2f} MB; copy_ bandwidth {bw / 1e9:.1f} GB/s")
+    for name, t in med.items():
+        print(f"  {name:14s} {t * 1e3:9.3f} ms")
+    print(f"  cpp step / eager step        = {med['cpp step'] / med['eager step']:.3f}")
+    print(f"  cpp kernel / eager kernel    = {med['cpp kernel'] / med['eager kernel']:.3f}")
+    print(f"  cpp step / floor             = {med['cpp step'] / med['floor (copy_)']:.3f}")
+    print(f"  cpp kernel / floor           = {med['cpp kernel'] / med['floor (copy_)']:.3f}")
+    print(f"  cpp step / adamw fused       = {med['cpp step'] / med['adamw fused']:.3f}")
+    print(f"  cpp kernel / adamw fused     = {med['cpp kernel'] / med['adamw fused']:.3f}")
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--config", type=int, default=None, help="run only CONFIGS[i]")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    for i, cfg in enumerate(CONFIGS):
+        if args.config is None or args.config == i:
+            run(*cfg, repeats=args.repeats, warmup=args.warmup)
+
+
+if __name__ == "__main__":
+    main()
