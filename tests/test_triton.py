@@ -23,8 +23,9 @@ T = pytest.importorskip("asft_kernels.ops.triton")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
-# (m, n, r, k): m and n never multiples of a block size; ranks in two padded-rank buckets.
-SHAPES = [(37, 53, 3, 5), (37, 53, 1, 1), (70, 20, 4, 2), (65, 17, 17, 4), (1, 9, 2, 1)]
+# (m, n, r, k): m and n never multiples of a block size; ranks in two padded-rank buckets;
+# k = 40 spans several chunks of U columns.
+SHAPES = [(37, 53, 3, 5), (37, 53, 1, 1), (70, 20, 4, 40), (65, 17, 17, 4), (1, 9, 2, 1)]
 
 
 @pytest.fixture
@@ -158,27 +159,31 @@ def test_fused_step_is_deterministic(device):
 
 
 class _LaunchCounter:
-    """Records the grid of every kernel launch made through ``jitted``."""
+    """Records the grid and arguments of every kernel launch made through ``jitted``."""
 
     def __init__(self, jitted):
         self.jitted = jitted
-        self.launches: list[tuple[str, tuple]] = []
+        self.launches: list[tuple[str, tuple, tuple, dict]] = []
 
     def __call__(self, fn):
         kernel = self.jitted(fn)
-        counter = self
+        launches = self.launches
 
         class _Recorder:
             def __getitem__(self, grid):
-                counter.launches.append((fn.__name__, grid))
-                return kernel[grid]
+                def launch(*args, **kwargs):
+                    launches.append((fn.__name__, grid, args, kwargs))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
 
         return _Recorder()
 
 
 def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
-    """Nine pairs in two padded-rank buckets: 2 launches per bucket + 1 reduction,
-    whatever the number of pairs; the B launch covers every row tile of every pair."""
+    """Nine pairs in two padded-rank buckets: 2 launches per bucket + 1 reduction, whatever
+    the number of pairs; the strips of each launch cover every row of B / column of A of
+    every pair exactly once, one program per strip."""
     shapes = SHAPES + [(41, 23, 2, 5), (33, 31, 20, 3), (19, 45, 4, 1), (64, 16, 16, 2)]
     cols = _pairs(shapes, torch.float32, device, seed=5)
     counter = _LaunchCounter(T.jitted)
@@ -188,18 +193,26 @@ def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
     buckets = {T.padded_rank(r) for _, _, r, _ in shapes}
     assert len(buckets) == 2
     assert len(launches) == 2 * (2 * len(buckets) + 1)  # stats pass + fused step
-    # order: per bucket a B launch then an A launch, then the reduction; stats pass first
-    factor = [grid[0] for name, grid in launches if name == "_factor_kernel"]
-    assert [name for name, _ in launches].count("_reduce_kernel") == 2
-    want_b = want_a = 0
-    for block_r in buckets:
-        rows = T.kernel_config(block_r, False)["BLOCK_ROWS"]
-        cols_ = T.kernel_config(block_r, True)["BLOCK_COLS"]
-        want_b += sum(-(-m // rows) for m, _, r, _ in shapes if T.padded_rank(r) == block_r)
-        want_a += sum(-(-n // cols_) for _, n, r, _ in shapes if T.padded_rank(r) == block_r)
-    for first in (0, 4):  # stats pass, fused step
-        assert factor[first] + factor[first + 2] == want_b
-        assert factor[first + 1] + factor[first + 3] == want_a
+    assert [name for name, *_ in launches].count("_reduce_kernel") == 2
+    longest = 0
+    for name, grid, args, kw in launches:
+        if name != "_factor_kernel":
+            continue
+        pair_table, tiles = args[0].cpu(), args[2].cpu()
+        assert grid == (tiles.shape[0],)
+        block = kw["BLOCK_COLS"] if kw["FACTOR_A"] else kw["BLOCK_ROWS"]
+        size_field = int(T._N_COLS if kw["FACTOR_A"] else T._M_ROWS)
+        for j in range(pair_table.shape[0]):
+            strips = sorted((start, blocks) for p, start, blocks, _ in tiles.tolist() if p == j)
+            covered = 0
+            for start, blocks in strips:
+                assert start == covered and blocks >= 1
+                covered += blocks * block
+                longest = max(longest, blocks)
+            size = int(pair_table[j, size_field])
+            assert covered >= size > covered - block
+    if device.type == "cpu":
+        assert longest > 1  # strips of several blocks were exercised
 
 
 def test_fp64_and_large_rank_fall_back_to_eager(device):

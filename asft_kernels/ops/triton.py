@@ -65,8 +65,9 @@ PAIR_FIELDS = _C(16)
 # Fields of one row of the per-pair float table (fp32): bias corrections.
 _STEP_SIZE_B, _BC2_SQRT_B, _STEP_SIZE_A, _BC2_SQRT_A = (_C(i) for i in range(4))
 SCALAR_FIELDS = _C(4)
-# Fields of one row of a tile table (int64): pair index, first row/column, scratch offset.
-TILE_FIELDS = _C(3)
+# Fields of one row of a tile table (int64): pair index, first row/column, number of
+# blocks, scratch offset.
+TILE_FIELDS = _C(4)
 # Fields of one row of the reduction table (int64).
 REDUCE_FIELDS = _C(5)
 REDUCE_BLOCK = 256
@@ -91,8 +92,8 @@ def _interpreting() -> bool:
 def _factor_kernel(
     pairs,  # int64 (n_pairs, PAIR_FIELDS): addresses and sizes
     scalars,  # fp32 (n_pairs, SCALAR_FIELDS): lr/(1−β₁ᵗ) and √(1−β₂ᵗ) per factor
-    tiles,  # int64 (n_tiles, TILE_FIELDS): pair, first row (B) / column (A), scratch offset
-    scratch,  # fp32: partial statistics, one block per tile
+    tiles,  # int64 (n_programs, TILE_FIELDS): pair, first row/column, blocks, scratch offset
+    scratch,  # fp32: partial statistics, one block per program
     decay,  # 1 − lr·weight_decay
     beta1,
     one_minus_beta1,
@@ -110,112 +111,132 @@ def _factor_kernel(
     BLOCK_COLS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One tile of one pair: anchoring gradient + AdamW (``UPDATE``) and partial statistics.
+    """One strip of one pair: anchoring gradient + AdamW (``UPDATE``) and partial statistics.
 
-    B tile, rows ``i0 … i0+BLOCK_ROWS`` of B (m, r): ``g = grad_B + B Q_B − U R_B``; writes
-    ``P_t = U[rows]ᵀ B'[rows]`` (k, r) then ``G_t = B'[rows]ᵀ B'[rows]`` (r, r) at its
-    scratch offset. A tile, columns ``c0 … c0+BLOCK_COLS`` of A (r, n): ``g = grad_A + H A``;
-    writes ``M_t = A'[:, cols] A'[:, cols]ᵀ`` (r, r). All math in fp32; the statistics use
-    the values as stored (rounded to the parameter dtype).
+    A program walks ``n_blocks`` consecutive blocks of its pair (a *strip*).
+
+    * A (r, n), blocks of ``BLOCK_COLS`` columns: ``g = grad_A + H A``, AdamW, and
+      ``M_s = A' A'ᵀ`` (r, r) of the strip, accumulated in registers.
+    * B (m, r), blocks of ``BLOCK_ROWS`` rows. Phase 1, per block: ``g = grad_B + B Q_B −
+      U R_B`` (U swept in chunks of ``BLOCK_K`` columns), AdamW, store, and ``G_s += B'ᵀ B'``.
+      Phase 2, per chunk of ``BLOCK_K`` columns of U: ``P_s[chunk] = Σ_blocks U[rows, chunk]ᵀ
+      B'[rows]``, reading back the B' just stored. The strip's U was read in phase 1 and is
+      sized to stay in cache, so U comes from DRAM once.
+
+    Partials go to the program's scratch block: ``P_s`` (k, r) then ``G_s`` (r, r) for B,
+    ``M_s`` (r, r) for A. All math in fp32; the statistics use the values as stored
+    (rounded to the parameter dtype).
     """
-    tile = tl.program_id(0)
-    pair = tl.load(tiles + tile * TILE_FIELDS)
-    start = tl.load(tiles + tile * TILE_FIELDS + 1)
-    out = tl.load(tiles + tile * TILE_FIELDS + 2)
+    program = tl.program_id(0)
+    pair = tl.load(tiles + program * TILE_FIELDS)
+    start = tl.load(tiles + program * TILE_FIELDS + 1)
+    n_blocks = tl.load(tiles + program * TILE_FIELDS + 2)
+    out = tl.load(tiles + program * TILE_FIELDS + 3)
     row = pairs + pair * PAIR_FIELDS
     r = tl.load(row + _RANK)
+    m = tl.load(row + _M_ROWS)
+    n = tl.load(row + _N_COLS)
+    k = tl.load(row + _K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < r
     # r×r matrices are row-major (contiguous).
     rr_idx = offs_r[:, None] * r + offs_r[None, :]
     rr_mask = mask_r[:, None] & mask_r[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
     if FACTOR_A:
-        n = tl.load(row + _N_COLS)
-        param_addr = tl.load(row + _A)
-        offs_c = start + tl.arange(0, BLOCK_COLS)
-        idx = offs_r[:, None] * n + offs_c[None, :]  # (BLOCK_R, BLOCK_COLS)
-        mask = mask_r[:, None] & (offs_c < n)[None, :]
+        param_ptr = tl.load(row + _A).to(tl.pointer_type(PARAM_DTYPE))
+        grad_ptr = tl.load(row + _GRAD_A).to(tl.pointer_type(PARAM_DTYPE))
+        exp_avg_ptr = tl.load(row + _EXP_AVG_A).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_ptr = tl.load(row + _EXP_AVG_SQ_A).to(tl.pointer_type(tl.float32))
+        step_size = tl.load(scalars + pair * SCALAR_FIELDS + _STEP_SIZE_A)
+        bc2_sqrt = tl.load(scalars + pair * SCALAR_FIELDS + _BC2_SQRT_A)
+        mix_ptr = tl.load(row + _H).to(tl.pointer_type(tl.float32))
     else:
-        m = tl.load(row + _M_ROWS)
-        k = tl.load(row + _K)
-        param_addr = tl.load(row + _B)
-        offs_m = start + tl.arange(0, BLOCK_ROWS)
-        mask_m = offs_m < m
-        idx = offs_m[:, None] * r + offs_r[None, :]  # (BLOCK_ROWS, BLOCK_R)
-        mask = mask_m[:, None] & mask_r[None, :]
+        param_ptr = tl.load(row + _B).to(tl.pointer_type(PARAM_DTYPE))
+        grad_ptr = tl.load(row + _GRAD_B).to(tl.pointer_type(PARAM_DTYPE))
+        exp_avg_ptr = tl.load(row + _EXP_AVG_B).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_ptr = tl.load(row + _EXP_AVG_SQ_B).to(tl.pointer_type(tl.float32))
+        step_size = tl.load(scalars + pair * SCALAR_FIELDS + _STEP_SIZE_B)
+        bc2_sqrt = tl.load(scalars + pair * SCALAR_FIELDS + _BC2_SQRT_B)
+        mix_ptr = tl.load(row + _Q_B).to(tl.pointer_type(tl.float32))
         u_base = tl.load(row + _U).to(tl.pointer_type(U_DTYPE))
-    param_ptr = param_addr.to(tl.pointer_type(PARAM_DTYPE))
-    x = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-
+        rb_ptr = tl.load(row + _R_B).to(tl.pointer_type(tl.float32))
     if UPDATE:
+        mix = tl.load(mix_ptr + rr_idx, mask=rr_mask, other=0.0)  # H (A) or Q_B (B)
+    acc_stat = tl.full((BLOCK_R, BLOCK_R), 0.0, tl.float32)  # M (A) or G (B) of the strip
+
+    for blk in range(0, n_blocks):
         if FACTOR_A:
-            grad_ptr = tl.load(row + _GRAD_A).to(tl.pointer_type(PARAM_DTYPE))
-            exp_avg_ptr = tl.load(row + _EXP_AVG_A).to(tl.pointer_type(tl.float32))
-            exp_avg_sq_ptr = tl.load(row + _EXP_AVG_SQ_A).to(tl.pointer_type(tl.float32))
-            step_size = tl.load(scalars + pair * SCALAR_FIELDS + _STEP_SIZE_A)
-            bc2_sqrt = tl.load(scalars + pair * SCALAR_FIELDS + _BC2_SQRT_A)
-            h_ptr = tl.load(row + _H).to(tl.pointer_type(tl.float32))
-            h = tl.load(h_ptr + rr_idx, mask=rr_mask, other=0.0)
-            g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = g + tl.dot(h, x, input_precision=DOT_PRECISION)
+            offs_c = start + blk * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+            idx = offs_r[:, None] * n + offs_c[None, :]  # (BLOCK_R, BLOCK_COLS)
+            mask = mask_r[:, None] & (offs_c < n)[None, :]
         else:
-            grad_ptr = tl.load(row + _GRAD_B).to(tl.pointer_type(PARAM_DTYPE))
-            exp_avg_ptr = tl.load(row + _EXP_AVG_B).to(tl.pointer_type(tl.float32))
-            exp_avg_sq_ptr = tl.load(row + _EXP_AVG_SQ_B).to(tl.pointer_type(tl.float32))
-            step_size = tl.load(scalars + pair * SCALAR_FIELDS + _STEP_SIZE_B)
-            bc2_sqrt = tl.load(scalars + pair * SCALAR_FIELDS + _BC2_SQRT_B)
-            q_ptr = tl.load(row + _Q_B).to(tl.pointer_type(tl.float32))
-            rb_ptr = tl.load(row + _R_B).to(tl.pointer_type(tl.float32))
-            q = tl.load(q_ptr + rr_idx, mask=rr_mask, other=0.0)
+            offs_m = start + blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            mask_m = offs_m < m
+            idx = offs_m[:, None] * r + offs_r[None, :]  # (BLOCK_ROWS, BLOCK_R)
+            mask = mask_m[:, None] & mask_r[None, :]
+        x = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+        if UPDATE:
             g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = g + tl.dot(x, q, input_precision=DOT_PRECISION)
-            u_rb = tl.full((BLOCK_ROWS, BLOCK_R), 0.0, tl.float32)
-            for k0 in range(0, k, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < k
-                u = tl.load(u_base + offs_m[:, None] * k + offs_k[None, :],
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                rb = tl.load(rb_ptr + offs_k[:, None] * r + offs_r[None, :],
-                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-                u_rb = tl.dot(u, rb, u_rb, input_precision=DOT_PRECISION)
-            g = g - u_rb
-        # AdamW, operation by operation as torch.optim.AdamW (single-tensor path).
-        g = g * grad_sign
-        exp_avg = tl.load(exp_avg_ptr + idx, mask=mask, other=0.0)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + idx, mask=mask, other=0.0)
-        x = x * decay
-        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
-        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
-        x = x - step_size * tl.div_rn(exp_avg, denom)
-        tl.store(exp_avg_ptr + idx, exp_avg, mask=mask)
-        tl.store(exp_avg_sq_ptr + idx, exp_avg_sq, mask=mask)
-        if PARAM_DTYPE == tl.bfloat16:
-            # Round to nearest even explicitly: the interpreter's fp32 -> bf16 cast truncates.
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-        stored = x.to(PARAM_DTYPE)
-        tl.store(param_ptr + idx, stored, mask=mask)
-        # The statistics describe the parameters as stored, after rounding.
-        x = tl.where(mask, stored.to(tl.float32), 0.0)
+            if FACTOR_A:
+                g = g + tl.dot(mix, x, input_precision=DOT_PRECISION)
+            else:
+                g = g + tl.dot(x, mix, input_precision=DOT_PRECISION)
+                u_rb = tl.full((BLOCK_ROWS, BLOCK_R), 0.0, tl.float32)
+                for k0 in range(0, k, BLOCK_K):
+                    ck = k0 + offs_k
+                    u = tl.load(u_base + offs_m[:, None] * k + ck[None, :],
+                                mask=mask_m[:, None] & (ck < k)[None, :], other=0.0).to(tl.float32)
+                    rb = tl.load(rb_ptr + ck[:, None] * r + offs_r[None, :],
+                                 mask=(ck < k)[:, None] & mask_r[None, :], other=0.0)
+                    u_rb = tl.dot(u, rb, u_rb, input_precision=DOT_PRECISION)
+                g = g - u_rb
+            # AdamW, operation by operation as torch.optim.AdamW (single-tensor path).
+            g = g * grad_sign
+            exp_avg = tl.load(exp_avg_ptr + idx, mask=mask, other=0.0)
+            exp_avg_sq = tl.load(exp_avg_sq_ptr + idx, mask=mask, other=0.0)
+            x = x * decay
+            exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+            exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
+            denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
+            x = x - step_size * tl.div_rn(exp_avg, denom)
+            tl.store(exp_avg_ptr + idx, exp_avg, mask=mask)
+            tl.store(exp_avg_sq_ptr + idx, exp_avg_sq, mask=mask)
+            if PARAM_DTYPE == tl.bfloat16:
+                # Round to nearest even explicitly: the interpreter's fp32 -> bf16 cast truncates.
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+            stored = x.to(PARAM_DTYPE)
+            tl.store(param_ptr + idx, stored, mask=mask)
+            # The statistics describe the parameters as stored, after rounding.
+            x = tl.where(mask, stored.to(tl.float32), 0.0)
+
+        if FACTOR_A:
+            acc_stat = tl.dot(x, tl.trans(x), acc_stat, input_precision=DOT_PRECISION)
+        else:
+            acc_stat = tl.dot(tl.trans(x), x, acc_stat, input_precision=DOT_PRECISION)
 
     if FACTOR_A:
-        m_t = tl.dot(x, tl.trans(x), input_precision=DOT_PRECISION)
-        tl.store(scratch + out + rr_idx, m_t, mask=rr_mask)
+        tl.store(scratch + out + rr_idx, acc_stat, mask=rr_mask)
     else:
-        g_t = tl.dot(tl.trans(x), x, input_precision=DOT_PRECISION)
-        tl.store(scratch + out + k * r + rr_idx, g_t, mask=rr_mask)
-        # Second sweep over the same rows of U: they were read a moment ago, so this
-        # comes from cache, not from DRAM.
+        tl.store(scratch + out + k * r + rr_idx, acc_stat, mask=rr_mask)
+        # Phase 2 reads back rows of B' stored by other threads of this program.
+        tl.debug_barrier()
         for k0 in range(0, k, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k
-            u = tl.load(u_base + offs_m[:, None] * k + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            p_t = tl.dot(tl.trans(u), x, input_precision=DOT_PRECISION)
-            tl.store(scratch + out + offs_k[:, None] * r + offs_r[None, :], p_t,
-                     mask=mask_k[:, None] & mask_r[None, :])
+            ck = k0 + offs_k
+            acc_p = tl.full((BLOCK_K, BLOCK_R), 0.0, tl.float32)
+            for blk in range(0, n_blocks):
+                offs_m = start + blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+                mask_m = offs_m < m
+                x = tl.load(param_ptr + offs_m[:, None] * r + offs_r[None, :],
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                u = tl.load(u_base + offs_m[:, None] * k + ck[None, :],
+                            mask=mask_m[:, None] & (ck < k)[None, :], other=0.0).to(tl.float32)
+                acc_p = tl.dot(tl.trans(u), x, acc_p, input_precision=DOT_PRECISION)
+            tl.store(scratch + out + ck[:, None] * r + offs_r[None, :], acc_p,
+                     mask=(ck < k)[:, None] & mask_r[None, :])
 
 
 def _reduce_kernel(
@@ -265,9 +286,9 @@ def kernel_config(block_r: int, factor_a: bool) -> dict:
     compile without spilling to local memory for sm_80 and sm_90 (checked by
     ``tests/test_triton_aot.py``; the figures are in docs/triton.md)."""
     if factor_a:
-        cols, warps = {16: (64, 4), 32: (64, 8), 64: (16, 8)}[block_r]
+        cols, warps = {16: (64, 4), 32: (32, 8), 64: (16, 16)}[block_r]
         return dict(BLOCK_ROWS=16, BLOCK_K=16, BLOCK_COLS=cols, num_warps=warps)
-    rows, warps = {16: (32, 4), 32: (32, 8), 64: (16, 8)}[block_r]
+    rows, warps = {16: (32, 4), 32: (32, 8), 64: (16, 16)}[block_r]
     return dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
 
 
@@ -283,31 +304,62 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # ---------------------------------------------------------------------------- launchers
 
 
-@lru_cache(maxsize=256)
-def _layout(shapes: tuple, block_r: int, device: torch.device):
-    """Tile tables and scratch offsets for a bucket of pairs with ``shapes`` ((m, n, r, k), …).
+# Bytes of U one B strip may cover: phase 2 re-reads them, and they must still be in
+# cache (L1/L2) by then.
+U_STRIP_BYTES = 128 * 1024
 
-    Returns ``(b_tiles, a_tiles, p_spans, m_spans, scratch_numel)``: device int64 tile
-    tables, per pair ``(offset, tile_stride, n_tiles)`` of its B and A partials, and the
-    scratch size (fp32 elements). Cached: it depends only on the shapes.
+
+def _programs_target(device: torch.device) -> int:
+    """Programs per launch worth aiming for: a few per SM (few under the interpreter, so
+    that the tests exercise strips of several blocks)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def strip_blocks(total_blocks: int, target_programs: int, block_bytes: int | None = None) -> int:
+    """Blocks per strip: long strips mean fewer partial statistics to write and sum, but
+    at least ``target_programs`` programs should remain, and a B strip's U must fit
+    :data:`U_STRIP_BYTES` (``block_bytes``: bytes of U in one block)."""
+    blocks = max(1, total_blocks // max(1, target_programs))
+    if block_bytes:
+        blocks = min(blocks, max(1, U_STRIP_BYTES // block_bytes))
+    return blocks
+
+
+@lru_cache(maxsize=256)
+def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device):
+    """Strip tables and scratch offsets for a bucket of pairs with ``shapes`` ((m, n, r, k), …).
+
+    Returns ``(b_tiles, a_tiles, p_spans, m_spans, scratch_numel)``: device int64 strip
+    tables (rows ``(pair, first row/column, blocks, scratch offset)``), per pair
+    ``(offset, strip_stride, n_strips)`` of its B and A partials, and the scratch size
+    (fp32 elements). Cached: it depends only on the shapes.
     """
     cfg_b, cfg_a = kernel_config(block_r, False), kernel_config(block_r, True)
+    rows_b, cols_a = cfg_b["BLOCK_ROWS"], cfg_a["BLOCK_COLS"]
+    target = _programs_target(device)
+    max_k = max(k for _, _, _, k in shapes)
+    per_b = strip_blocks(sum(triton.cdiv(m, rows_b) for m, _, _, _ in shapes), target, rows_b * max_k * u_bytes)
+    per_a = strip_blocks(sum(triton.cdiv(n, cols_a) for _, n, _, _ in shapes), target)
     b_rows, a_rows, p_spans, m_spans = [], [], [], []
     offset = 0
     for j, (m, _n, r, k) in enumerate(shapes):
         stride = k * r + r * r
-        tiles = triton.cdiv(m, cfg_b["BLOCK_ROWS"])
-        p_spans.append((offset, stride, tiles))
-        for t in range(tiles):
-            b_rows.append((j, t * cfg_b["BLOCK_ROWS"], offset + t * stride))
-        offset += tiles * stride
+        blocks = triton.cdiv(m, rows_b)
+        strips = triton.cdiv(blocks, per_b)
+        p_spans.append((offset, stride, strips))
+        for t in range(strips):
+            b_rows.append((j, t * per_b * rows_b, min(per_b, blocks - t * per_b), offset + t * stride))
+        offset += strips * stride
     for j, (_m, n, r, _k) in enumerate(shapes):
         stride = r * r
-        tiles = triton.cdiv(n, cfg_a["BLOCK_COLS"])
-        m_spans.append((offset, stride, tiles))
-        for t in range(tiles):
-            a_rows.append((j, t * cfg_a["BLOCK_COLS"], offset + t * stride))
-        offset += tiles * stride
+        blocks = triton.cdiv(n, cols_a)
+        strips = triton.cdiv(blocks, per_a)
+        m_spans.append((offset, stride, strips))
+        for t in range(strips):
+            a_rows.append((j, t * per_a * cols_a, min(per_a, blocks - t * per_a), offset + t * stride))
+        offset += strips * stride
     b_tiles = torch.tensor(b_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
     a_tiles = torch.tensor(a_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
     return b_tiles, a_tiles, tuple(p_spans), tuple(m_spans), offset
@@ -380,7 +432,7 @@ def _run(
     for (pdt, udt, block_r), local in _buckets([tensors["U"][j] for j in pairs],
                                                [tensors["B"][j] for j in pairs]).items():
         idx = [pairs[i] for i in local]
-        layout = _layout(tuple(shapes[j] for j in idx), block_r, device)
+        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
         plans.append((pdt, udt, block_r, idx, layout, total))
         total += layout[4]
     scratch = torch.empty(total, dtype=torch.float32, device=device)
