@@ -98,10 +98,13 @@ def _fsdp2(mesh, backend, a_columns=False):
 
     model = _peft_model()
     place = lora_A_column_sharding(model) if a_columns else None
+    # bind works before and after fully_shard: the row-sharded runs bind first
+    binding = None if a_columns else _anchor().bind(model)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh, shard_placement_fn=place)
     fully_shard(model, mesh=mesh, shard_placement_fn=place)
-    binding = _anchor().bind(model)
+    if binding is None:
+        binding = _anchor().bind(model)
     return model, binding, _optimizer(model, binding, backend)
 
 

@@ -491,8 +491,9 @@ def measure_step_communication(
     opt = AsFTAdamW(params, lr=1e-3, anchor=binding)
     logs = []
     for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn_like(p)
+        for p in params:  # random gradients, drawn per shard
+            p.grad = DTensor.from_local(torch.randn_like(p.to_local()), p.device_mesh, p.placements,
+                                        run_check=False, shape=p.shape, stride=p.stride())
         with record_collectives() as log:
             opt.step()
         logs.append(log)
