@@ -275,3 +275,22 @@ def test_build_ext_command(capsys):
     out = capsys.readouterr().out
     assert out.startswith("asft build-ext: ") and out.strip().endswith(".so")
     assert os.path.isfile(out.strip().removeprefix("asft build-ext: "))
+
+
+def test_build_prints_one_line_and_uses_the_keyed_cache(monkeypatch, tmp_path, capsys):
+    """The build step itself (compiler replaced by a recorder): one line, keyed directory."""
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "lib.so")
+    monkeypatch.setattr(cpp._State, "loaded", None)
+    monkeypatch.setattr(cpp._State, "library", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    cpp.build()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "compiling" in err
+    (call,) = calls
+    assert call["build_directory"] == str(tmp_path / "asft_kernels" / f"cpu_{cpp.cache_key()}")
+    assert call["is_python_module"] is False and "-march=native" in call["extra_cflags"]
+    cpp.build()  # loaded: no second build, nothing printed
+    assert len(calls) == 1 and capsys.readouterr().err == ""
