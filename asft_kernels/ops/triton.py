@@ -317,13 +317,24 @@ def _programs_target(device: torch.device) -> int:
     return 2
 
 
-def strip_blocks(total_blocks: int, target_programs: int, block_bytes: int | None = None) -> int:
-    """Blocks per strip: long strips mean fewer partial statistics to write and sum, but
-    at least ``target_programs`` programs should remain, and a B strip's U must fit
-    :data:`U_STRIP_BYTES` (``block_bytes``: bytes of U in one block)."""
+def strip_blocks(total_blocks: int, target_programs: int, block_bytes: int = 0, partial_bytes: int = 0) -> int:
+    """Blocks per strip.
+
+    Long strips mean fewer partial statistics to write and sum, but at least
+    ``target_programs`` programs should remain. For B (``block_bytes``: bytes of U in one
+    block, ``partial_bytes``: bytes of one strip's partial P and G), a strip whose U fits
+    :data:`U_STRIP_BYTES` is re-read from cache in phase 2; a longer one is re-read from
+    DRAM, which is chosen only when that costs less than the extra partials.
+    """
     blocks = max(1, total_blocks // max(1, target_programs))
     if block_bytes:
-        blocks = min(blocks, max(1, U_STRIP_BYTES // block_bytes))
+        fit = max(1, U_STRIP_BYTES // block_bytes)
+        if fit < blocks:
+            # DRAM bytes per block: partials written + read, plus U again if it overflows cache
+            cost_fit = 2 * partial_bytes / fit + (block_bytes if block_bytes > U_STRIP_BYTES else 0)
+            cost_long = 2 * partial_bytes / blocks + block_bytes
+            if cost_fit <= cost_long:
+                blocks = fit
     return blocks
 
 
@@ -340,7 +351,9 @@ def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device):
     rows_b, cols_a = cfg_b["BLOCK_ROWS"], cfg_a["BLOCK_COLS"]
     target = _programs_target(device)
     max_k = max(k for _, _, _, k in shapes)
-    per_b = strip_blocks(sum(triton.cdiv(m, rows_b) for m, _, _, _ in shapes), target, rows_b * max_k * u_bytes)
+    max_r = max(r for _, _, r, _ in shapes)
+    per_b = strip_blocks(sum(triton.cdiv(m, rows_b) for m, _, _, _ in shapes), target, rows_b * max_k * u_bytes,
+                         4 * (max_k * max_r + max_r * max_r))
     per_a = strip_blocks(sum(triton.cdiv(n, cols_a) for _, n, _, _ in shapes), target)
     b_rows, a_rows, p_spans, m_spans = [], [], [], []
     offset = 0
@@ -363,6 +376,50 @@ def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device):
     b_tiles = torch.tensor(b_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
     a_tiles = torch.tensor(a_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
     return b_tiles, a_tiles, tuple(p_spans), tuple(m_spans), offset
+
+
+def predicted_step_bytes(
+    shapes: Sequence[tuple[int, int, int, int]], param_bytes: int, u_bytes: int, sm_count: int
+) -> dict[str, float]:
+    """DRAM bytes of one fused step under this backend's layout, and the floor.
+
+    Args:
+        shapes: ``(m, n, r, k)`` per pair. param_bytes: 4 (fp32), 2 (bf16/fp16).
+        u_bytes: bytes per element of U. sm_count: streaming multiprocessors of the GPU.
+
+    Returns:
+        ``floor``: plain AdamW bytes on A and B (read param, grad, two moments; write param,
+        two moments) + one read of U + the statistics; ``fused``: the same plus the partial
+        statistics written and read back and the small ``Q_B``/``R_B``/``H`` reads, with U
+        read once where the strip's U fits :data:`U_STRIP_BYTES` (phase 2 hits cache) and
+        twice where the layout chose longer strips; ``fused_u_twice``: every U read twice
+        (phase 2 missing cache everywhere); ``partials``: bytes of partial statistics written.
+    """
+    shapes = [tuple(int(v) for v in s) for s in shapes]
+    floor = fused = partials = u_total = 0.0
+    buckets: dict[int, list] = {}
+    for shape in shapes:
+        buckets.setdefault(padded_rank(shape[2]), []).append(shape)
+    for block_r, group in buckets.items():
+        rows_b = kernel_config(block_r, False)["BLOCK_ROWS"]
+        cols_a = kernel_config(block_r, True)["BLOCK_COLS"]
+        max_k = max(k for _, _, _, k in group)
+        max_r = max(r for _, _, r, _ in group)
+        block_bytes = rows_b * max_k * u_bytes
+        per_b = strip_blocks(sum(-(-m // rows_b) for m, _, _, _ in group), 4 * sm_count, block_bytes,
+                             4 * (max_k * max_r + max_r * max_r))
+        u_again = per_b * block_bytes > U_STRIP_BYTES
+        per_a = strip_blocks(sum(-(-n // cols_a) for _, n, _, _ in group), 4 * sm_count)
+        for m, n, r, k in group:
+            adamw = (3 * param_bytes + 16) * (m * r + r * n)
+            stats = 4 * (k * r + 2 * r * r)
+            u_read = u_bytes * m * k
+            part = 4 * (-(-m // (rows_b * per_b)) * (k * r + r * r) + -(-n // (cols_a * per_a)) * r * r)
+            floor += adamw + u_read + stats
+            fused += adamw + u_read * (2 if u_again else 1) + stats + 2 * part + 4 * (2 * r * r + k * r)
+            partials += part
+            u_total += 0 if u_again else u_read
+    return {"floor": floor, "fused": fused, "fused_u_twice": fused + u_total, "partials": partials}
 
 
 def _check_device(tensors: Sequence[Tensor], what: str) -> torch.device:

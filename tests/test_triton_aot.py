@@ -1,0 +1,145 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90, without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` needs only the
+``ptxas`` that ships with Triton. The cubin is then inspected with the ``cuobjdump
+-res-usage`` shipped next to it: ``STACK`` or ``LOCAL`` above zero means registers spill
+to local memory, which the default configuration must not do.
+
+``python tests/test_triton_aot.py`` prints the full registers/spills table of
+docs/triton.md (every dtype and rank bucket; slower than the test).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+T = pytest.importorskip("asft_kernels.ops.triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = os.path.join(NVIDIA_BIN, "ptxas")
+CUOBJDUMP = os.path.join(NVIDIA_BIN, "cuobjdump")
+ARCHS = [80, 90]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's bundled ptxas is not present")
+
+_POINTERS = {"pairs": "*i64", "scalars": "*fp32", "tiles": "*i64", "scratch": "*fp32", "jobs": "*i64"}
+
+
+def _signature(fn, constexprs: dict) -> dict:
+    sig = {}
+    for name in inspect.signature(fn).parameters:
+        sig[name] = "constexpr" if name in constexprs else _POINTERS.get(name, "fp32")
+    return sig
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int):
+    """Compile the plain kernel function ``fn`` for ``sm_<arch>``; returns the CompiledKernel."""
+    jit_fn = triton.jit(fn)
+    src = ASTSource(jit_fn, _signature(fn, constexprs), constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``REG``, ``STACK``, ``SHARED``, ``LOCAL`` of the kernel in ``cubin`` (cuobjdump -res-usage)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    assert set(fields) >= {"REG", "STACK", "SHARED", "LOCAL"}, out
+    return {k: int(v) for k, v in fields.items()}
+
+
+def factor_variant(block_r: int, factor_a: bool, update: bool, param_dtype, u_dtype=None):
+    """Constexprs and num_warps of :func:`_factor_kernel` at its default configuration."""
+    cfg = T.kernel_config(block_r, factor_a)
+    num_warps = cfg.pop("num_warps")
+    const = dict(PARAM_DTYPE=param_dtype, U_DTYPE=u_dtype or tl.float32, FACTOR_A=factor_a, UPDATE=update,
+                 BLOCK_R=block_r, DOT_PRECISION=T.DOT_PRECISION, **cfg)
+    return const, num_warps
+
+
+# The kernels as the backend launches them; the last ones are the tightest fp32/stats cases.
+CASES = [
+    pytest.param(block_r, factor_a, True, "bf16", id=f"{'A' if factor_a else 'B'}-r{block_r}-bf16-update")
+    for block_r in (16, 32, 64) for factor_a in (False, True)
+] + [
+    pytest.param(64, False, True, "fp32", id="B-r64-fp32-update"),
+    pytest.param(64, False, False, "fp16", id="B-r64-fp16-stats"),
+]
+_TL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+@pytest.mark.parametrize(("block_r", "factor_a", "update", "dtype"), CASES)
+def test_factor_kernel_compiles_without_spills(arch, block_r, factor_a, update, dtype):
+    const, num_warps = factor_variant(block_r, factor_a, update, getattr(tl, _TL[dtype]))
+    kernel = compile_kernel(T._factor_kernel, const, num_warps, arch)
+    assert kernel.asm["cubin"][:4] == b"\x7fELF"
+    assert f".target sm_{arch}" in kernel.asm["ptx"]
+    if not os.path.exists(CUOBJDUMP):
+        pytest.skip("Triton's bundled cuobjdump is not present: compiled, spills not checked")
+    usage = resource_usage(kernel.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
+    assert usage["REG"] <= 255
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_reduce_kernel_compiles_without_spills(arch):
+    kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, 4, arch)
+    if not os.path.exists(CUOBJDUMP):
+        pytest.skip("Triton's bundled cuobjdump is not present: compiled, spills not checked")
+    usage = resource_usage(kernel.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
+
+
+def _table() -> str:
+    """Markdown table: every factor-kernel variant at its default configuration, both archs."""
+    rows = ["| kernel | padded r | params | U | num_warps | tile | sm_80 REG/STACK/LOCAL | sm_90 REG/STACK/LOCAL |",
+            "|---|---|---|---|---|---|---|---|"]
+    variants = []
+    for factor_a in (False, True):
+        for block_r in (16, 32, 64):
+            for pdt in ("fp32", "bf16", "fp16"):
+                variants.append((True, factor_a, block_r, pdt, "fp32"))
+            if not factor_a:
+                variants.append((True, factor_a, block_r, "fp32", "bf16"))
+            variants.append((False, factor_a, block_r, "bf16", "fp32"))
+    for update, factor_a, block_r, pdt, udt in variants:
+        const, warps = factor_variant(block_r, factor_a, update, getattr(tl, _TL[pdt]), getattr(tl, _TL[udt]))
+        cells = []
+        for arch in ARCHS:
+            u = resource_usage(compile_kernel(T._factor_kernel, const, warps, arch).asm["cubin"])
+            cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+        name = ("A cols" if factor_a else "B rows") + (" update" if update else " stats")
+        tile = (f"{block_r}x{const['BLOCK_COLS']}" if factor_a
+                else f"{const['BLOCK_ROWS']}x{block_r}, U chunk {const['BLOCK_ROWS']}x{const['BLOCK_K']}")
+        rows.append(f"| {name} | {block_r} | {pdt} | {udt if not factor_a else '-'} | {warps} | "
+                    f"{tile} | {cells[0]} | {cells[1]} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    cells = []
+    for arch in ARCHS:
+        u = resource_usage(compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, 4, arch).asm["cubin"])
+        cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+    rows.append(f"| reduce | - | fp32 | - | 4 | {T.REDUCE_BLOCK} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(f"triton {triton.__version__}, torch {torch.__version__}")
+    print(_table())
