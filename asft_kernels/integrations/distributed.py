@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -45,10 +46,13 @@ from torch import Tensor
 
 from ..errors import OptimizerInputError
 
-try:  # torch.distributed.tensor exists on every platform torch ships distributed for
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Replicate = Shard = None
+
+def _dtensor_class():
+    """``DTensor`` if torch.distributed.tensor has been imported, else None. Importing it
+    is slow, and no tensor can be a DTensor before it is imported, so plain
+    single-process use never pays for it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 # ---------------------------------------------------------------------- accounting
@@ -161,7 +165,8 @@ def all_gather_rows(local: Tensor, row_ranges: Sequence[tuple[int, int]], group)
 # ---------------------------------------------------------------------- sharded pairs
 def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor (where its storage and version counter live), else ``t``."""
-    if DTensor is not None and isinstance(t, DTensor):
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(t, dtensor):
         return t._local_tensor
     return t
 
@@ -185,6 +190,8 @@ class _Sharding:
 
 
 def _sharding(t: Tensor, name: str, label: str, dims: tuple[int, ...]) -> _Sharding:
+    from torch.distributed.tensor import Replicate, Shard
+
     mesh, placements = t.device_mesh, t.placements
     shard_dims = [d for d, p in enumerate(placements) if not isinstance(p, Replicate)]
     allowed = " or ".join(f"Shard({d})" for d in dims)
@@ -328,9 +335,10 @@ def sharded_pair(name: str, A: Tensor, B: Tensor) -> ShardedPair | None:
         OptimizerInputError: only one of the two is a DTensor, they live on different meshes
             or mesh dimensions, or another placement is used (e.g. tensor parallelism).
     """
-    if DTensor is None:
+    dtensor = _dtensor_class()
+    if dtensor is None:
         return None
-    a_dt, b_dt = isinstance(A, DTensor), isinstance(B, DTensor)
+    a_dt, b_dt = isinstance(A, dtensor), isinstance(B, dtensor)
     if not a_dt and not b_dt:
         return None
     if a_dt != b_dt:
@@ -364,6 +372,7 @@ def lora_A_column_sharding(model, adapter_name: str = "default"):
         fully_shard(peft_model, shard_placement_fn=place)
     """
     from torch import nn
+    from torch.distributed.tensor import Shard
 
     ids = {
         id(mod.lora_A[adapter_name].weight)
@@ -463,6 +472,7 @@ def measure_step_communication(
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from ..anchor import AlignmentAnchor, AnchorEntry
     from ..optim import AsFTAdamW
