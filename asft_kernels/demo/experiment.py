@@ -271,14 +271,19 @@ def plot_results(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for mode, style in zip(sorted({s["mode"] for s in results["sweep"]}), ("o-", "s--", "^:")):
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    modes = sorted({s["mode"] for s in results["sweep"]})
+    for k, (mode, style) in enumerate(zip(modes, ("o-", "s--", "^:"))):
         pts = [s for s in results["sweep"] if s["mode"] == mode]
-        ax.plot([100 * s["task_accuracy"] for s in pts], [100 * s["harmful_rate"] for s in pts], style, alpha=0.6,
-                label=f"AsFTAdamW {mode}, λ sweep")
-        for s in pts:
-            ax.annotate(f"λ={s['anchor_lambda']:g}", (100 * s["task_accuracy"], 100 * s["harmful_rate"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        xy = [(100 * s["task_accuracy"], 100 * s["harmful_rate"]) for s in pts]
+        ax.plot([x for x, _ in xy], [y for _, y in xy], style, alpha=0.6, label=f"AsFTAdamW {mode}, λ sweep")
+        # settings landing on the same point share one label
+        at: dict[tuple[float, float], list[str]] = {}
+        for s, (x, y) in zip(pts, xy):
+            at.setdefault((round(x, 1), round(y, 1)), []).append(f"{s['anchor_lambda']:g}")
+        for (x, y), lams in at.items():
+            ax.annotate(f"{mode} λ={','.join(lams)}", (x, y), fontsize=7, xytext=(4, 4 - 11 * k),
+                        textcoords="offset points", ha="right" if x > 80 else "left")
     named = {"aligned": results["aligned"], **results["methods"]}
     for (name, m), marker in zip(named.items(), ("*", "X", "P", "D")):
         ax.scatter([100 * m["task_accuracy"]], [100 * m["harmful_rate"]], marker=marker, s=120, zorder=3, label=name)
@@ -290,7 +295,7 @@ def plot_results(results: dict, path: Path) -> None:
     ax.set_title(f"asft demo, seed {cfg['seed']}{' (quick)' if cfg['quick'] else ''}: lower right is better",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -67,7 +67,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, examples, *, steps
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
