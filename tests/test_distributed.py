@@ -33,6 +33,7 @@ SAMPLES, SEQ, VOCAB = 4, 8, 64
 TARGETS = ("q_proj", "v_proj")
 # float32 parameters: distributed vs single process, and vs the float64 published formula
 TOL = 1e-5
+TOL_BF16 = 3e-2
 # backends that run CPU tensors; FSDP2 runs with each, DDP and the checkpoint with the last
 BACKENDS = [b for b in available_backends() if b in ("eager", "cpp")]
 DEFAULT = BACKENDS[-1]
@@ -42,8 +43,17 @@ def _base_model(dtype=torch.float32):
     return tiny_llama(dtype, vocab=VOCAB)
 
 
-def _peft_model(dtype=torch.float32):
-    return lora(_base_model(dtype), r=R, targets=TARGETS)
+def _peft_model(dtype=torch.float32, lora_dtype=None):
+    """Tiny Llama with LoRA; PEFT keeps adapters fp32 unless ``lora_dtype`` asks for the
+    model's own (low-precision) dtype."""
+    if lora_dtype is None:
+        return lora(_base_model(dtype), r=R, targets=TARGETS)
+    from peft import LoraConfig, get_peft_model
+
+    base = _base_model(dtype)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=R, lora_alpha=2 * R, target_modules=list(TARGETS), init_lora_weights=False, lora_dropout=0.0)
+    return get_peft_model(base, cfg, autocast_adapter_dtype=False)
 
 
 def _anchor():
@@ -93,10 +103,10 @@ def _train(model, opt, steps, rows=slice(None), log_last=False):
 
 
 # ---------------------------------------------------------------------- workers
-def _fsdp2(mesh, backend, a_columns=False):
+def _fsdp2(mesh, backend, a_columns=False, dtype=torch.float32):
     from torch.distributed.fsdp import fully_shard
 
-    model = _peft_model()
+    model = _peft_model(dtype, lora_dtype=None if dtype == torch.float32 else dtype)
     place = lora_A_column_sharding(model) if a_columns else None
     # bind works before and after fully_shard: the row-sharded runs bind first
     binding = None if a_columns else _anchor().bind(model)
@@ -157,6 +167,11 @@ def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
         losses, _ = _train(model, opt, range(RESUME_AT, STEPS), rows)
         results["fsdp2_resumed"] = {"params": _lora_params(model), "losses": losses}
 
+        # bf16 model and LoRA parameters
+        model, binding, opt = _fsdp2(mesh, DEFAULT, dtype=torch.bfloat16)
+        losses, _ = _train(model, opt, range(STEPS), rows)
+        results["fsdp2_bf16"] = {"params": _lora_params(model), "losses": losses}
+
         # placements anchoring does not support: sharding on dim 1 (tensor parallelism)
         A, B = torch.randn(R, 32), torch.randn(32, R)
         try:
@@ -202,6 +217,10 @@ def single_process():
         opt.step()
         losses.append(float(reg.detach()))
     out["reference"] = {"params": _lora_params(model), "losses": losses}
+    model = _peft_model(torch.bfloat16, lora_dtype=torch.bfloat16)
+    binding = _anchor().bind(model)
+    losses, _ = _train(model, _optimizer(model, binding, DEFAULT), range(STEPS))
+    out["bf16"] = {"params": _lora_params(model), "losses": losses}
     return out
 
 
@@ -275,6 +294,14 @@ def test_fsdp2_column_sharded_A_only_all_reduces(distributed_results, backend):
     records = distributed_results[("fsdp2_columns", backend)]["records"]
     pairs = 4
     assert [(op, s, r) for op, s, r, _ in records] == [("all_reduce",) + (pairs * (K * R + 2 * R * R) * 4,) * 2]
+
+
+def test_fsdp2_bf16_matches_single_process(distributed_results, single_process):
+    run, single = distributed_results["fsdp2_bf16"], single_process["bf16"]
+    assert all(p.dtype == torch.bfloat16 for p in run["params"].values())
+    # gradients are averaged in bf16 by FSDP2, so results agree to bf16 precision
+    assert _rel_err(run["params"], single["params"]) <= TOL_BF16
+    assert _loss_err(run["losses"], single["losses"]) <= TOL_BF16
 
 
 def test_fsdp2_checkpoint_resumes_trajectory(distributed_results):
