@@ -44,6 +44,7 @@ from .errors import AnchorFileError, AsFTError
 # (weight stored ``in × out``); used only when no skeleton of the model can be built.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 _CONV1D_LEAF = re.compile(r"^(c_attn|c_proj|c_fc|q_attn)$")
+_GPT2_KEY = re.compile(r"(^|\.)h\.\d+\.attn\.c_attn\.weight$")
 # Name fragments of embeddings and output heads, for checkpoints without a known layout.
 _NON_LINEAR_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "shared")
 _OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
@@ -444,7 +445,10 @@ def open_checkpoint(source: Any, role: str = "checkpoint") -> CheckpointReader:
         state = {name: t for name, t in source.state_dict(keep_vars=False).items()}
         return MappingReader(state, f"{role} model {type(source).__name__}", layout)
     if isinstance(source, Mapping):
-        return MappingReader(source, f"{role} state dict", ModelLayout())
+        # No module types in a bare state dict; GPT-2's block names are distinctive enough
+        # to know its Conv1D weights are stored in × out.
+        gpt2_like = any(isinstance(k, str) and _GPT2_KEY.search(k) for k in source)
+        return MappingReader(source, f"{role} state dict", ModelLayout(conv1d_by_type=gpt2_like))
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.is_dir():

@@ -413,3 +413,27 @@ def test_cli_failure_leaves_no_output_file(llama_ckpt, tmp_path, capsys):
     rc = main(["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"),
                "--targets", "nonexistent", "--out", str(out), "--no-progress"])
     assert rc == 1 and out.read_bytes() == b"previous" and len(list(out.parent.iterdir())) == 1
+
+
+@pytest.mark.parametrize("ckpt", ["gpt2"], indirect=True)
+def test_gpt2_state_dicts_and_sharded_bin_give_the_directory_anchor(ckpt, tmp_path):
+    _, aligned, base, a_dir, b_dir = ckpt
+    ref = build_anchor(a_dir, b_dir, "all-linear", rank=None, dtype=torch.float64, progress=False)
+    # bare state dicts: no module types, GPT-2 Conv1D recognised by its block names
+    from_sd = build_anchor(aligned.state_dict(), base.state_dict(), "all-linear", rank=None,
+                           dtype=torch.float64, progress=False)
+    # sharded .bin with pytorch_model.bin.index.json
+    sd = base.state_dict()
+    keys = list(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    for fname, part in shards.items():
+        torch.save({k: sd[k] for k in part}, tmp_path / fname)
+    index = {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    from_bin = build_anchor(a_dir, tmp_path, "all-linear", rank=None, dtype=torch.float64, progress=False)
+    for anchor in (from_sd, from_bin):
+        assert sorted(anchor) == sorted(ref)
+        for name in ref:
+            assert anchor[name].shape == ref[name].shape
+            torch.testing.assert_close(anchor[name].s, ref[name].s, rtol=1e-12, atol=1e-12)
