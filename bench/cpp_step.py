@@ -12,12 +12,14 @@ measures, interleaved round-robin, medians of ``--repeats`` timings after warm-u
   moves the same number of bytes (half read, half written), timed in the same run.
 
 Usage: ``python bench/cpp_step.py [--repeats 50] [--threads 2]``; prints one table per
-configuration and the ratios. Not part of the test suite.
+configuration and the ratios. The garbage collector is off while timing (as in ``timeit``).
+Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -63,38 +65,41 @@ def run(label, m, n, r, k, layers, repeats, warmup):
     from asft_kernels.ops import cpp, eager
 
     assert cpp.is_available(), "C++ backend unavailable"
-    params, binding, pairs = _model(m, n, r, k, layers)
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-
-    clones = {name: [p.detach().clone().requires_grad_() for p in params] for name in ("adamw",)}
-    for p, q in zip(params, clones["adamw"]):
+    # every provider steps its own copy of the parameters: a step that sees another
+    # provider's writes would (rightly) recompute its cached statistics
+    optimizers = {}
+    for backend in ("cpp", "eager"):
+        params, binding, pairs = _model(m, n, r, k, layers)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
+        optimizers[backend] = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend=backend)
+    plain = [p.detach().clone().requires_grad_() for p in params]
+    for p, q in zip(params, plain):
         q.grad = p.grad.clone()
-    opt_cpp = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend="cpp")
-    opt_eager = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend="eager")
-    opt_adamw = torch.optim.AdamW(clones["adamw"], lr=1e-4, fused=True)
+    opt_adamw = torch.optim.AdamW(plain, lr=1e-4, fused=True)
 
     # kernel-level inputs (schema order), shared by both kernels
     md = torch.float32
     cols = {key: [] for key in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB", "U", "Q", "R", "H")}
     for key, (A, B) in pairs.items():
         U = binding[key].entry.U.to(md).contiguous()
-        cols["A"].append(A.detach())
-        cols["B"].append(B.detach())
+        cols["A"].append(A.detach().clone())
+        cols["B"].append(B.detach().clone())
         for name, like in (("mA", A), ("vA", A), ("mB", B), ("vB", B)):
             cols[name].append(torch.rand_like(like.detach()) * 1e-3)
         cols["P"].append(torch.zeros(k, r))
         cols["G"].append(torch.zeros(r, r))
         cols["M"].append(torch.zeros(r, r))
-        cols["gA"].append(A.grad)
-        cols["gB"].append(B.grad)
+        cols["gA"].append(A.grad.clone())
+        cols["gB"].append(B.grad.clone())
         cols["U"].append(U)
         cols["Q"].append(torch.randn(r, r) * 1e-3)
         cols["R"].append(torch.randn(k, r) * 1e-3)
         cols["H"].append(torch.randn(r, r) * 1e-3)
     npairs = len(cols["A"])
+    kernel_cols = {"cpp": cols, "eager": {key: [t.clone() for t in ts] for key, ts in cols.items()}}
 
-    def kernel(impl):
+    def kernel(impl, cols):
         def call():
             impl(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"],
                  cols["M"], cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [5.0] * npairs,
@@ -107,20 +112,23 @@ def run(label, m, n, r, k, layers, repeats, warmup):
     dst = torch.empty_like(src)
 
     providers = {
-        "cpp kernel": kernel(cpp.fused_step),
-        "eager kernel": kernel(eager.fused_step_impl),
-        "cpp step": opt_cpp.step,
-        "eager step": opt_eager.step,
+        "cpp kernel": kernel(cpp.fused_step, kernel_cols["cpp"]),
+        "eager kernel": kernel(eager.fused_step_impl, kernel_cols["eager"]),
+        "cpp step": optimizers["cpp"].step,
+        "eager step": optimizers["eager"].step,
         "adamw fused": opt_adamw.step,
         "floor (copy_)": lambda: dst.copy_(src),
     }
     times = {name: [] for name in providers}
+    gc.collect()
+    gc.disable()  # as timeit does: a collection of the whole heap must not land in one sample
     for _ in range(warmup):
         for fn in providers.values():
             fn()
     for _ in range(repeats):
         for name, fn in providers.items():
             times[name].append(_time(fn))
+    gc.enable()
     med = {name: statistics.median(ts) for name, ts in times.items()}
     bw = floor_bytes / med["floor (copy_)"]
     print(f"\n{label}: fp32, {layers} pair(s), threads={torch.get_num_threads()}, repeats={repeats}")
