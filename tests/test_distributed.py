@@ -172,13 +172,16 @@ def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
         losses, _ = _train(model, opt, range(STEPS), rows)
         results["fsdp2_bf16"] = {"params": _lora_params(model), "losses": losses}
 
-        # placements anchoring does not support: sharding on dim 1 (tensor parallelism)
+        # layouts anchoring refuses: B sharded on dim 1 (tensor parallelism), one of A, B sharded
         A, B = torch.randn(R, 32), torch.randn(32, R)
-        try:
-            sharded_pair("tp", distribute_tensor(A, mesh, [Shard(1)]), distribute_tensor(B, mesh, [Shard(1)]))
-            results["tp_error"] = None
-        except OptimizerInputError as exc:
-            results["tp_error"] = str(exc)
+        bad = {"tp": (distribute_tensor(A, mesh, [Shard(1)]), distribute_tensor(B, mesh, [Shard(1)])),
+               "mixed": (distribute_tensor(A, mesh, [Shard(0)]), B)}
+        for label, (a, b) in bad.items():
+            try:
+                sharded_pair(label, a, b)
+                results[f"{label}_error"] = None
+            except OptimizerInputError as exc:
+                results[f"{label}_error"] = str(exc)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -311,9 +314,11 @@ def test_fsdp2_checkpoint_resumes_trajectory(distributed_results):
     assert _loss_err(resumed["losses"], straight["losses"][RESUME_AT:]) <= TOL
 
 
-def test_unsupported_placement_is_refused(distributed_results):
+def test_unsupported_layouts_are_refused(distributed_results):
     message = distributed_results["tp_error"]
-    assert message is not None and "tp" in message and "Shard(dim=1)" in message
+    assert message is not None and message.startswith("tp: lora_B") and "Shard(dim=1)" in message
+    message = distributed_results["mixed_error"]
+    assert message is not None and message.startswith("mixed: lora_A is a DTensor but lora_B is a plain tensor")
 
 
 def test_plain_tensors_are_not_sharded():
