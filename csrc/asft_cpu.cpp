@@ -188,7 +188,7 @@ inline void b_row_tile(const PairView& pv, const StepScalars<acc_t>* s, int64_t 
 
 template <typename param_t, typename acc_t, int R, bool kUpdate>
 void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
-  constexpr int T = (R == 0 || R <= 16) ? 4 : 2;
+  constexpr int T = R == 0 ? 4 : R <= 8 ? 8 : R <= 16 ? 4 : 2;  // rows per tile: T·R accumulators fit the registers
   const int64_t r = R > 0 ? R : pv.r;
   const int64_t k = pv.k;
   const int64_t i0 = blk * kRowBlock;
