@@ -39,7 +39,7 @@ class _Stats:
     G: Tensor
     M: Tensor
     tag: tuple
-    gathered_A: Tensor | None = None  # all of A (r, n) for FSDP2-sharded pairs, see integrations.distributed
+    gathered_A: Tensor | None = None  # all of A (r, n) when FSDP2 splits its rows, see integrations.distributed
 
 
 def _param_tag(A: Tensor, B: Tensor) -> tuple:
