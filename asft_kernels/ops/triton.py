@@ -279,22 +279,31 @@ def jitted(fn):
 # ---------------------------------------------------------------------------- config
 
 
-def kernel_config(block_r: int, factor_a: bool) -> dict:
-    """Default launch configuration of :func:`_factor_kernel` for a padded rank
-    ``block_r`` (16, 32 or 64). fp32 ``tl.dot`` with ``ieee`` precision runs on FMA units
-    and keeps its operands in registers, so tiles are small: these are the largest that
-    compile without spilling to local memory for sm_80 and sm_90 (checked by
-    ``tests/test_triton_aot.py``; the figures are in docs/triton.md)."""
+def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
+    """Default launch configuration of :func:`_factor_kernel` for a padded rank ``block_r``
+    (16 or 64): block sizes, ``num_warps`` and, for the stats pass, ``maxnreg``.
+
+    fp32 ``tl.dot`` with ``ieee`` precision runs on FMA units and keeps its operands in
+    registers, so blocks are small. These are configurations that compile without spilling
+    to local memory for sm_80 and sm_90 (checked by ``tests/test_triton_aot.py``; figures
+    in docs/triton.md). ptxas picks 64 registers for the 16-warp stats variant and spills,
+    so the stats pass states the per-thread share of the register file explicitly.
+    """
     if factor_a:
-        cols, warps = {16: (64, 4), 32: (32, 8), 64: (16, 16)}[block_r]
-        return dict(BLOCK_ROWS=16, BLOCK_K=16, BLOCK_COLS=cols, num_warps=warps)
-    rows, warps = {16: (32, 4), 32: (32, 8), 64: (16, 16)}[block_r]
-    return dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
+        cols, warps = {16: (64, 8), 64: (16, 16)}[block_r]
+        cfg = dict(BLOCK_ROWS=16, BLOCK_K=16, BLOCK_COLS=cols, num_warps=warps)
+    else:
+        rows, warps = {16: (32, 4), 64: (16, 16)}[block_r]
+        cfg = dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
+    if not update:
+        cfg["maxnreg"] = min(255, 65536 // (32 * cfg["num_warps"]))
+    return cfg
 
 
 def padded_rank(r: int) -> int:
-    """Rank padded to the kernels' block: a power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(r))
+    """Rank padded to the kernels' block: 16 (``tl.dot``'s minimum) for r ≤ 16, else 64.
+    (A 32 block spills registers for B at every tile size tried; see docs/triton.md.)"""
+    return 16 if r <= 16 else 64
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
@@ -513,12 +522,10 @@ def _run(
         for factor_a, tiles in ((False, b_tiles), (True, a_tiles)):
             if tiles.shape[0] == 0:
                 continue
-            cfg = kernel_config(block_r, factor_a)
-            num_warps = cfg.pop("num_warps")
             kernel[(tiles.shape[0],)](
                 pair_table, scalar_table, tiles, bucket_scratch, *hyper,
                 PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], FACTOR_A=factor_a, UPDATE=update,
-                BLOCK_R=block_r, DOT_PRECISION=DOT_PRECISION, num_warps=num_warps, **cfg,
+                BLOCK_R=block_r, DOT_PRECISION=DOT_PRECISION, **kernel_config(block_r, factor_a, update),
             )
         for local, j in enumerate(idx):
             m, n, r, k = shapes[j]
