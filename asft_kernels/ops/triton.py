@@ -14,22 +14,25 @@ Math (DESIGN.md §2, per pair ``j``; ``Q_B = 2λ M``, ``R_B = 2λ diag(w) P M``,
 Layout of the work:
 
 * one kernel, :func:`_factor_kernel`, specialised by the constexpr ``FACTOR_A``: a
-  program owns one *tile* (``BLOCK_ROWS`` rows of one B, or ``BLOCK_COLS`` columns of
-  one A); with ``UPDATE`` it applies the anchoring gradient and AdamW, then it writes
-  its partial statistics (P and G for a B tile, M for an A tile) to a scratch buffer;
-  with ``UPDATE=False`` it only writes the partial statistics (the stats pass);
-* :func:`_reduce_kernel` sums the partials of every pair in a fixed order (tile 0, 1,
-  …), so results are bitwise reproducible: no atomics anywhere;
+  program owns a *strip* of consecutive blocks (``BLOCK_ROWS`` rows of one B, or
+  ``BLOCK_COLS`` columns of one A); with ``UPDATE`` it applies the anchoring gradient and
+  AdamW, and it accumulates the strip's partial statistics in registers (P and G for B,
+  M for A) and writes them once to a scratch buffer; with ``UPDATE=False`` it only
+  computes the statistics (the stats pass). The strip length balances the number of
+  programs, the partials to write, and keeping the strip's U in cache for B's second
+  phase (:func:`strip_blocks`);
+* :func:`_reduce_kernel` sums the partials of every pair in a fixed order (strip 0, 1,
+  …), so results are bitwise reproducible on a given GPU: no atomics anywhere;
 * all pairs of a batch go in the same launches: each program reads its pair's tensor
   addresses from an int64 table and casts them with ``.to(tl.pointer_type(...))``.
-  Pairs are bucketed by (parameter dtype, U dtype, padded rank); a step costs two
-  launches per bucket plus one reduction launch.
+  Pairs are bucketed by (parameter dtype, U dtype, padded rank 16 or 64); a step costs
+  two launches per bucket plus one reduction launch.
 
 Parameters fp32/bf16/fp16 keep fp32 optimizer state and compute in fp32; ``U`` may be
 fp32, bf16, fp16 or fp64 (converted to fp32 on load). fp64 parameters are delegated to
 the eager implementation (:mod:`.eager`): Triton's fp64 dot products are slow and fp64
 training is a reference setting, not a performance one. Ranks above
-:data:`MAX_TRITON_RANK` are delegated to eager as well (the r×r tiles would not fit in
+:data:`MAX_TRITON_RANK` are delegated to eager as well (the r×r tiles would spill
 registers). Hyperparameters (lr, betas, eps, weight decay, the bias corrections) are
 runtime arguments: a scheduler changing lr never triggers a recompile.
 """
