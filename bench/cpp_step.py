@@ -1,7 +1,8 @@
 """Time the C++ CPU step against eager, fused AdamW and the copy-bandwidth floor.
 
 For each configuration (fp32 LoRA pairs, B (m, r), A (r, n), basis U (m, k)) one run
-measures, interleaved round-robin, medians of ``--repeats`` timings after warm-up:
+measures, interleaved round-robin, medians of ``--repeats`` timings after warm-up (minimum
+printed too; the ratios use medians):
 
 * ``cpp kernel`` / ``eager kernel``: one ``fused_step`` call of the backend on all pairs;
 * ``cpp step`` / ``eager step``: ``AsFTAdamW(..., backend=...).step()`` (what a user runs:
@@ -133,8 +134,9 @@ def run(label, m, n, r, k, layers, repeats, warmup):
     bw = floor_bytes / med["floor (copy_)"]
     print(f"\n{label}: fp32, {layers} pair(s), threads={torch.get_num_threads()}, repeats={repeats}")
     print(f"  bytes a step must move: {floor_bytes / 1e6:.2f} MB; copy_ bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"  {'':14s} {'median':>9s}    {'min':>9s}")
     for name, t in med.items():
-        print(f"  {name:14s} {t * 1e3:9.3f} ms")
+        print(f"  {name:14s} {t * 1e3:9.3f} ms {min(times[name]) * 1e3:9.3f} ms")
     print(f"  cpp step / eager step        = {med['cpp step'] / med['eager step']:.3f}")
     print(f"  cpp kernel / eager kernel    = {med['cpp kernel'] / med['eager kernel']:.3f}")
     print(f"  cpp step / floor             = {med['cpp step'] / med['floor (copy_)']:.3f}")
