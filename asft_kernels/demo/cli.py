@@ -34,9 +34,13 @@ def run_cli(args: argparse.Namespace) -> int:
         raise AsFTError(f"asft demo: --seed must be >= 0, got {args.seed}")
     if args.threads < 1:
         raise AsFTError(f"asft demo: --threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick_config(args.seed) if args.quick else DemoConfig(seed=args.seed)
-    results = run_demo(args.out, cfg, progress=not args.no_progress)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run_demo(args.out, cfg, progress=not args.no_progress)
+    finally:
+        torch.set_num_threads(previous_threads)  # callers in the same process keep their setting
     print(format_table(results))
     print(f"\nwrote {args.out}/results.json and {args.out}/results.png ({results['config']['seconds']} s)")
     return 0

@@ -45,6 +45,7 @@ class DemoConfig:
     finetune_steps: int = 500
     finetune_batch: int = 16
     finetune_lr: float = 5e-3
+    anchor_rank: int | None = None
     asft_mode: str = "paper"
     asft_lambda: float = 1.0
     sweep_lambdas: tuple[float, ...] = (0.0, 0.1, 1.0, 10.0, 100.0)
@@ -181,7 +182,7 @@ def run_demo(out_dir: str | os.PathLike, cfg: DemoConfig, progress: bool = True)
     stages.update(2)
 
     stages.set_description("4/7 anchor")
-    anchor = build_alignment_anchor(pre.aligned, pre.base)
+    anchor = build_alignment_anchor(pre.aligned, pre.base, cfg.anchor_rank)
     stages.update(1)
 
     stages.set_description("5/7 fine-tuning")

@@ -56,10 +56,10 @@ def alignment_deltas(aligned: nn.Module, base: nn.Module) -> dict[str, torch.Ten
     }
 
 
-def build_alignment_anchor(aligned: nn.Module, base: nn.Module):
-    """The anchor of ``q_proj``/``v_proj`` (``V = W_aligned − W_base``) with every direction of
-    numerical rank kept, i.e. the exact published ``C``, built by ``asft_kernels.build_anchor``
-    from the two in-memory models."""
+def build_alignment_anchor(aligned: nn.Module, base: nn.Module, rank: int | None = None):
+    """The anchor of ``q_proj``/``v_proj`` (``V = W_aligned − W_base``), built by
+    ``asft_kernels.build_anchor`` from the two in-memory models. ``rank=None`` (the protocol)
+    keeps every direction of numerical rank, i.e. the exact published ``C``."""
     from .. import build_anchor
 
-    return build_anchor(aligned=aligned, base=base, target_modules=list(TARGET_MODULES), rank=None, progress=False)
+    return build_anchor(aligned=aligned, base=base, target_modules=list(TARGET_MODULES), rank=rank, progress=False)
