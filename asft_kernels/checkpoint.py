@@ -268,7 +268,7 @@ class SafetensorsReader(CheckpointReader):
                                       f"(truncated or corrupted?): {exc}") from exc
         if weight_map is not None:
             for key, fname in weight_map.items():
-                if key not in self._info:
+                if key not in self._info or self._file_of[key].name != Path(fname).name:
                     raise AnchorFileError(f"{description}: the index lists tensor {key!r} in {fname!r}, "
                                           "which does not hold it")
 
