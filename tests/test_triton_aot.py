@@ -35,6 +35,7 @@ ARCHS = [80, 90]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's bundled ptxas is not present")
 
+REDUCE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
 _POINTERS = {"pairs": "*i64", "scalars": "*fp32", "tiles": "*i64", "scratch": "*fp32", "jobs": "*i64"}
 
 
@@ -68,7 +69,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 def factor_variant(block_r: int, factor_a: bool, update: bool, param_dtype, u_dtype=None):
     """Constexprs and launch options of :func:`_factor_kernel` at its default configuration."""
     cfg = T.kernel_config(block_r, factor_a, update)
-    options = {key: cfg.pop(key) for key in ("num_warps", "maxnreg") if key in cfg}
+    options = {key: cfg.pop(key) for key in ("num_warps", "maxnreg", "enable_fp_fusion") if key in cfg}
     const = dict(PARAM_DTYPE=param_dtype, U_DTYPE=u_dtype or tl.float32, FACTOR_A=factor_a, UPDATE=update,
                  BLOCK_R=block_r, DOT_PRECISION=T.DOT_PRECISION, **cfg)
     return const, options
@@ -102,7 +103,7 @@ def test_factor_kernel_compiles_without_spills(arch, block_r, factor_a, update, 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_reduce_kernel_compiles_without_spills(arch):
-    kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, {"num_warps": 4}, arch)
+    kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, REDUCE_OPTIONS, arch)
     if not os.path.exists(CUOBJDUMP):
         pytest.skip("Triton's bundled cuobjdump is not present: compiled, spills not checked")
     usage = resource_usage(kernel.asm["cubin"])
@@ -136,7 +137,7 @@ def _table() -> str:
         print(rows[-1], file=sys.stderr, flush=True)
     cells = []
     for arch in ARCHS:
-        kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, {"num_warps": 4}, arch)
+        kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, REDUCE_OPTIONS, arch)
         u = resource_usage(kernel.asm["cubin"])
         cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
     rows.append(f"| reduce | - | fp32 | - | 4 | {T.REDUCE_BLOCK} | {cells[0]} | {cells[1]} |")

@@ -284,7 +284,8 @@ def jitted(fn):
 
 def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
     """Default launch configuration of :func:`_factor_kernel` for a padded rank ``block_r``
-    (16 or 64): block sizes, ``num_warps`` and, for the stats pass, ``maxnreg``.
+    (16 or 64): block sizes and the launch options ``num_warps``, ``enable_fp_fusion`` and,
+    for the stats pass, ``maxnreg``.
 
     fp32 ``tl.dot`` with ``ieee`` precision runs on FMA units and keeps its operands in
     registers, so blocks are small. These are configurations that compile without spilling
@@ -300,6 +301,8 @@ def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
         cfg = dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
     if not update:
         cfg["maxnreg"] = min(255, 65536 // (32 * cfg["num_warps"]))
+    # Stated explicitly: Triton 3.10 changes the default to no mul-add fusion.
+    cfg["enable_fp_fusion"] = True
     return cfg
 
 
@@ -549,7 +552,7 @@ def _reduce(jobs: list[tuple[Tensor, int, int, int, int]], scratch: Tensor, devi
     rows = [(dest.data_ptr(), offset, stride, numel, n_tiles) for dest, offset, stride, numel, n_tiles in jobs]
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, int(REDUCE_FIELDS)).to(device)
     grid = (len(rows), triton.cdiv(max(row[3] for row in rows), REDUCE_BLOCK))
-    jitted(_reduce_kernel)[grid](table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4)
+    jitted(_reduce_kernel)[grid](table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4, enable_fp_fusion=True)
 
 
 def _output(t: Tensor) -> Tensor:
