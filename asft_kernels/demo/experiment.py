@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..anchor import atomic_write
 from ..errors import AsFTError
+from ..ops import resolve_backend
 from .data import CorpusSizes, build_corpora, build_tokenizer
 from .metrics import harmful_rate, task_accuracy
 from .models import ModelShape, build_alignment_anchor, new_model, with_lora
@@ -220,6 +221,7 @@ def run_demo(out_dir: str | os.PathLike, cfg: DemoConfig, progress: bool = True)
         "config": {
             **_jsonable(dataclasses.asdict(cfg)),
             "anchor_builder": "asft_kernels.build_anchor",
+            "resolved_backend": resolve_backend(cfg.backend, torch.device("cpu")).name,
             "safe_lora": safe_lora_info,
             "anchor_ranks": {k: e.rank for k, e in anchor.items()},
             "pretrain_cache": str(Path("cache") / cfg.pretrain_key()),
