@@ -51,6 +51,14 @@ def _compiled_backend(name: str) -> Backend | None:
     return Backend(name, mod.stats_pass, mod.fused_step)
 
 
+def _triton_interpreting() -> bool:
+    try:
+        from . import triton as triton_backend
+    except ImportError:
+        return False
+    return triton_backend._interpreting()
+
+
 def resolve_backend(requested: str, device: torch.device) -> Backend:
     """The backend that runs tensors on ``device`` for the user's ``requested`` choice.
 
@@ -72,6 +80,10 @@ def resolve_backend(requested: str, device: torch.device) -> Backend:
         return _compiled_backend(name) or EAGER
     if requested == "cpp" and device.type != "cpu":
         raise OptimizerInputError(f"backend 'cpp' runs CPU tensors; parameters are on {device}")
+    if requested == "triton" and device.type != "cuda" and not _triton_interpreting():
+        raise OptimizerInputError(
+            f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); parameters are on {device}"
+        )
     backend = _compiled_backend(requested)
     if backend is None:
         raise OptimizerInputError(f"backend {requested!r} is not available on this machine")
