@@ -87,7 +87,7 @@ def run_reference(model, binding, steps, loss_fn, lam=0.5, lr=1e-2, weight_decay
         reg = paper_regularizer(binding, lam)
         (loss_fn(model, s) + reg).backward()
         opt.step()
-        losses.append(float(reg))
+        losses.append(float(reg.detach()))
     return opt, losses
 
 
