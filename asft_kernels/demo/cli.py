@@ -12,7 +12,7 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the end-to-end safety demo on CPU (tiny models built locally, no downloads)",
-        description="Fine-tune a tiny aligned Llama on task data with 10%% harmful examples, with plain "
+        description="Fine-tune a tiny aligned Llama on task data with 10% harmful examples, with plain "
         "LoRA (sft), Safe LoRA and AsFTAdamW; report harmful rate and task accuracy (docs/demo.md).",
     )
     parser.add_argument("--out", default="asft_demo", help="output folder (results.json, results.png, cache/)")
