@@ -2,13 +2,14 @@
 
 For each configuration (fp32 LoRA pairs, B (m, r), A (r, n), basis U (m, k)) one run
 measures, interleaved round-robin, medians of ``--repeats`` timings after warm-up (minimum
-printed too; the ratios use medians):
+printed too; the ratios use medians). By default the caches are flushed before every sample
+(``--warm``: each sample follows a call of the same provider instead):
 
 * ``cpp kernel`` / ``eager kernel``: one ``fused_step`` call of the backend on all pairs;
 * ``cpp step`` / ``eager step``: ``AsFTAdamW(..., backend=...).step()`` (what a user runs:
   kernel + the optimizer's r×r math and bookkeeping);
 * ``adamw fused``: ``torch.optim.AdamW(fused=True).step()`` on the same parameters, no anchor;
-* ``floor``: the bytes a step must move (AdamW's 7 fp32 accesses per LoRA element: read
+* ``floor (copy_)``: the bytes a step must move (AdamW's 7 fp32 accesses per LoRA element: read
   p, g, m, v, write p, m, v; plus one read of every U) at the bandwidth of a ``copy_`` that
   moves the same number of bytes (half read, half written), timed in the same run.
 
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+FLUSH_BYTES = 64 << 20  # twice the L3 cache of the machine the figures were taken on
 CONFIGS = (
     # (label, m, n, r, k, layers)
     ("m=n=2048 r=16 k=64 x4", 2048, 2048, 16, 64, 4),
@@ -61,7 +63,7 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(label, m, n, r, k, layers, repeats, warmup):
+def run(label, m, n, r, k, layers, repeats, warmup, flush=True):
     import asft_kernels as asft
     from asft_kernels.ops import cpp, eager
 
@@ -126,13 +128,21 @@ def run(label, m, n, r, k, layers, repeats, warmup):
     for _ in range(warmup):
         for fn in providers.values():
             fn()
+    # cold: every sample starts after writing a buffer twice the size of the L3 cache, as a
+    # step does after forward/backward; warm: back-to-back calls of one provider
+    scratch = torch.empty(FLUSH_BYTES // 4) if flush else None
     for _ in range(repeats):
         for name, fn in providers.items():
+            if flush:
+                scratch.fill_(1.0)
+            else:
+                fn()
             times[name].append(_time(fn))
     gc.enable()
     med = {name: statistics.median(ts) for name, ts in times.items()}
     bw = floor_bytes / med["floor (copy_)"]
-    print(f"\n{label}: fp32, {layers} pair(s), threads={torch.get_num_threads()}, repeats={repeats}")
+    print(f"\n{label}: fp32, {layers} pair(s), threads={torch.get_num_threads()}, repeats={repeats}, "
+          f"caches {'flushed before each sample' if flush else 'warm (sample follows a call of the same provider)'}")
     print(f"  bytes a step must move: {floor_bytes / 1e6:.2f} MB; copy_ bandwidth {bw / 1e9:.1f} GB/s")
     print(f"  {'':14s} {'median':>9s}    {'min':>9s}")
     for name, t in med.items():
@@ -152,13 +162,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--config", type=int, default=None, help="run only CONFIGS[i]")
+    parser.add_argument("--warm", action="store_true", help="keep caches warm instead of flushing them")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
     for i, cfg in enumerate(CONFIGS):
         if args.config is None or args.config == i:
-            run(*cfg, repeats=args.repeats, warmup=args.warmup)
+            run(*cfg, repeats=args.repeats, warmup=args.warmup, flush=not args.warm)
 
 
 if __name__ == "__main__":

@@ -210,8 +210,20 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
     bq = b + T * r;
     ur = bq + T * r;
   }
+  // U dominates the bytes of a block; ask for the next tile's rows while this tile computes
+  // (hardware prefetchers follow one stream, a tile reads T)
+  const acc_t* U = static_cast<const acc_t*>(pv.U);
+  constexpr int64_t kLine = 64 / sizeof(acc_t);
+  auto prefetch_rows = [&](int64_t row, int64_t rows) {
+    const acc_t* begin = U + row * k;
+    for (int64_t x = 0; x < rows * k; x += kLine) __builtin_prefetch(begin + x, 0, 3);
+  };
   int64_t i = i0;
-  for (; i + T <= i1; i += T) b_row_tile<param_t, acc_t, R, T, kUpdate>(pv, s ? &*s : nullptr, i, b, bq, ur, P, G);
+  prefetch_rows(i, std::min<int64_t>(T, i1 - i));
+  for (; i + T <= i1; i += T) {
+    if (i + 2 * T <= i1) prefetch_rows(i + T, T);
+    b_row_tile<param_t, acc_t, R, T, kUpdate>(pv, s ? &*s : nullptr, i, b, bq, ur, P, G);
+  }
   for (; i < i1; ++i) b_row_tile<param_t, acc_t, R, 1, kUpdate>(pv, s ? &*s : nullptr, i, b, bq, ur, P, G);
 }
 
