@@ -50,8 +50,6 @@ DTYPE_ENV = "ASFT_BENCH_DTYPE"
 SUITES = ("cpu", "gpu", "smoke")
 
 STEP_VARIANTS = ("paper_eager", "eager", "cpp", "triton", "adamw_fused", "floor")
-#: variants that run a fused anchored kernel, best first (used for "fused" ratios)
-FUSED_VARIANTS = ("triton", "cpp")
 ANCHOR_LAMBDA = 1.0
 LR = 1e-3
 WEIGHT_DECAY = 0.01
@@ -269,15 +267,6 @@ def backend_available(name: str, device: torch.device) -> bool:
     return False
 
 
-def fused_backend_for(device: torch.device) -> str:
-    """The fused backend of ``device`` if available (``triton`` on CUDA, ``cpp`` on CPU),
-    else ``eager``."""
-    for name in FUSED_VARIANTS:
-        if backend_available(name, device):
-            return name
-    return "eager"
-
-
 def _anchored_bytes(shape: StepShape) -> int:
     # U (m, k) fp32 cached on the device, plus P (k, r), G and M (r, r) in fp32
     return shape.layers * 4 * (shape.m * shape.k + shape.k * shape.r + 2 * shape.r * shape.r)
@@ -300,7 +289,7 @@ def build_step_case(variant: str, shape: StepShape, device: torch.device, dtype:
     anchor = anchor if anchor is not None else random_anchor(shape)
     setup = anchored_layers(shape, anchor, device, dtype)
     if variant == "paper_eager":
-        return _paper_case(shape, setup)
+        return _paper_case(setup)
     if variant == "adamw_fused":
         return _adamw_fused_case(setup)
     opt = AsFTAdamW(setup.params, lr=LR, weight_decay=WEIGHT_DECAY, anchor=setup.binding,
@@ -309,7 +298,7 @@ def build_step_case(variant: str, shape: StepShape, device: torch.device, dtype:
                     setup.params)
 
 
-def _paper_case(shape: StepShape, setup: AnchoredLayers) -> StepCase:
+def _paper_case(setup: AnchoredLayers) -> StepCase:
     # The published code builds C = V Vᵀ / ‖V‖_F once before training and keeps it.
     Cs = [dense_projection(pair) for pair in setup.binding]
     opt = torch.optim.AdamW(setup.params, lr=LR, weight_decay=WEIGHT_DECAY)
