@@ -319,43 +319,47 @@ class AsFTAdamW(torch.optim.AdamW):
     def _anchored_adamw(self, work: list[_Work]) -> None:
         if not work:
             return
-        total = None
-        # batches share a backend, device, param dtype and group (one set of hyperparameters)
-        batches: dict[tuple, list] = {}
+        backends: dict[torch.device, Backend] = {}
+        items = []
         for w in work:
             device, dtype = w.B.device, w.B.dtype
             md = math_dtype(dtype)
-            backend = resolve_backend(self._backend_request, device)
+            if device not in backends:
+                backends[device] = resolve_backend(self._backend_request, device)
+            backend = backends[device]
             basis_dtype = self._basis_dtype if (self._basis_dtype and md != torch.float64) else md
             U = w.pair.basis(device, basis_dtype)
             stats = self._statistics(backend, w, U, w.shard)
-            P, G, M = stats.P, stats.G, stats.M
-            wts = w.pair.weights(device, md)
-            lam = w.lam * w.pair.coef
-            Pw = wts[:, None] * P
-            PtwP = P.T @ Pw
-            loss = lam * ((G * M).sum() - (PtwP * M).sum())
-            total = loss if total is None else total + loss.to(total.device, total.dtype)
             state_a, state_b = self._state_for(w.A), self._state_for(w.B)
             state_a["step"] += 1
             state_b["step"] += 1
             grad_a = w.A.grad if w.A.grad is not None else torch.zeros_like(w.A)
             grad_b = w.B.grad if w.B.grad is not None else torch.zeros_like(w.B)
-            item = dict(
+            items.append(dict(
                 A=w.A, B=w.B, exp_avg_A=state_a["exp_avg"], exp_avg_sq_A=state_a["exp_avg_sq"],
                 exp_avg_B=state_b["exp_avg"], exp_avg_sq_B=state_b["exp_avg_sq"],
-                P=P, G=G, M=M, grad_A=grad_a.contiguous(), grad_B=grad_b.contiguous(), U=U,
-                Q_B=(2 * lam) * M, R_B=(2 * lam) * (Pw @ M), H=(2 * lam) * (G - PtwP),
-                step_A=float(state_a["step"]), step_B=float(state_b["step"]), stats=stats,
-            )
+                P=stats.P, G=stats.G, M=stats.M, grad_A=grad_a.contiguous(), grad_B=grad_b.contiguous(), U=U,
+                step_A=float(state_a["step"]), step_B=float(state_b["step"]),
+                stats=stats, work=w, backend=backend, weights=w.pair.weights(device, md),
+                lam=w.lam * w.pair.coef,
+            ))
+        losses = _anchoring_terms(items)
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss.to(total.device, total.dtype)
+        # batches share a backend, device, param dtype and group (one set of hyperparameters)
+        batches: dict[tuple, list] = {}
+        for it in items:
+            w = it["work"]
             if w.shard is not None:
-                item = w.shard.localize(item, stats.gathered_A)
-            batches.setdefault((backend.name, device, dtype, id(w.group)), []).append((backend, w, item))
+                it = w.shard.localize(it, it["stats"].gathered_A)
+            batches.setdefault((it["backend"].name, w.B.device, w.B.dtype, id(w.group)), []).append(
+                (it["backend"], w, it))
         for items in batches.values():
             backend, w0, _ = items[0]
             group = w0.group
             beta1, beta2 = group["betas"]
-            cols = {k: [it[k] for _, _, it in items] for k in items[0][2] if k != "stats"}
+            cols = {k: [it[k] for _, _, it in items] for k in _KERNEL_ARGS}
             # grad scaling by GradScaler happens before step(); found_inf skips step() entirely
             backend.fused_step(
                 cols["A"], cols["B"], cols["exp_avg_A"], cols["exp_avg_sq_A"], cols["exp_avg_B"],
@@ -374,6 +378,42 @@ class AsFTAdamW(torch.optim.AdamW):
             for _, w, it in items:
                 it["stats"].tag = _param_tag(w.A, w.B)
         self._anchor_loss = total.detach()
+
+
+_KERNEL_ARGS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "grad_A",
+                "grad_B", "U", "Q_B", "R_B", "H", "step_A", "step_B")
+
+
+def _anchoring_terms(items: list[dict]) -> list[Tensor]:
+    """Fill ``Q_B``, ``R_B``, ``H`` of every item and return each pair's ``R``.
+
+    Pairs with the same (k, r, dtype, device) are computed together as batched matmuls::
+
+        Pw = diag(w) P            (k, r)      R   = λ (⟨G, M⟩ − ⟨Pᵀ Pw, M⟩)
+        Q_B = 2λ M                (r, r)      R_B = 2λ Pw M          (k, r)
+        H   = 2λ (G − Pᵀ Pw)      (r, r)
+    """
+    buckets: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        P = it["P"]
+        buckets.setdefault((tuple(P.shape), P.dtype, P.device), []).append(i)
+    losses: list[Tensor | None] = [None] * len(items)
+    for (_, dtype, device), idx in buckets.items():
+        P = torch.stack([items[i]["P"] for i in idx])  # (L, k, r)
+        G = torch.stack([items[i]["G"] for i in idx])  # (L, r, r)
+        M = torch.stack([items[i]["M"] for i in idx])
+        w = torch.stack([items[i]["weights"] for i in idx])  # (L, k)
+        lam = torch.tensor([items[i]["lam"] for i in idx], dtype=dtype, device=device)[:, None, None]
+        Pw = w[:, :, None] * P
+        PtwP = P.mT @ Pw
+        loss = lam[:, 0, 0] * ((G * M).sum((1, 2)) - (PtwP * M).sum((1, 2)))
+        Q_B = (2 * lam) * M
+        R_B = (2 * lam) * (Pw @ M)
+        H = (2 * lam) * (G - PtwP)
+        for j, i in enumerate(idx):
+            items[i]["Q_B"], items[i]["R_B"], items[i]["H"] = Q_B[j], R_B[j], H[j]
+            losses[i] = loss[j]
+    return losses
 
 
 def _check_lambda(lam) -> None:
