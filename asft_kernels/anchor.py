@@ -151,6 +151,7 @@ def factorize_delta(
         raise AsFTError(f"energy must be in (0, 1], got {energy!r}")
     if method not in ("auto", "exact", "randomized"):
         raise AsFTError(f"unknown SVD method {method!r}")
+    V = V.detach()
     m, n = V.shape
     work = V.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if not torch.isfinite(work).all():
