@@ -90,14 +90,15 @@ class StepShape:
 
 
 # m = n are Llama-2-7B q/v widths scaled to a CPU. paper_eager costs O(L·m²n) per step
-# (on one core: about a second per layer at m = 2048, ten or more at 4096), so its timed
-# rounds are fixed where a step takes seconds, and m = 4096 with 16 layers (minutes per
-# paper_eager step) is left out of the CPU suite.
+# (on one idle core about 0.06 s per layer at m = 1024, 0.4 s at 2048 and 3.5 s at 4096),
+# so its timed rounds are fixed where a step takes seconds, and m = 4096 with 16 layers
+# (about a minute per paper_eager step) is left out of the CPU suite.
 _CPU_SHAPES = [
-    StepShape(m, m, r, k, 1, paper_rounds={1024: None, 2048: 3, 4096: 2}[m])
-    for r, k in ((8, 64), (16, 64), (64, 64), (16, 256))
+    StepShape(m, m, r, k, 1, paper_rounds=3 if m == 4096 else None)
+    for k in (64, 256)
+    for r in (8, 16, 64)
     for m in (1024, 2048, 4096)
-] + [StepShape(1024, 1024, 16, 64, 16, paper_rounds=3)]
+] + [StepShape(1024, 1024, 16, 64, 16), StepShape(2048, 2048, 16, 64, 16, paper_rounds=3)]
 # Llama-2-7B q_proj/v_proj: 4096 × 4096, 32 layers × 2 modules = 64 anchored pairs.
 _GPU_SHAPES = [StepShape(4096, 4096, r, k, 64) for r in (8, 64) for k in (64, 256, 4096)]
 # CI smoke: m ≠ n and nothing a multiple of a block size.
