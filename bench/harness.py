@@ -136,8 +136,9 @@ def time_budget(suite: str) -> tuple[float, int, int]:
     return {"cpu": (0.6, 5, 200), "gpu": (1.0, 10, 500), "smoke": (0.0, 1, 1)}[suite]
 
 
-#: minimum timed rounds of the end-to-end benchmarks (their steps take 0.1–0.3 s on a CPU)
-E2E_MIN_ROUNDS = 10
+#: minimum timed rounds of the end-to-end benchmarks (steps of ~0.1 s on a CPU, so a short
+#: burst of load from another process cannot move the median)
+E2E_MIN_ROUNDS = 30
 
 
 def default_threads(suite: str) -> int:

@@ -290,14 +290,14 @@ def e2e_tables(results: Results) -> str:
         for v in [v for v in E2E_ORDER if v in g] + sorted(set(g) - set(E2E_ORDER)):
             meas = g[v]
             over = ratio(meas, base)
-            rows.append([v, str(meas.extra.get("backend", "")), _ms(meas.median_s), str(meas.rounds),
+            rows.append([v, str(meas.extra.get("backend", "")), _ms(meas.median_s), _ms(meas.min_s), str(meas.rounds),
                          _pct(None if over is None or v == "adamw" else over - 1),
                          _pct(meas.extra.get("paired_overhead")), _bytes(meas.extra.get("peak_bytes"))])
         out.append(f"`{group}`: tiny Llama ({desc}), LoRA on q_proj and v_proj; one step = forward + backward "
                    "+ optimizer step + zero_grad. Overhead (medians) compares the two medians; overhead (paired) "
                    "is the median ratio of steps run alternately with a separate AdamW model:\n\n"
-                   + _table(["variant", "optimizer", "median ms", "rounds", "overhead vs AdamW (medians)",
-                             "overhead vs AdamW (paired)", "peak"], rows, "llrrrrr"))
+                   + _table(["variant", "optimizer", "median ms", "min ms", "rounds", "overhead vs AdamW (medians)",
+                             "overhead vs AdamW (paired)", "peak"], rows, "llrrrrrr"))
     return "\n\n".join(out)
 
 

@@ -154,8 +154,8 @@ def test_report_writes_ratios_plot_and_doc(tmp_path, capsys):
         assert row[5] == report._x(t["cpp"] / floor)
     e2e = medians["e2e-tiny"]
     row = _row(md, "eager")
-    assert row[4] == report._pct(e2e["eager"] / e2e["adamw"] - 1)
-    assert row[5] == report._pct(e2e["eager"] / 0.2 - 1 + 0.01)
+    assert row[5] == report._pct(e2e["eager"] / e2e["adamw"] - 1)
+    assert row[6] == report._pct(e2e["eager"] / 0.2 - 1 + 0.01)
     text = doc.read_text()
     link = text.split("](", 1)[1].split(")", 1)[0]
     assert (doc.parent / link).resolve() == path.with_suffix(".png").resolve()
