@@ -343,10 +343,7 @@ class AsFTAdamW(torch.optim.AdamW):
                 stats=stats, work=w, backend=backend, weights=w.pair.weights(device, md),
                 lam=w.lam * w.pair.coef,
             ))
-        losses = _anchoring_terms(items)
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss.to(total.device, total.dtype)
+        total = _anchoring_terms(items)
         # batches share a backend, device, param dtype and group (one set of hyperparameters)
         batches: dict[tuple, list] = {}
         for it in items:
@@ -384,36 +381,43 @@ _KERNEL_ARGS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_
                 "grad_B", "U", "Q_B", "R_B", "H", "step_A", "step_B")
 
 
-def _anchoring_terms(items: list[dict]) -> list[Tensor]:
-    """Fill ``Q_B``, ``R_B``, ``H`` of every item and return each pair's ``R``.
+def _anchoring_terms(items: list[dict]) -> Tensor:
+    """Fill ``Q_B``, ``R_B``, ``H`` of every item and return ``R`` summed over the items.
 
     Pairs with the same (k, r, dtype, device) are computed together as batched matmuls::
 
-        Pw = diag(w) P            (k, r)      R   = λ (⟨G, M⟩ − ⟨Pᵀ Pw, M⟩)
-        Q_B = 2λ M                (r, r)      R_B = 2λ Pw M          (k, r)
-        H   = 2λ (G − Pᵀ Pw)      (r, r)
+        Pw = diag(w) P            (k, r)      H   = 2λ (G − Pᵀ Pw)      (r, r)
+        Q_B = 2λ M                (r, r)      R_B = 2λ Pw M            (k, r)
+        R = λ ⟨G − Pᵀ Pw, M⟩ = ½ ⟨H, M⟩
     """
-    buckets: dict[tuple, list[int]] = {}
-    for i, it in enumerate(items):
+    buckets: dict[tuple, list[dict]] = {}
+    for it in items:
         P = it["P"]
-        buckets.setdefault((tuple(P.shape), P.dtype, P.device), []).append(i)
-    losses: list[Tensor | None] = [None] * len(items)
-    for (_, dtype, device), idx in buckets.items():
-        P = torch.stack([items[i]["P"] for i in idx])  # (L, k, r)
-        G = torch.stack([items[i]["G"] for i in idx])  # (L, r, r)
-        M = torch.stack([items[i]["M"] for i in idx])
-        w = torch.stack([items[i]["weights"] for i in idx])  # (L, k)
-        lam = torch.tensor([items[i]["lam"] for i in idx], dtype=dtype, device=device)[:, None, None]
+        buckets.setdefault((tuple(P.shape), P.dtype, P.device), []).append(it)
+    total = None
+    for (_, dtype, device), bucket in buckets.items():
+        lams = [it["lam"] for it in bucket]
+        if len(bucket) == 1:  # no stacking: views with a leading batch dimension of 1
+            it = bucket[0]
+            P, G, M, w = it["P"][None], it["G"][None], it["M"][None], it["weights"][None]
+        else:
+            P = torch.stack([it["P"] for it in bucket])  # (L, k, r)
+            G = torch.stack([it["G"] for it in bucket])  # (L, r, r)
+            M = torch.stack([it["M"] for it in bucket])
+            w = torch.stack([it["weights"] for it in bucket])  # (L, k)
+        if all(lam == lams[0] for lam in lams):
+            two_lam = 2.0 * lams[0]  # a Python scalar: no tensor op
+        else:
+            two_lam = torch.tensor(lams, dtype=dtype, device=device)[:, None, None] * 2.0
         Pw = w[:, :, None] * P
-        PtwP = P.mT @ Pw
-        loss = lam[:, 0, 0] * ((G * M).sum((1, 2)) - (PtwP * M).sum((1, 2)))
-        Q_B = (2 * lam) * M
-        R_B = (2 * lam) * (Pw @ M)
-        H = (2 * lam) * (G - PtwP)
-        for j, i in enumerate(idx):
-            items[i]["Q_B"], items[i]["R_B"], items[i]["H"] = Q_B[j], R_B[j], H[j]
-            losses[i] = loss[j]
-    return losses
+        H = (G - P.mT @ Pw) * two_lam
+        Q_B = M * two_lam
+        R_B = (Pw * two_lam) @ M
+        loss = (H * M).sum() * 0.5
+        total = loss if total is None else total + loss.to(total.device, total.dtype)
+        for j, it in enumerate(bucket):
+            it["Q_B"], it["R_B"], it["H"] = Q_B[j], R_B[j], H[j]
+    return total
 
 
 def _check_lambda(lam) -> None:

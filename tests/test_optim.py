@@ -394,3 +394,32 @@ def test_state_dict_is_plain_tensors():
     for st in sd["state"].values():
         assert set(st) == {"step", "exp_avg", "exp_avg_sq"}
     assert all("anchor_pairs" in g and "anchor_lambda" in g for g in sd["param_groups"])
+
+
+def test_per_group_lambda():
+    """anchor_lambda is a per-group option: pairs of one shape (down, out) with different λ."""
+    from asft_kernels.reference import pair_regularizer
+
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+
+    def groups(model):
+        up = [p for n, p in model.named_parameters() if p.requires_grad and ".down." in n]
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and ".down." not in n]
+        return up, rest
+
+    up1, rest1 = groups(m1)
+    o1 = asft.AsFTAdamW([{"params": up1, "anchor_lambda": 3.0}, {"params": rest1}], lr=1e-2,
+                        anchor=anchor.bind(m1), anchor_lambda=0.5)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    b2 = anchor.bind(m2)
+    for s in range(3):
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        reg = sum(pair_regularizer(p, 3.0 if p.key == "down" else 0.5) for p in b2)
+        (odd_task_loss(m2, s, torch.float64) + reg).backward()
+        o1.step()
+        o2.step()
+        assert float(o1.anchor_loss) == pytest.approx(float(reg.detach()), rel=1e-12)
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
