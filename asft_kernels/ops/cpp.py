@@ -41,6 +41,8 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("asft_cpu.cpp",)
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-DNDEBUG")
 LDFLAGS = ("-fopenmp",)
+#: pairs of larger LoRA rank run the eager (BLAS) implementation inside :func:`fused_step`
+FUSED_MAX_RANK = 32
 
 
 class CppBackendWarning(UserWarning):
@@ -222,15 +224,24 @@ def fused_step(
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow.
     """
     _require()
-    try:
-        torch.ops.asft.fused_anchored_adamw_(
-            list(A), list(B), list(exp_avg_A), list(exp_avg_sq_A), list(exp_avg_B), list(exp_avg_sq_B),
-            list(P), list(G), list(M), list(grad_A), list(grad_B), list(U), list(Q_B), list(R_B), list(H),
-            [float(s) for s in step_A], [float(s) for s in step_B],
-            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        )
-    except ValueError as exc:
-        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    lists = [A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B, H,
+             step_A, step_B]
+    fused = [j for j in range(len(A)) if A[j].dim() != 2 or A[j].shape[0] <= FUSED_MAX_RANK]
+    wide = [j for j in range(len(A)) if j not in set(fused)]
+    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+    if fused:
+        sel = [[xs[j] for j in fused] for xs in lists]
+        try:
+            torch.ops.asft.fused_anchored_adamw_(*sel[:15], [float(v) for v in sel[15]],
+                                                 [float(v) for v in sel[16]], *hyper)
+        except ValueError as exc:
+            raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    if wide:
+        # r > FUSED_MAX_RANK: the r×r and k×r products dominate and BLAS does them faster than
+        # the row loops of the fused kernel (measured in bench/results/cpu.md at r = 64)
+        from . import eager
+
+        eager.fused_step_impl(*[[xs[j] for j in wide] for xs in lists], *hyper)
 
 
 # ----------------------------------------------------------------------------------- CLI
