@@ -101,3 +101,14 @@ def max_rel_err(params, ref_params):
 
 def clone_model(model):
     return copy.deepcopy(model)
+
+
+def lockstep(m1, o1, m2, o2, b2, step, lam=1.0):
+    """One step of ``AsFTAdamW`` (m1, o1) and of the ground truth (m2, o2: AdamW on the task
+    loss + λ·R of binding ``b2``) on the same batch."""
+    o1.zero_grad()
+    o2.zero_grad()
+    odd_task_loss(m1, step, torch.float64).backward()
+    (odd_task_loss(m2, step, torch.float64) + paper_regularizer(b2, lam)).backward()
+    o1.step()
+    o2.step()

@@ -10,6 +10,7 @@ from conftest import device_for, lora, tiny_llama
 from helpers import (
     TOLERANCE,
     clone_model,
+    lockstep,
     max_rel_err,
     odd_anchor,
     odd_lora,
@@ -321,12 +322,7 @@ def test_outside_edit_invalidates_cached_statistics():
             with torch.no_grad():
                 for m in (m1, m2):
                     m.base_model.model.up.lora_B["default"].weight.mul_(0.5)
-        o1.zero_grad()
-        o2.zero_grad()
-        odd_task_loss(m1, s, torch.float64).backward()
-        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 1.0)).backward()
-        o1.step()
-        o2.step()
+        lockstep(m1, o1, m2, o2, b2, s)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 
 
@@ -350,12 +346,7 @@ def test_pairing_survives_parameter_swap():
                     new = mapping[id(p)]
                     o1.state[new] = o1.state.pop(p)
                     group["params"][i] = new
-        o1.zero_grad()
-        o2.zero_grad()
-        odd_task_loss(m1, s, torch.float64).backward()
-        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 1.0)).backward()
-        o1.step()
-        o2.step()
+        lockstep(m1, o1, m2, o2, b2, s)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 
 
