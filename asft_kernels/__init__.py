@@ -1,6 +1,6 @@
 """asft_kernels: AsFT safety anchoring inside a fused AdamW step.
 
-Public names (DESIGN.md §3)::
+Public names (see README.md)::
 
     import asft_kernels as asft
     anchor = asft.AlignmentAnchor.from_deltas({"model.layers.0.self_attn.q_proj": V}, rank=64)

@@ -1,7 +1,7 @@
 """Where does an adapter drift? Per-layer alignment of ``ΔW = B A`` with the anchor.
 
 For every anchored LoRA pair (``B``: (m, r), ``A``: (r, n)) and the anchor's
-``C = U diag(c) Uᵀ`` (``U``: (m, k); ``c`` from the mode, DESIGN.md §1) the report gives
+``C = U diag(c) Uᵀ`` (``U``: (m, k); ``c`` from the mode, docs/method.md) the report gives
 
 ==========================  ==========================================================
 ``residual_fraction``       ``‖(I − C) B A‖_F / ‖B A‖_F``: the share of the update the

@@ -1,6 +1,6 @@
 """``AsFTAdamW``: AdamW whose step adds the gradient of the AsFT regularizer.
 
-Algorithm (per anchored LoRA pair, DESIGN.md §1–§2; λ = ``anchor_lambda``)::
+Algorithm (per anchored LoRA pair, docs/method.md; λ = ``anchor_lambda``)::
 
     R   = λ ( ⟨G, M⟩ − ⟨Pᵀ diag(w) P, M⟩ )          P = Uᵀ B,  G = Bᵀ B,  M = A Aᵀ
     g_B = grad_B + 2λ ( B M − U diag(w) P M )

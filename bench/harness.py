@@ -1,7 +1,7 @@
 """The benchmark harness shared by the CPU suite, the GPU suite and the CI smoke run.
 
 One *group* is one shape of anchored LoRA layers; every group holds the same variants of
-one optimizer step (DESIGN.md §2, §6):
+one optimizer step (docs/method.md):
 
 =============  ===============================================================================
 variant        what one step does

@@ -5,7 +5,7 @@ Usage::
     python -m bench.report RESULTS.json                      # RESULTS.md + RESULTS.png beside it
     python -m bench.report RESULTS.json --markdown T.md --plot P.png --doc docs/performance.md
 
-Every ratio compares medians measured in the same run (DESIGN.md §6): for each shape,
+Every ratio compares medians measured in the same run (docs/method.md): for each shape,
 the speed-up of the fused step (``triton``, else ``cpp``, else ``eager``) over
 ``paper_eager``, the fused step against ``torch.optim.AdamW(fused=True)`` on the same
 parameters, and each step time against the memory floor (bytes one step must move ÷

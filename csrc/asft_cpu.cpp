@@ -1,6 +1,6 @@
 // CPU kernels of the asft:: ops (schemas declared in asft_kernels/ops/schema.py).
 //
-// Symbols of DESIGN.md §1-§2, per anchored pair j:
+// Symbols of docs/method.md, per anchored pair j:
 //   A: (r, n) lora_A, B: (m, r) lora_B (fp64/fp32/bf16/fp16, contiguous)
 //   U: (m, k) alignment basis, P = Uᵀ B (k, r), G = Bᵀ B (r, r), M = A Aᵀ (r, r)
 //   Q_B = 2λ M (r, r), R_B = 2λ diag(w) P M (k, r), H = 2λ (G − Pᵀ diag(w) P) (r, r)

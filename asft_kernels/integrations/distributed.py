@@ -5,7 +5,7 @@ each rank runs the anchored step on identical full tensors; nothing here is invo
 
 **FSDP2** (``torch.distributed.fsdp.fully_shard``) hands the optimizer DTensor
 parameters, by default sharded on dim 0: rank ``q`` holds rows ``b_q`` of ``B`` (m, r) and
-rows ``a_q`` of ``A`` (r, n) (``torch.chunk`` layout). Symbols as in DESIGN.md §1:
+rows ``a_q`` of ``A`` (r, n) (``torch.chunk`` layout). Symbols as in docs/method.md:
 
 * ``P = Uᵀ B = Σ_q U[b_q]ᵀ B[b_q]`` (k, r) and ``G = Bᵀ B = Σ_q B[b_q]ᵀ B[b_q]`` (r, r)
   are sums over B's rows: each rank's backend computes its partial sums from its rows of B

@@ -4,7 +4,7 @@ Every backend (``eager`` in plain torch, ``cpp`` for CPU tensors, ``triton`` for
 tensors) implements the same two operations on a *batch* of anchored LoRA pairs. The
 optimizer never knows which backend ran.
 
-Symbols (DESIGN.md §1), per pair ``j``:
+Symbols (docs/method.md), per pair ``j``:
 
 * ``A``: (r, n) ``lora_A`` weight, ``B``: (m, r) ``lora_B`` weight (fp64/fp32/bf16/fp16,
   contiguous).

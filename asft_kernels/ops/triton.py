@@ -3,7 +3,7 @@
 Implements the contract of :mod:`asft_kernels.ops.schema` for CUDA tensors (and for CPU
 tensors under the Triton interpreter, ``TRITON_INTERPRET=1``, used by the tests).
 
-Math (DESIGN.md §2, per pair ``j``; ``Q_B = 2λ M``, ``R_B = 2λ diag(w) P M``,
+Math (docs/method.md, per pair ``j``; ``Q_B = 2λ M``, ``R_B = 2λ diag(w) P M``,
 ``H = 2λ (G − Pᵀ diag(w) P)`` come precomputed from the optimizer)::
 
     rows of B (m, r):       g = grad_B + B Q_B − U R_B          U: (m, k)
