@@ -103,6 +103,17 @@ def clone_model(model):
     return copy.deepcopy(model)
 
 
+def asft_and_reference(lam=1.0, lr=1e-2):
+    """Two identical odd-shaped LoRA models (r = 2, anchor k = 3): ``m1`` with ``AsFTAdamW``
+    (``o1``) and ``m2`` with ``torch.optim.AdamW`` (``o2``) for the ground truth on binding
+    ``b2``; returns ``(m1, o1, m2, o2, b2)``."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=lr, anchor=anchor.bind(m1), anchor_lambda=lam)
+    o2 = torch.optim.AdamW(trainable(m2), lr=lr)
+    return m1, o1, m2, o2, anchor.bind(m2)
+
+
 def lockstep(m1, o1, m2, o2, b2, step, lam=1.0):
     """One step of ``AsFTAdamW`` (m1, o1) and of the ground truth (m2, o2: AdamW on the task
     loss + λ·R of binding ``b2``) on the same batch."""

@@ -9,6 +9,7 @@ import torch
 from conftest import device_for, lora, tiny_llama
 from helpers import (
     TOLERANCE,
+    asft_and_reference,
     clone_model,
     lockstep,
     max_rel_err,
@@ -249,11 +250,7 @@ def test_scheduler_closure_and_param_groups():
 
 
 def test_gradient_accumulation_applies_regularizer_once_per_step():
-    anchor = odd_anchor(rank=3)
-    m1, m2 = odd_lora(r=2), odd_lora(r=2)
-    b2 = anchor.bind(m2)
-    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
-    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    m1, o1, m2, o2, b2 = asft_and_reference()
     for s in range(3):
         o1.zero_grad()
         o2.zero_grad()
@@ -312,11 +309,7 @@ def test_unanchored_params_and_missing_grads():
 
 
 def test_outside_edit_invalidates_cached_statistics():
-    anchor = odd_anchor(rank=3)
-    m1, m2 = odd_lora(r=2), odd_lora(r=2)
-    b2 = anchor.bind(m2)
-    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
-    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    m1, o1, m2, o2, b2 = asft_and_reference()
     for s in range(4):
         if s == 2:
             with torch.no_grad():
@@ -328,11 +321,7 @@ def test_outside_edit_invalidates_cached_statistics():
 
 def test_pairing_survives_parameter_swap():
     """accelerate/FSDP2 swap parameter objects in place; the pairing is positional."""
-    anchor = odd_anchor(rank=3)
-    m1, m2 = odd_lora(r=2), odd_lora(r=2)
-    b2 = anchor.bind(m2)
-    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
-    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    m1, o1, m2, o2, b2 = asft_and_reference()
     for s in range(4):
         if s == 2:  # swap every parameter object of m1 for a copy, in module and optimizer
             mapping = {}
