@@ -149,16 +149,15 @@ def factorize_delta(
         raise AsFTError(f"rank must be a positive int or None, got {rank!r}")
     if energy is not None and not (0.0 < float(energy) <= 1.0):
         raise AsFTError(f"energy must be in (0, 1], got {energy!r}")
-    if method not in ("auto", "exact", "randomized"):
-        raise AsFTError(f"unknown SVD method {method!r}")
     V = V.detach()
     m, n = V.shape
+    chosen = svd_method((m, n), rank, method=method, oversample=oversample)  # validates method
     work = V.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if not torch.isfinite(work).all():
         raise AnchorMismatchError(f"{name}: alignment delta of shape {(m, n)} holds NaN or inf")
     fro = float(torch.linalg.vector_norm(work, dtype=torch.float64))  # no float64 copy of V
     full = min(m, n)
-    if svd_method((m, n), rank, method=method, oversample=oversample) == "randomized":
+    if chosen == "randomized":
         q = min(rank + oversample, full)
         U, s, _ = torch.svd_lowrank(work, q=q, niter=niter)
     else:

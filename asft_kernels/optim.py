@@ -302,13 +302,13 @@ class AsFTAdamW(torch.optim.AdamW):
                     state[name] = state[name].to(dtype=md).contiguous()
         return state
 
-    def _statistics(self, backend: Backend, w: _Work, U: Tensor, shard: ShardedPair | None = None) -> _Stats:
+    def _statistics(self, backend: Backend, w: _Work, U: Tensor) -> _Stats:
         tag = _param_tag(w.A, w.B)
         cached = self._stats.get(w.pair.key)
         if cached is not None and cached.tag == tag:
             return cached
-        if shard is not None:
-            P, G, M, gathered_A = shard.statistics(backend.stats_pass, U)
+        if w.shard is not None:
+            P, G, M, gathered_A = w.shard.statistics(backend.stats_pass, U)
             stats = _Stats(P, G, M, tag, gathered_A)
         else:
             (P,), (G,), (M,) = backend.stats_pass([U], [w.B.detach()], [w.A.detach()])
@@ -329,7 +329,7 @@ class AsFTAdamW(torch.optim.AdamW):
             backend = backends[device]
             basis_dtype = self._basis_dtype if (self._basis_dtype and md != torch.float64) else md
             U = w.pair.basis(device, basis_dtype)
-            stats = self._statistics(backend, w, U, w.shard)
+            stats = self._statistics(backend, w, U)
             state_a, state_b = self._state_for(w.A), self._state_for(w.B)
             state_a["step"] += 1
             state_b["step"] += 1

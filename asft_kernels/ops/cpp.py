@@ -227,7 +227,7 @@ def fused_step(
     lists = [A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B, H,
              step_A, step_B]
     fused = [j for j in range(len(A)) if A[j].dim() != 2 or A[j].shape[0] <= FUSED_MAX_RANK]
-    wide = [j for j in range(len(A)) if j not in set(fused)]
+    wide = sorted(set(range(len(A))) - set(fused))
     hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
     if fused:
         sel = [[xs[j] for j in fused] for xs in lists]
