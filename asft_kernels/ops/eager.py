@@ -69,8 +69,10 @@ def _adamw_update_(
     step_size = lr / bias_correction1
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-step_size)
+    if p is param:  # same dtype: updated in place already
+        return param
     param.copy_(p)
-    return param.to(dt) if param.dtype != dt else param
+    return param.to(dt)
 
 
 def fused_step_impl(
