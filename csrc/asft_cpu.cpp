@@ -464,6 +464,17 @@ void alloc_partials(PairView& pv, at::ScalarType acc, std::vector<at::Tensor>& k
   pv.M_part = keep.back().data_ptr();
 }
 
+// A step counter: a one-element fp32/fp64 CPU tensor (the optimizer's state["step"]), read
+// without a dispatched op.
+double step_value(const at::Tensor& t, const char* name, size_t j) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.numel() == 1 &&
+                        (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                    "asft::cpp: ", name, "[", j, "] must be a one-element fp32/fp64 CPU tensor, found ",
+                    t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+  return t.scalar_type() == at::kFloat ? static_cast<double>(*t.const_data_ptr<float>())
+                                       : *t.const_data_ptr<double>();
+}
+
 // ------------------------------------------------------------------------------------- ops
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> stats_pass_cpu(
     at::TensorList U, at::TensorList B, at::TensorList A) {
@@ -500,7 +511,7 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
                               at::TensorList exp_avg_sq_A, at::TensorList exp_avg_B, at::TensorList exp_avg_sq_B,
                               at::TensorList P, at::TensorList G, at::TensorList M, at::TensorList grad_A,
                               at::TensorList grad_B, at::TensorList U, at::TensorList Q_B, at::TensorList R_B,
-                              at::TensorList H, at::ArrayRef<double> step_A, at::ArrayRef<double> step_B, double lr,
+                              at::TensorList H, at::TensorList step_A, at::TensorList step_B, double lr,
                               double beta1, double beta2, double eps, double weight_decay, bool maximize) {
   const size_t npairs = A.size();
   const size_t sizes[] = {B.size(),      exp_avg_A.size(), exp_avg_sq_A.size(), exp_avg_B.size(), exp_avg_sq_B.size(),
@@ -530,8 +541,10 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
     check_tensor(Q_B[j], "Q_B", j, {r, r}, acc, false);
     check_tensor(R_B[j], "R_B", j, {k, r}, acc, false);
     check_tensor(H[j], "H", j, {r, r}, acc, false);
-    TORCH_CHECK_VALUE(step_A[j] >= 1 && step_B[j] >= 1, "asft::cpp: step_A[", j, "] and step_B[", j,
-                      "] must be >= 1 (already incremented), found ", step_A[j], " and ", step_B[j]);
+    const double t_A = step_value(step_A[j], "step_A", j);
+    const double t_B = step_value(step_B[j], "step_B", j);
+    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: step_A[", j, "] and step_B[", j,
+                      "] must be >= 1 (already incremented), found ", t_A, " and ", t_B);
 
     PairView& pv = pairs[j];
     pv = PairView{};
@@ -552,8 +565,8 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
     keep.push_back(H[j].contiguous());
     pv.H = keep.back().data_ptr();
     pv.m = m, pv.n = n, pv.r = r, pv.k = k;
-    pv.step_A = step_A[j];
-    pv.step_B = step_B[j];
+    pv.step_A = t_A;
+    pv.step_B = t_B;
     pv.P_out = P[j].data_ptr();
     pv.G_out = G[j].data_ptr();
     pv.M_out = M[j].data_ptr();

@@ -1,12 +1,21 @@
-"""Backends of the anchored AdamW step.
+"""Backends of the anchored AdamW step, and the one routing policy between them.
 
-All backends implement the contract documented in :mod:`asft_kernels.ops.schema`
-(``stats_pass`` and ``fused_anchored_adamw_``). :func:`resolve_backend` picks one:
+All backends implement the contract of :mod:`asft_kernels.ops.schema`: a module with
 
-* ``eager``: plain torch (:mod:`.eager`), any device;
+* ``is_available() -> bool``;
+* ``supports(dtype, rank) -> bool``: which pairs it runs (parameter dtype, LoRA rank r);
+* ``stats_pass(U, B, A) -> (P, G, M)`` on lists of pairs;
+* ``fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None``.
+
+A backend is given only pairs it supports; it never falls back by itself. The one place
+that decides which backend runs a pair is :func:`route`:
+
+* ``eager``: plain torch (:mod:`.eager`), any device, every pair;
 * ``cpp``: the C++ kernel for CPU tensors (:mod:`.cpp`, built on first use);
 * ``triton``: the Triton kernels for CUDA tensors (:mod:`.triton`);
 * ``auto``: ``triton`` for CUDA, ``cpp`` for CPU, ``eager`` where those are unavailable.
+
+Pairs a compiled backend does not support run the eager backend (:func:`route`).
 """
 
 from __future__ import annotations
@@ -18,37 +27,37 @@ from dataclasses import dataclass
 import torch
 
 from . import eager
-from .schema import math_dtype
+from .schema import LIBRARY_NAME, AdamWHyper, AnchoredBatch, _lib, math_dtype, op_kernel
 
 BACKENDS = ("auto", "eager", "cpp", "triton")
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the contract: ``stats_pass(U, B, A)`` and
-    ``fused_step(A, B, ..., maximize)`` with the argument order of the op schema."""
+    """One implementation of the contract (see the module docstring)."""
 
     name: str
+    supports: Callable[[torch.dtype, int], bool]
     stats_pass: Callable
-    fused_step: Callable
+    fused_step: Callable[[AnchoredBatch, AdamWHyper], None]
 
 
-EAGER = Backend("eager", eager.stats_pass_impl, eager.fused_step_impl)
+EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step)
+
+# The eager implementation is the ops' default on every device.
+_lib.impl("stats_pass", eager.stats_pass, "CompositeExplicitAutograd")
+_lib.impl("fused_anchored_adamw_", op_kernel(eager.fused_step), "CompositeExplicitAutograd")
 
 
 def _compiled_backend(name: str) -> Backend | None:
-    """The ``cpp`` or ``triton`` backend if it can run here, else None.
-
-    Each backend module exposes ``is_available() -> bool`` and the Python callables
-    ``stats_pass`` and ``fused_step`` with the op schema's argument order.
-    """
+    """The ``cpp`` or ``triton`` backend if it can run here, else None."""
     try:
-        mod = importlib.import_module(f"{__name__}.{'cpp' if name == 'cpp' else 'triton'}")
+        mod = importlib.import_module(f"{__name__}.{name}")
     except ImportError:
         return None
     if not mod.is_available():
         return None
-    return Backend(name, mod.stats_pass, mod.fused_step)
+    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step)
 
 
 def _triton_interpreting() -> bool:
@@ -63,9 +72,9 @@ def resolve_backend(requested: str, device: torch.device) -> Backend:
     """The backend that runs tensors on ``device`` for the user's ``requested`` choice.
 
     Raises:
-        ValueError: ``requested`` is not one of :data:`BACKENDS`, or names a backend that
-            cannot run on ``device`` (``cpp`` for CUDA tensors, ``triton`` for CPU ones
-            outside the Triton interpreter).
+        OptimizerInputError: ``requested`` is not one of :data:`BACKENDS`, or names a
+            backend that cannot run on ``device`` (``cpp`` for CUDA tensors, ``triton`` for
+            CPU ones outside the Triton interpreter), or is not available here.
     """
     from ..errors import OptimizerInputError
 
@@ -78,16 +87,32 @@ def resolve_backend(requested: str, device: torch.device) -> Backend:
         if name is None:
             return EAGER
         return _compiled_backend(name) or EAGER
-    if requested == "cpp" and device.type != "cpu":
-        raise OptimizerInputError(f"backend 'cpp' runs CPU tensors; parameters are on {device}")
-    if requested == "triton" and device.type != "cuda" and not _triton_interpreting():
-        raise OptimizerInputError(
-            f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); parameters are on {device}"
-        )
+    check_device(requested, device)
     backend = _compiled_backend(requested)
     if backend is None:
         raise OptimizerInputError(f"backend {requested!r} is not available on this machine")
     return backend
 
 
-__all__ = ["BACKENDS", "Backend", "EAGER", "math_dtype", "resolve_backend"]
+def check_device(requested: str, device: torch.device) -> None:
+    """Refuse an explicit backend that cannot run tensors on ``device`` (nothing is built)."""
+    from ..errors import OptimizerInputError
+
+    if requested == "cpp" and device.type != "cpu":
+        raise OptimizerInputError(f"backend 'cpp' runs CPU tensors; parameters are on {device}")
+    if requested == "triton" and device.type != "cuda" and not _triton_interpreting():
+        raise OptimizerInputError(
+            f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); parameters are on {device}"
+        )
+
+
+def route(backend: Backend, dtype: torch.dtype, rank: int) -> Backend:
+    """The backend that runs a pair of parameter ``dtype`` and LoRA ``rank``: ``backend``
+    where it supports the pair, else :data:`EAGER`. The only fallback between backends."""
+    return backend if backend.supports(dtype, rank) else EAGER
+
+
+__all__ = [
+    "BACKENDS", "EAGER", "LIBRARY_NAME", "AdamWHyper", "AnchoredBatch", "Backend", "check_device", "math_dtype",
+    "resolve_backend", "route",
+]

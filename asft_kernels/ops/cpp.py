@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AsFTError, OptimizerInputError
-from . import schema  # noqa: F401  (declares the ops before the library registers kernels)
+from .schema import AdamWHyper, AnchoredBatch  # importing schema declares the ops before the kernels load
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("asft_cpu.cpp",)
@@ -43,6 +43,7 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fop
 LDFLAGS = ("-fopenmp",)
 #: pairs of larger LoRA rank run the eager (BLAS) implementation inside :func:`fused_step`
 FUSED_MAX_RANK = 32
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 class CppBackendWarning(UserWarning):
@@ -188,60 +189,28 @@ def stats_pass(U: Sequence[Tensor], B: Sequence[Tensor], A: Sequence[Tensor]) ->
     return list(P), list(G), list(M)
 
 
-def fused_step(
-    A: Sequence[Tensor],
-    B: Sequence[Tensor],
-    exp_avg_A: Sequence[Tensor],
-    exp_avg_sq_A: Sequence[Tensor],
-    exp_avg_B: Sequence[Tensor],
-    exp_avg_sq_B: Sequence[Tensor],
-    P: Sequence[Tensor],
-    G: Sequence[Tensor],
-    M: Sequence[Tensor],
-    grad_A: Sequence[Tensor],
-    grad_B: Sequence[Tensor],
-    U: Sequence[Tensor],
-    Q_B: Sequence[Tensor],
-    R_B: Sequence[Tensor],
-    H: Sequence[Tensor],
-    step_A: Sequence[float],
-    step_B: Sequence[float],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-) -> None:
-    """One anchored AdamW step for a batch of pairs, one grouped C++ launch.
+def supports(dtype: torch.dtype, rank: int) -> bool:
+    """Pairs the C++ kernel runs: fp64/fp32/bf16/fp16 parameters of LoRA rank up to
+    :data:`FUSED_MAX_RANK` (wider ranks are routed to eager, whose BLAS products are faster
+    there: measured in bench/results/cpu.md at r = 64)."""
+    return dtype in _DTYPES and rank <= FUSED_MAX_RANK
 
-    Arguments and semantics are those of ``asft::fused_anchored_adamw_``
-    (:mod:`asft_kernels.ops.schema`): A (r, n), B (m, r) and their moments are updated in
-    place, P (k, r), G (r, r), M (r, r) receive the statistics of the stored new values.
-    Every input is validated before anything is written.
+
+def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
+    """One anchored AdamW step for a batch of pairs, one grouped C++ call.
+
+    Semantics of ``asft::fused_anchored_adamw_`` (:mod:`asft_kernels.ops.schema`): A (r, n),
+    B (m, r) and their moments are updated in place, P (k, r), G (r, r), M (r, r) receive the
+    statistics of the stored new values. Every input is validated before anything is written.
 
     Raises:
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow.
     """
     _require()
-    lists = [A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B, H,
-             step_A, step_B]
-    fused = [j for j in range(len(A)) if A[j].dim() != 2 or A[j].shape[0] <= FUSED_MAX_RANK]
-    wide = sorted(set(range(len(A))) - set(fused))
-    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
-    if fused:
-        sel = [[xs[j] for j in fused] for xs in lists]
-        try:
-            torch.ops.asft.fused_anchored_adamw_(*sel[:15], [float(v) for v in sel[15]],
-                                                 [float(v) for v in sel[16]], *hyper)
-        except ValueError as exc:
-            raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
-    if wide:
-        # r > FUSED_MAX_RANK: the r×r and k×r products dominate and BLAS does them faster than
-        # the row loops of the fused kernel (measured in bench/results/cpu.md at r = 64)
-        from . import eager
-
-        eager.fused_step_impl(*[[xs[j] for j in wide] for xs in lists], *hyper)
+    try:
+        torch.ops.asft.fused_anchored_adamw_(*batch.op_args(), *hyper.op_args())
+    except ValueError as exc:
+        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .schema import AdamWHyper, AnchoredBatch
+
 
 def _math(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def stats_pass_impl(
+def stats_pass(
     U: Sequence[Tensor], B: Sequence[Tensor], A: Sequence[Tensor]
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Statistics of each pair from the stored parameters.
@@ -75,46 +77,33 @@ def _adamw_update_(
     return param.to(dt)
 
 
-def fused_step_impl(
-    A: Sequence[Tensor],
-    B: Sequence[Tensor],
-    exp_avg_A: Sequence[Tensor],
-    exp_avg_sq_A: Sequence[Tensor],
-    exp_avg_B: Sequence[Tensor],
-    exp_avg_sq_B: Sequence[Tensor],
-    P: Sequence[Tensor],
-    G: Sequence[Tensor],
-    M: Sequence[Tensor],
-    grad_A: Sequence[Tensor],
-    grad_B: Sequence[Tensor],
-    U: Sequence[Tensor],
-    Q_B: Sequence[Tensor],
-    R_B: Sequence[Tensor],
-    H: Sequence[Tensor],
-    step_A: Sequence[float],
-    step_B: Sequence[float],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-) -> None:
-    """Anchored AdamW step for a batch of pairs (see :mod:`asft_kernels.ops.schema`)."""
-    for j in range(len(A)):
-        dt = exp_avg_B[j].dtype
-        b_old = B[j].to(dt)
-        a_old = A[j].to(dt)
+def supports(dtype: torch.dtype, rank: int) -> bool:
+    """Every float dtype and rank: the eager backend runs any pair (the routing fallback)."""
+    return True
+
+
+def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
+    """Anchored AdamW step for a batch of pairs (contract: :mod:`asft_kernels.ops.schema`).
+
+    Per pair ``j``: A (r, n), B (m, r) and their moments are updated in place, and
+    ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) receive the statistics of the stored values.
+    """
+    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
+    b = batch
+    for j in range(len(b)):
+        dt = b.exp_avg_B[j].dtype
+        b_old = b.B[j].to(dt)
+        a_old = b.A[j].to(dt)
         # Anchoring gradients from the cached statistics (before any update).
-        g_b = grad_B[j].to(dt) + b_old @ Q_B[j] - U[j].to(dt) @ R_B[j]
-        g_a = grad_A[j].to(dt) + H[j] @ a_old
+        g_b = b.grad_B[j].to(dt) + b_old @ b.Q_B[j] - b.U[j].to(dt) @ b.R_B[j]
+        g_a = b.grad_A[j].to(dt) + b.H[j] @ a_old
         if maximize:
             g_b = -g_b
             g_a = -g_a
-        hyper = (lr, beta1, beta2, eps, weight_decay)
-        b_new = _adamw_update_(B[j], g_b, exp_avg_B[j], exp_avg_sq_B[j], step_B[j], *hyper)
-        a_new = _adamw_update_(A[j], g_a, exp_avg_A[j], exp_avg_sq_A[j], step_A[j], *hyper)
+        adamw = (lr, beta1, beta2, eps, weight_decay)
+        b_new = _adamw_update_(b.B[j], g_b, b.exp_avg_B[j], b.exp_avg_sq_B[j], float(b.step_B[j]), *adamw)
+        a_new = _adamw_update_(b.A[j], g_a, b.exp_avg_A[j], b.exp_avg_sq_A[j], float(b.step_A[j]), *adamw)
         # Next step's statistics, from the values as stored.
-        P[j].copy_(U[j].to(dt).T @ b_new)
-        G[j].copy_(b_new.T @ b_new)
-        M[j].copy_(a_new @ a_new.T)
+        b.P[j].copy_(b.U[j].to(dt).T @ b_new)
+        b.G[j].copy_(b_new.T @ b_new)
+        b.M[j].copy_(a_new @ a_new.T)

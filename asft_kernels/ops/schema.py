@@ -32,6 +32,9 @@ weight_decay, maximize)``
     * the *next* statistics, computed from the values actually stored (after rounding to
       the parameter dtype), written into ``P``, ``G``, ``M`` in place.
 
+    ``step_A``/``step_B`` are the optimizer's per-parameter step counters (one-element
+    fp32 or fp64 CPU tensors, ``state["step"]``), already incremented for this step.
+
     ``exp_avg*`` are fp64 for fp64 params and fp32 otherwise. ``grad_*`` have the
     parameter's dtype and shape (a missing gradient is passed as zeros). Reductions are
     deterministic: the same inputs give bitwise the same outputs for any thread count.
@@ -42,7 +45,10 @@ kernel and ``triton`` the CUDA kernel under these names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
+from torch import Tensor
 
 LIBRARY_NAME = "asft"
 
@@ -56,7 +62,7 @@ FUSED_STEP_SCHEMA = (
     "Tensor(g!)[] P, Tensor(h!)[] G, Tensor(i!)[] M, "
     "Tensor[] grad_A, Tensor[] grad_B, Tensor[] U, "
     "Tensor[] Q_B, Tensor[] R_B, Tensor[] H, "
-    "float[] step_A, float[] step_B, "
+    "Tensor[] step_A, Tensor[] step_B, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize"
     ") -> ()"
 )
@@ -71,6 +77,82 @@ def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
+@dataclass
+class AnchoredBatch:
+    """The tensors of one ``fused_anchored_adamw_`` call: per-pair lists of equal length L.
+
+    Field order is the op schema's argument order. Shapes per pair ``j`` (symbols of
+    docs/method.md): ``A``, ``grad_A``, ``exp_avg_A``, ``exp_avg_sq_A``: (r, n); ``B``,
+    ``grad_B``, ``exp_avg_B``, ``exp_avg_sq_B``: (m, r); ``U``: (m, k); ``P``, ``R_B``: (k, r);
+    ``G``, ``M``, ``Q_B``, ``H``: (r, r); ``step_A``, ``step_B``: one-element CPU tensors.
+    Mutated in place by the step: ``A``, ``B``, the four moments, ``P``, ``G``, ``M``.
+    """
+
+    A: list[Tensor]
+    B: list[Tensor]
+    exp_avg_A: list[Tensor]
+    exp_avg_sq_A: list[Tensor]
+    exp_avg_B: list[Tensor]
+    exp_avg_sq_B: list[Tensor]
+    P: list[Tensor]
+    G: list[Tensor]
+    M: list[Tensor]
+    grad_A: list[Tensor]
+    grad_B: list[Tensor]
+    U: list[Tensor]
+    Q_B: list[Tensor]
+    R_B: list[Tensor]
+    H: list[Tensor]
+    step_A: list[Tensor]
+    step_B: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.A)
+
+    def op_args(self) -> tuple[list[Tensor], ...]:
+        """The lists in the op schema's order."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def select(self, index: list[int]) -> AnchoredBatch:
+        """The sub-batch of the pairs at ``index``."""
+        return AnchoredBatch(*([xs[j] for j in index] for xs in self.op_args()))
+
+
+BATCH_FIELDS = tuple(f.name for f in fields(AnchoredBatch))
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    """AdamW hyperparameters of one call: ``lr`` (parameter units per step), ``beta1``,
+    ``beta2``, ``eps``, ``weight_decay`` (decoupled, multiplied by lr) and ``maximize``."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+
+    def op_args(self) -> tuple[float, float, float, float, float, bool]:
+        return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.maximize)
+
+
+def split_op_args(args: tuple) -> tuple[AnchoredBatch, AdamWHyper]:
+    """``(batch, hyper)`` from the positional arguments of ``fused_anchored_adamw_``."""
+    n = len(BATCH_FIELDS)
+    return AnchoredBatch(*(list(xs) for xs in args[:n])), AdamWHyper(*args[n:])
+
+
+def op_kernel(fused_step):
+    """Adapt a backend's ``fused_step(batch, hyper)`` to the op's positional signature, to
+    register it with ``torch.library``."""
+
+    def kernel(*args):
+        fused_step(*split_op_args(args))
+
+    return kernel
+
+
 @torch.library.register_fake(f"{LIBRARY_NAME}::stats_pass")
 def _stats_pass_fake(U, B, A):
     P = [u.new_empty((u.shape[1], b.shape[1]), dtype=math_dtype(b.dtype)) for u, b in zip(U, B)]
@@ -82,14 +164,3 @@ def _stats_pass_fake(U, B, A):
 @torch.library.register_fake(f"{LIBRARY_NAME}::fused_anchored_adamw_")
 def _fused_fake(*args, **kwargs):
     return None
-
-
-def _register_default_impls() -> None:
-    # Imported late: eager.py imports this module for math_dtype.
-    from . import eager
-
-    _lib.impl("stats_pass", eager.stats_pass_impl, "CompositeExplicitAutograd")
-    _lib.impl("fused_anchored_adamw_", eager.fused_step_impl, "CompositeExplicitAutograd")
-
-
-_register_default_impls()
