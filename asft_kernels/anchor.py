@@ -23,6 +23,7 @@ not a projector: for ``cᵢ > 2`` the weight ``wᵢ`` is negative.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -543,6 +544,34 @@ class AnchorBinding:
 
     def __repr__(self) -> str:
         return f"AnchorBinding({len(self)} pairs, mode={self.mode!r}, adapter={self.adapter_name!r})"
+
+    #: True for a binding that lost its model (unpickled): it refuses to anchor anything
+    detached = False
+
+    def __deepcopy__(self, memo: dict) -> AnchorBinding:
+        # copy.deepcopy((model, optimizer)) maps every pair's module to the copied model
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __reduce_ex__(self, protocol):
+        # A pickle keeps no model: the copy is detached, and an optimizer holding it refuses
+        # to step instead of training unanchored.
+        return (_DetachedBinding, (self.mode, self.adapter_name, [p.key for p in self.pairs]))
+
+
+class _DetachedBinding(AnchorBinding):
+    """What an :class:`AnchorBinding` becomes through pickle: its keys without the model."""
+
+    detached = True
+
+    def __init__(self, mode: str, adapter_name: str, keys: list[str]):
+        super().__init__([], mode, adapter_name)
+        self.keys = list(keys)
+
+    def __repr__(self) -> str:
+        return f"AnchorBinding(detached: {len(self.keys)} pairs without a model, mode={self.mode!r})"
 
 
 def atomic_write(path: Path, write) -> None:

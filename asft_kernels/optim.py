@@ -8,15 +8,21 @@ Algorithm (per anchored LoRA pair, docs/method.md; λ = ``anchor_lambda``)::
     A, B ← AdamW(A, g_A), AdamW(B, g_B)             (exactly torch.optim.AdamW's update)
 
 ``R = λ‖(I − C) B A‖²_F`` is the published regularizer, so ``n`` steps of this optimizer
-equal ``n`` steps of ``torch.optim.AdamW`` on ``task_loss + R``. ``P, G, M`` are carried
-from the previous step (accumulated while the parameters are written) and recomputed
-whenever a parameter's version counter shows an outside edit.
+equal ``n`` steps of ``torch.optim.AdamW`` on ``task_loss + R``.
+
+How a step runs (docs/architecture.md): the pairs named in ``param_groups`` are resolved,
+validated and bucketed once into a *step plan* (:class:`_StepPlan`), reused until something
+it depends on changes. ``P, G, M`` live in stacked per-bucket buffers, carried from the
+previous step (the kernels accumulate them while writing the parameters) and recomputed
+when a parameter's version counter shows an outside edit.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -24,40 +30,125 @@ from torch.optim.adam import adam as _functional_adam
 
 from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair
 from .errors import OptimizerInputError
-from .integrations.distributed import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
-from .ops import BACKENDS, Backend, math_dtype, resolve_backend
+from .functional import anchoring_terms
+from .ops import BACKENDS, AdamWHyper, AnchoredBatch, Backend, check_device, math_dtype, resolve_backend, route
+from .ops.eager import _adamw_update_
+from .sharding import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+# C-level getters: one pass over a list of tensors without a Python frame per tensor
+_version = operator.attrgetter("_version")
+_grad = operator.attrgetter("grad")
+_requires_grad = operator.attrgetter("requires_grad")
+_is_none = partial(operator.is_, None)
 
 
+def _step_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _data_ptrs(tensors: list[Tensor]) -> list[int]:
+    return list(map(Tensor.data_ptr, tensors))
+
+
+# ----------------------------------------------------------------------------- the plan
 @dataclass
-class _Stats:
-    """Cached ``(P, G, M)`` of a pair with the identity/version of the params they describe."""
+class _Bucket:
+    """Anchored pairs stepped together: one backend, device, parameter dtype, basis dtype,
+    rank r, basis size k and param group (one set of hyperparameters).
 
+    ``P`` (L, k, r), ``G`` (L, r, r), ``M`` (L, r, r) are the cached statistics; ``Q_B``,
+    ``R_B``, ``H`` the anchoring terms, all stacked; ``batch`` holds per-pair views of them
+    and every other per-pair tensor of the contract (gradients are filled in each step).
+    """
+
+    backend: Backend
+    group_index: int
+    pairs: list[AnchoredPair]
+    A: list[Tensor]
+    B: list[Tensor]
+    batch: AnchoredBatch
     P: Tensor
     G: Tensor
     M: Tensor
-    tag: tuple
-    gathered_A: Tensor | None = None  # all of A (r, n) when FSDP2 splits its rows, see integrations.distributed
+    Q_B: Tensor
+    R_B: Tensor
+    H: Tensor
+    w: Tensor  # (L, k, 1)
+    coef: float | Tensor  # λ multiplier per pair: a number, or (L, 1, 1)
+    watch: list[Tensor]  # tensors whose storage/version reveal outside edits (local shards)
+    missing_A: list[int]  # pairs whose A has no grad (zeros are passed)
+    missing_B: list[int]
+    zeros_A: dict[int, Tensor]
+    zeros_B: dict[int, Tensor]
+    shards: list[ShardedPair] | None = None  # FSDP2 DTensor pairs (see asft_kernels.sharding)
+    gathered_A: list[Tensor | None] = field(default_factory=list)
+    versions: list[int] | None = None  # None: statistics must be recomputed
 
-
-def _param_tag(A: Tensor, B: Tensor) -> tuple:
-    # a DTensor's (FSDP2) storage and version counter live on its local shard
-    a, b = local_tensor(A), local_tensor(B)
-    return (id(A), a._version, a.data_ptr(), A.dtype, id(B), b._version, b.data_ptr(), B.dtype)
+    def __len__(self) -> int:
+        return len(self.pairs)
 
 
 @dataclass
-class _Work:
-    """One pair to update in this step (resolved from ``param_groups``)."""
+class _PartialPair:
+    """An anchored pair with one frozen factor (e.g. LoRA-FA): only the trainable factor is
+    written, with the gradient of task + R taken with the frozen factor held constant."""
 
     pair: AnchoredPair
     A: Tensor
     B: Tensor
-    group: dict
-    lam: float
-    shard: ShardedPair | None = None  # local view when A, B are FSDP2 DTensors
+    group_index: int
+    train_A: bool  # else B is the trainable factor
+    U: Tensor
+    w: Tensor
+
+
+@dataclass
+class _StepPlan:
+    """Everything a step needs that does not change from one step to the next.
+
+    Valid while: no param group was added or loaded (``generation``), the param objects in
+    ``param_groups`` are the same (accelerate/FSDP2 swaps), their storage is the same
+    (``model.half()``, ``.to()``), ``requires_grad`` and the presence of gradients of
+    anchored params are unchanged, and λ has not moved to or from 0.
+    """
+
+    generation: int
+    group_params: list[list[Tensor]]
+    lam_zero: list[bool]
+    anchored: list[Tensor]  # every anchored factor (the ones watched below)
+    watch: list[Tensor]  # their storage holders (local shards for DTensors)
+    ptrs: list[int]
+    requires_grad: tuple
+    grad_missing: tuple
+    sharded: bool
+    buckets: list[_Bucket]
+    partial: list[_PartialPair]
+    plain: list[list[Tensor]]  # per group: params stepped by torch's AdamW
+    plain_fp32_state: list[list[Tensor]]  # per group: λ = 0 low-precision factors with fp32 moments
+    steps: list[Tensor]  # every anchored step counter, advanced with one foreach op
+
+    def still_valid(self, opt: AsFTAdamW) -> bool:
+        if self.generation != opt._generation:
+            return False
+        groups = opt.param_groups
+        if len(groups) != len(self.group_params):
+            return False
+        for group, params, zero in zip(groups, self.group_params, self.lam_zero):
+            current = group["params"]
+            if len(current) != len(params) or not all(map(operator.is_, current, params)):
+                return False
+            if (float(group["anchor_lambda"]) == 0.0) != zero:
+                return False
+        watch = [local_tensor(t) for t in self.anchored] if self.sharded else self.watch
+        return (
+            _data_ptrs(watch) == self.ptrs
+            and tuple(map(_requires_grad, self.anchored)) == self.requires_grad
+            and tuple(map(_is_none, map(_grad, self.anchored))) == self.grad_missing
+        )
 
 
 class AsFTAdamW(torch.optim.AdamW):
@@ -75,11 +166,14 @@ class AsFTAdamW(torch.optim.AdamW):
         basis_dtype: dtype of ``U`` inside the step (default: fp32, fp64 for fp64 params).
 
     Parameters that are not part of an anchored pair (biases, ``modules_to_save``, …) get
-    plain AdamW in the same step. ``state_dict()`` holds the same per-parameter state as
+    plain AdamW in the same step; with ``anchor=None`` the whole step is
+    ``torch.optim.AdamW.step``. ``state_dict()`` holds the same per-parameter state as
     ``torch.optim.AdamW`` (``step``, ``exp_avg``, ``exp_avg_sq``); for bf16/fp16 anchored
-    parameters the moments are kept in fp32. The pairing lives in ``param_groups``
-    (``anchor_pairs``: ``[key, group of A, index of A, index of B]``), so it survives
-    parameter objects being swapped in place; anchor tensors are never part of the state.
+    parameters the moments are kept in fp32, also across ``load_state_dict``. The pairing
+    lives in ``param_groups`` (``anchor_pairs``: ``[key, group of A, index of A, index of
+    B]``), so it survives parameter objects being swapped in place; anchor tensors are never
+    part of the state. A factor with ``requires_grad=False`` is never written (LoRA-FA): the
+    other factor gets the gradient of task + R with it held constant.
 
     After each :meth:`step`, :attr:`anchor_loss` holds ``R`` at the parameters before the
     step (a 0-d tensor, summed over pairs). Gradient clipping before ``step()`` does not see
@@ -115,6 +209,8 @@ class AsFTAdamW(torch.optim.AdamW):
             )
         if anchor is not None and not isinstance(anchor, AnchorBinding):
             raise OptimizerInputError(f"anchor must be an AnchorBinding or None, got {type(anchor).__name__}")
+        if anchor is not None and getattr(anchor, "detached", False):
+            raise OptimizerInputError(_DETACHED_MESSAGE)
         if anchor is not None and (amsgrad or capturable or differentiable):
             raise OptimizerInputError("amsgrad, capturable and differentiable are not supported with an anchor")
         if basis_dtype not in (None, torch.float32, torch.float64, torch.bfloat16):
@@ -123,8 +219,10 @@ class AsFTAdamW(torch.optim.AdamW):
         self._binding = anchor
         self._backend_request = backend
         self._basis_dtype = basis_dtype
-        self._stats: dict[str, _Stats] = {}
         self._anchor_loss: Tensor | None = None
+        self._plan: _StepPlan | None = None
+        self._generation = 0
+        self._plan_builds = 0
         self._initialized = False
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
@@ -140,69 +238,137 @@ class AsFTAdamW(torch.optim.AdamW):
         _check_lambda(lam)
         param_group.setdefault("anchor_pairs", [])
         super().add_param_group(param_group)
+        self._generation = getattr(self, "_generation", 0) + 1
         if getattr(self, "_initialized", False):
-            self._assign_pairs()
+            try:
+                self._assign_pairs()
+            except OptimizerInputError:
+                self.param_groups.pop()  # refused: leave the optimizer as it was
+                self._assign_pairs()
+                raise
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        # deepcopy((model, optimizer)) maps the binding's modules to the copied model; a pickle
+        # keeps only a detached binding that refuses to step (AnchorBinding.__reduce__)
+        for name in ("_binding", "_backend_request", "_basis_dtype", "_init_anchor_lambda"):
+            state[name] = self.__dict__.get(name)
+        return state
 
     def __setstate__(self, state: dict) -> None:
+        extra = {k: state.pop(k) for k in ("_binding", "_backend_request", "_basis_dtype", "_init_anchor_lambda")
+                 if k in state}
         super().__setstate__(state)
+        default_lam = self.__dict__.get("defaults", {}).get("anchor_lambda", 1.0)
         for group in self.param_groups:
-            group.setdefault("anchor_lambda", 1.0)
+            group.setdefault("anchor_lambda", default_lam)
             group.setdefault("anchor_pairs", [])
-        self.__dict__.setdefault("_binding", None)
-        self.__dict__.setdefault("_backend_request", "auto")
-        self.__dict__.setdefault("_basis_dtype", None)
-        self.__dict__.setdefault("_stats", {})
-        self.__dict__.setdefault("_anchor_loss", None)
-        self.__dict__.setdefault("_initialized", True)
+        self.__dict__.update(extra)
+        for name, value in (("_binding", None), ("_backend_request", "auto"), ("_basis_dtype", None),
+                            ("_init_anchor_lambda", default_lam), ("_anchor_loss", None), ("_plan", None),
+                            ("_plan_builds", 0), ("_initialized", True)):
+            self.__dict__.setdefault(name, value)
+        self._generation = self.__dict__.get("_generation", 0) + 1
 
     def _assign_pairs(self) -> None:
-        """Record each bound pair as positions in ``param_groups`` (group of B holds it)."""
-        for group in self.param_groups:
-            group["anchor_pairs"] = []
-        if self._binding is None:
-            return
-        where = {}
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                where[id(p)] = (gi, pi)
-        for pair in self._binding:
-            loc_a, loc_b = where.get(id(pair.A)), where.get(id(pair.B))
-            if loc_a is None and loc_b is None:
-                continue  # pair not optimized by this optimizer
-            if loc_a is None or loc_b is None:
-                missing = "lora_A" if loc_a is None else "lora_B"
-                raise OptimizerInputError(
-                    f"{pair.module_name}: {missing} is not among the optimizer's parameters; "
-                    "an anchored pair must be optimized together"
-                )
-            ga, gb = self.param_groups[loc_a[0]], self.param_groups[loc_b[0]]
-            for opt in ("lr", "betas", "eps", "weight_decay", "maximize"):
-                if ga[opt] != gb[opt]:
-                    raise OptimizerInputError(
-                        f"{pair.module_name}: lora_A and lora_B are in param groups with different {opt!r} "
-                        f"({ga[opt]} vs {gb[opt]}); an anchored pair needs one set of hyperparameters"
-                    )
-            gb["anchor_pairs"].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
+        """Record each bound pair as positions in ``param_groups`` (the group of B holds it).
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # Keep fp32 moments of low-precision params fp32 on load (torch would cast them).
-        if (
-            key != "step"
-            and param.dtype in _LOW_PRECISION
-            and torch.is_tensor(value)
-            and value.dtype == torch.float32
-        ):
-            return value.to(device=param.device)
-        return torch.optim.Optimizer._process_value_according_to_param_policy(
-            param, value, param_id, param_groups, key
-        )
+        Raises:
+            OptimizerInputError: a binding none of whose pairs is among the parameters (a
+                binding of another model instance), half a pair, an anchored factor listed
+                twice, the two factors in groups with different hyperparameters, or an
+                explicit backend that cannot run the pairs' device.
+        """
+        pairs_of = [[] for _ in self.param_groups]
+        binding = self._binding
+        if binding is not None:
+            where: dict[int, tuple[int, int]] = {}
+            seen_twice: set[int] = set()
+            for gi, group in enumerate(self.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if id(p) in where:
+                        seen_twice.add(id(p))
+                    where.setdefault(id(p), (gi, pi))
+            for pair in binding:
+                A, B = pair.A, pair.B
+                loc_a, loc_b = where.get(id(A)), where.get(id(B))
+                if loc_a is None and loc_b is None:
+                    continue  # pair not optimized by this optimizer
+                if loc_a is None or loc_b is None:
+                    missing = "lora_A" if loc_a is None else "lora_B"
+                    raise OptimizerInputError(
+                        f"{pair.module_name}: {missing} is not among the optimizer's parameters; "
+                        "an anchored pair must be optimized together"
+                    )
+                for t, label in ((A, "lora_A"), (B, "lora_B")):
+                    if id(t) in seen_twice:
+                        raise OptimizerInputError(
+                            f"{pair.module_name}: {label} is listed more than once in the optimizer's parameters; "
+                            "pass each parameter once (e.g. AsFTAdamW(model.parameters()), not params + params)"
+                        )
+                ga, gb = self.param_groups[loc_a[0]], self.param_groups[loc_b[0]]
+                for opt in ("lr", "betas", "eps", "weight_decay", "maximize"):
+                    if ga[opt] != gb[opt]:
+                        raise OptimizerInputError(
+                            f"{pair.module_name}: lora_A and lora_B are in param groups with different {opt!r} "
+                            f"({ga[opt]} vs {gb[opt]}); an anchored pair needs one set of hyperparameters"
+                        )
+                if self._backend_request in ("cpp", "triton"):
+                    check_device(self._backend_request, B.device)
+                pairs_of[loc_b[0]].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
+            if len(binding) and not any(pairs_of):
+                first = next(iter(binding))
+                raise OptimizerInputError(
+                    f"the anchor binding matches none of the optimizer's parameters (e.g. {first.module_name}: its "
+                    "lora_A/lora_B are not among them): it was bound to another model instance (a copy, or a model "
+                    "re-created after bind). Bind the model whose parameters you optimize: "
+                    "AsFTAdamW(model.parameters(), anchor=anchor.bind(model))"
+                )
+        for group, pairs in zip(self.param_groups, pairs_of):
+            group["anchor_pairs"] = pairs
+        self._plan = None
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.AdamW.load_state_dict``, plus: refuses state whose shapes do not
+        match the parameters (before anything changes), keeps fp32 moments of bf16/fp16
+        anchored parameters fp32, and gives groups saved without ``anchor_lambda`` (e.g. by
+        ``torch.optim.AdamW``) this optimizer's λ."""
+        groups = self.param_groups
+        saved_groups = state_dict.get("param_groups", [])
+        params = [p for g in groups for p in g["params"]]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        keep_fp32: dict[int, dict[str, Tensor]] = {}
+        if len(params) == len(saved_ids):
+            by_id = dict(zip(saved_ids, params))
+            for pid, value in state_dict.get("state", {}).items():
+                p = by_id.get(pid)
+                if p is None or not isinstance(value, dict):
+                    continue
+                for key in _MOMENTS:
+                    t = value.get(key)
+                    if not torch.is_tensor(t):
+                        continue
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise OptimizerInputError(
+                            f"load_state_dict: the saved {key} of parameter {pid} has shape {tuple(t.shape)}, the "
+                            f"parameter has {tuple(p.shape)}; this state belongs to a model of other shapes"
+                        )
+                    if p.dtype in _LOW_PRECISION and t.dtype == torch.float32:
+                        keep_fp32.setdefault(pid, {})[key] = t
+        default_lam = self.defaults.get("anchor_lambda", 1.0)
+        for group in saved_groups:
+            if "anchor_lambda" in group:
+                _check_lambda(group["anchor_lambda"])
         super().load_state_dict(state_dict)
-        self._stats.clear()
-        for group in self.param_groups:
-            group.setdefault("anchor_lambda", self.defaults.get("anchor_lambda", 1.0))
+        by_id = dict(zip(saved_ids, params))
+        for pid, moments in keep_fp32.items():
+            p = by_id[pid]
+            for key, t in moments.items():
+                self.state[p][key] = t.to(device=p.device)
+        for group, saved in zip(self.param_groups, saved_groups):
+            if "anchor_lambda" not in saved:
+                group["anchor_lambda"] = default_lam
+        self._generation += 1
         self._assign_pairs()
 
     # ------------------------------------------------------------------ properties
@@ -217,56 +383,353 @@ class AsFTAdamW(torch.optim.AdamW):
         fp32, fp64 for fp64 params), or None before the first anchored step."""
         return self._anchor_loss
 
+    @property
+    def plan_builds(self) -> int:
+        """How many times the step plan was built (once, plus once per change it depends on)."""
+        return self._plan_builds
+
     def invalidate_anchor_stats(self) -> None:
         """Forget the cached statistics; needed only after editing parameters through
         ``.data`` (which bypasses the version counters that normally detect edits)."""
-        self._stats.clear()
+        if self._plan is not None:
+            for bucket in self._plan.buckets:
+                bucket.versions = None
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure=None):
         """Perform one AdamW step with the anchoring gradient added to every anchored pair.
+
+        Everything that can fail (λ, shapes, dtypes, devices, backend) is checked before the
+        first parameter or state is written.
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
         """
+        if self._binding is None:  # exactly torch.optim.AdamW, differentiable included
+            return super().step(closure)
+        if getattr(self._binding, "detached", False):
+            raise OptimizerInputError(_DETACHED_MESSAGE)
         self._accelerator_graph_capture_health_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        work = self._collect_work()  # validates everything before anything is written
-        anchored = {id(t) for w in work for t in (w.A, w.B)}
-        for group in self.param_groups:
-            self._plain_adamw(group, anchored)
-        self._anchored_adamw(work)
+        with torch.no_grad():
+            self._anchored_step()
         return loss
 
-    def _collect_work(self) -> list[_Work]:
-        work: list[_Work] = []
-        if self._binding is None:
-            return work
+    def _current_plan(self) -> _StepPlan:
+        plan = self._plan
+        if plan is None or not plan.still_valid(self):
+            plan = self._plan = self._build_plan()
+        return plan
+
+    def _anchored_step(self) -> None:
         for group in self.param_groups:
-            lam = group["anchor_lambda"]
-            _check_lambda(lam)
-            if float(lam) == 0.0:
-                continue
+            _check_lambda(group["anchor_lambda"])
+        plan = self._current_plan()
+        # ---- inputs and checks: nothing is written before this block ends
+        grads = [self._bucket_grads(b) for b in plan.buckets]
+        for bucket in plan.buckets:
+            self._refresh_statistics(bucket)
+        total = None
+        for bucket in plan.buckets:
+            lam = float(self.param_groups[bucket.group_index]["anchor_lambda"])
+            two_lam = bucket.coef * (2.0 * lam)
+            loss = anchoring_terms(bucket.P, bucket.G, bucket.M, bucket.w, two_lam, bucket.Q_B, bucket.R_B, bucket.H)
+            total = loss if total is None else total + loss.to(total.device, total.dtype)
+        partial_updates = [self._partial_gradient(pp) for pp in plan.partial]
+        for _, _, loss in partial_updates:
+            total = loss if total is None else total + loss.to(total.device, total.dtype)
+        # ---- writes
+        for gi, group in enumerate(self.param_groups):
+            self._plain_adamw(group, plan.plain[gi])
+            for p in plan.plain_fp32_state[gi]:
+                if p.grad is not None:
+                    self._eager_adamw(group, p, p.grad)
+        if plan.steps:
+            torch._foreach_add_(plan.steps, 1)
+        for bucket, (grad_A, grad_B) in zip(plan.buckets, grads):
+            group = self.param_groups[bucket.group_index]
+            batch = bucket.batch
+            batch.grad_A, batch.grad_B = grad_A, grad_B
+            beta1, beta2 = group["betas"]
+            hyper = AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                               float(group["weight_decay"]), bool(group["maximize"]))
+            if bucket.shards is None:
+                bucket.backend.fused_step(batch, hyper)
+            else:
+                self._sharded_fused_step(bucket, hyper)
+            bucket.versions = list(map(_version, bucket.watch)) if bucket.shards is None else \
+                list(map(_version, [local_tensor(t) for t in bucket.A + bucket.B]))
+        for pp, (param, grad, _) in zip(plan.partial, partial_updates):
+            self._eager_adamw(self.param_groups[pp.group_index], param, grad, stepped=True)
+        self._anchor_loss = total
+
+    # ------------------------------------------------------------------ building the plan
+    def _build_plan(self) -> _StepPlan:
+        """Resolve, validate and bucket the anchored pairs; create missing state. Writes no
+        parameter; raises :class:`OptimizerInputError` on anything the step cannot run."""
+        binding = self._binding
+        groups = self.param_groups
+        anchored_ids: set[int] = set()
+        anchored: list[Tensor] = []
+        buckets: dict[tuple, dict] = {}
+        partial: list[_PartialPair] = []
+        steps: list[Tensor] = []
+        backends: dict[torch.device, Backend] = {}
+        lam_zero = [float(g["anchor_lambda"]) == 0.0 for g in groups]
+        sharded_any = False
+        pending = []  # validated pairs: creation of state only after every check passed
+        for gi, group in enumerate(groups):
             for key, a_gi, a_pi, b_pi in group["anchor_pairs"]:
-                if key not in self._binding:
+                if key not in binding:
                     raise OptimizerInputError(f"param_groups name anchor entry {key!r}, absent from the binding")
-                pair = self._binding[key]
-                A = self.param_groups[a_gi]["params"][a_pi]
+                pair = binding[key]
+                A = groups[a_gi]["params"][a_pi]
                 B = group["params"][b_pi]
+                anchored.extend((A, B))
+                if lam_zero[gi]:
+                    continue  # plain AdamW for this group (below)
+                anchored_ids.update((id(A), id(B)))
+                train_A = A.requires_grad and A.grad is not None
+                train_B = B.requires_grad and B.grad is not None
+                if not A.requires_grad and not B.requires_grad:
+                    continue
                 if A.grad is None and B.grad is None:
                     continue
                 _validate_pair(pair, A, B)
-                work.append(_Work(pair, A, B, group, float(lam), sharded_pair(pair.module_name, A, B)))
-        return work
+                shard = sharded_pair(pair.module_name, A, B)
+                sharded_any = sharded_any or shard is not None
+                device, dtype = B.device, B.dtype
+                md = math_dtype(dtype)
+                basis_dtype = self._basis_dtype if (self._basis_dtype and md != torch.float64) else md
+                if A.requires_grad != B.requires_grad:
+                    if shard is not None:
+                        raise OptimizerInputError(
+                            f"{pair.module_name}: a frozen lora factor is not supported with FSDP2-sharded pairs")
+                    if not (train_A or train_B):
+                        continue
+                    pending.append((gi, pair, A, B, train_A, basis_dtype, md))
+                    continue
+                if device not in backends:
+                    backends[device] = resolve_backend(self._backend_request, device)
+                backend = route(backends[device], dtype, int(A.shape[0]))
+                k = pair.entry.rank
+                bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, shard is not None)
+                buckets.setdefault(bkey, {"backend": backend, "gi": gi, "items": []})["items"].append(
+                    (pair, A, B, shard, basis_dtype, md))
+        # ---- every check passed: create state and buffers
+        out_buckets = []
+        for spec in buckets.values():
+            out_buckets.append(self._make_bucket(spec["backend"], spec["gi"], spec["items"], steps))
+        for gi, pair, A, B, train_A, basis_dtype, md in pending:
+            param = A if train_A else B
+            state = self._state_for(param)
+            partial.append(_PartialPair(pair, A, B, gi, train_A, pair.basis(B.device, basis_dtype),
+                                        pair.weights(B.device, md)))
+            steps.append(state["step"])
+        plain, plain_fp32 = [], []
+        for group in groups:
+            ps, fp32 = [], []
+            for p in group["params"]:
+                if id(p) in anchored_ids:
+                    continue
+                st = self.state.get(p)
+                if st and p.dtype in _LOW_PRECISION and st.get("exp_avg") is not None \
+                        and st["exp_avg"].dtype == torch.float32:
+                    fp32.append(p)  # a λ = 0 factor that keeps the fp32 moments of anchored steps
+                else:
+                    ps.append(p)
+            plain.append(ps)
+            plain_fp32.append(fp32)
+        watch = [local_tensor(t) for t in anchored]
+        self._plan_builds += 1
+        return _StepPlan(
+            generation=self._generation,
+            group_params=[list(g["params"]) for g in groups],
+            lam_zero=lam_zero,
+            anchored=anchored,
+            watch=watch,
+            ptrs=_data_ptrs(watch),
+            requires_grad=tuple(map(_requires_grad, anchored)),
+            grad_missing=tuple(map(_is_none, map(_grad, anchored))),
+            sharded=sharded_any,
+            buckets=out_buckets,
+            partial=partial,
+            plain=plain,
+            plain_fp32_state=plain_fp32,
+            steps=steps,
+        )
 
-    def _plain_adamw(self, group: dict, exclude: set[int]) -> None:
+    def _make_bucket(self, backend: Backend, gi: int, items: list, steps: list[Tensor]) -> _Bucket:
+        pairs = [it[0] for it in items]
+        As = [it[1] for it in items]
+        Bs = [it[2] for it in items]
+        shards = [it[3] for it in items]
+        basis_dtype, md = items[0][4], items[0][5]
+        device = Bs[0].device
+        L, r, k = len(items), int(As[0].shape[0]), pairs[0].entry.rank
+        states_A = [self._state_for(a) for a in As]
+        states_B = [self._state_for(b) for b in Bs]
+        stats = dict(device=device, dtype=md)
+        P = torch.zeros((L, k, r), **stats)
+        G = torch.zeros((L, r, r), **stats)
+        M = torch.zeros((L, r, r), **stats)
+        Q_B = torch.empty((L, r, r), **stats)
+        R_B = torch.empty((L, k, r), **stats)
+        H = torch.empty((L, r, r), **stats)
+        w = torch.stack([p.weights(device, md) for p in pairs])[:, :, None]
+        coefs = [float(p.coef) for p in pairs]
+        coef = coefs[0] if all(c == coefs[0] for c in coefs) else \
+            torch.tensor(coefs, dtype=md, device=device)[:, None, None]
+        missing_A = [j for j, a in enumerate(As) if a.grad is None]
+        missing_B = [j for j, b in enumerate(Bs) if b.grad is None]
+        zeros_A = {j: torch.zeros_like(As[j]) for j in missing_A}
+        zeros_B = {j: torch.zeros_like(Bs[j]) for j in missing_B}
+        step_A = [s["step"] for s in states_A]
+        step_B = [s["step"] for s in states_B]
+        steps.extend(step_A)
+        steps.extend(step_B)
+        batch = AnchoredBatch(
+            A=As, B=Bs,
+            exp_avg_A=[s["exp_avg"] for s in states_A], exp_avg_sq_A=[s["exp_avg_sq"] for s in states_A],
+            exp_avg_B=[s["exp_avg"] for s in states_B], exp_avg_sq_B=[s["exp_avg_sq"] for s in states_B],
+            P=list(P.unbind(0)), G=list(G.unbind(0)), M=list(M.unbind(0)),
+            grad_A=[], grad_B=[],
+            U=[p.basis(device, basis_dtype) for p in pairs],
+            Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
+            step_A=step_A, step_B=step_B,
+        )
+        sharded = any(s is not None for s in shards)
+        return _Bucket(
+            backend=backend, group_index=gi, pairs=pairs, A=As, B=Bs, batch=batch, P=P, G=G, M=M,
+            Q_B=Q_B, R_B=R_B, H=H, w=w, coef=coef, watch=[local_tensor(t) for t in As + Bs],
+            missing_A=missing_A, missing_B=missing_B, zeros_A=zeros_A, zeros_B=zeros_B,
+            shards=shards if sharded else None, gathered_A=[None] * L,
+        )
+
+    def _state_for(self, p: Tensor) -> dict:
+        state = self.state[p]
+        md = math_dtype(p.dtype)
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
+            state["exp_avg"] = torch.zeros_like(p, dtype=md, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=md, memory_format=torch.contiguous_format)
+        else:
+            step = state["step"]
+            if not torch.is_tensor(step):
+                state["step"] = torch.tensor(float(step), dtype=_step_dtype())
+            elif step.device.type != "cpu" or step.dtype not in (torch.float32, torch.float64):
+                state["step"] = step.detach().to("cpu", _step_dtype())
+            for name in _MOMENTS:
+                if state[name].dtype != md or not state[name].is_contiguous():
+                    state[name] = state[name].to(dtype=md).contiguous()
+        return state
+
+    # ------------------------------------------------------------------ per-step pieces
+    def _bucket_grads(self, bucket: _Bucket) -> tuple[list[Tensor], list[Tensor]]:
+        """The bucket's gradients (zeros where the plan saw none), checked for layout."""
+        grad_A = list(map(_grad, bucket.A))
+        grad_B = list(map(_grad, bucket.B))
+        for j, z in bucket.zeros_A.items():
+            grad_A[j] = z
+        for j, z in bucket.zeros_B.items():
+            grad_B[j] = z
+        if bucket.shards is not None:
+            return grad_A, grad_B
+        # autograd and the .grad setter guarantee shape, dtype and device; check the layout
+        for grads, label in ((grad_A, "lora_A"), (grad_B, "lora_B")):
+            if not all(map(Tensor.is_contiguous, grads)) or any(map(operator.attrgetter("is_sparse"), grads)):
+                for j, g in enumerate(grads):
+                    if g.is_sparse:
+                        raise OptimizerInputError(
+                            f"{bucket.pairs[j].module_name}: sparse gradient for {label} is not supported")
+                    grads[j] = g.contiguous()
+        return grad_A, grad_B
+
+    def _refresh_statistics(self, bucket: _Bucket) -> None:
+        """Recompute ``P, G, M`` of the pairs edited outside the optimizer (or all, first)."""
+        if bucket.shards is None:
+            now = list(map(_version, bucket.watch))
+        else:
+            now = list(map(_version, [local_tensor(t) for t in bucket.A + bucket.B]))
+        if now == bucket.versions:
+            return
+        L = len(bucket)
+        old = bucket.versions
+        stale = list(range(L)) if old is None else \
+            [j for j in range(L) if now[j] != old[j] or now[L + j] != old[L + j]]
+        U = bucket.batch.U
+        if bucket.shards is None:
+            P, G, M = bucket.backend.stats_pass([U[j] for j in stale], [bucket.B[j].detach() for j in stale],
+                                                [bucket.A[j].detach() for j in stale])
+            for i, j in enumerate(stale):
+                bucket.P[j].copy_(P[i])
+                bucket.G[j].copy_(G[i])
+                bucket.M[j].copy_(M[i])
+        else:
+            for j in stale:
+                P, G, M, gathered = bucket.shards[j].statistics(bucket.backend.stats_pass, U[j])
+                bucket.P[j].copy_(P)
+                bucket.G[j].copy_(G)
+                bucket.M[j].copy_(M)
+                bucket.gathered_A[j] = gathered
+        bucket.versions = now
+
+    def _sharded_fused_step(self, bucket: _Bucket, hyper: AdamWHyper) -> None:
+        """FSDP2: the backend writes local shards and partial sums; complete them
+        (:mod:`asft_kernels.sharding`)."""
+        b = bucket.batch
+        names = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "grad_A",
+                 "grad_B", "U", "Q_B", "R_B", "H", "step_A", "step_B")
+        local = []
+        for j, shard in enumerate(bucket.shards):
+            item = {name: getattr(b, name)[j] for name in names}
+            local.append(shard.localize(item, bucket.gathered_A[j]))
+        batch = AnchoredBatch(*([it[name] for it in local] for name in names))
+        bucket.backend.fused_step(batch, hyper)
+        gathered = complete_sharded_step(bucket.shards, b.P, b.G, b.M)
+        bucket.gathered_A = list(gathered)
+
+    def _partial_gradient(self, pp: _PartialPair) -> tuple[Tensor, Tensor, Tensor]:
+        """``(factor, g, R)``: the trainable factor, its gradient of task + R with the frozen
+        factor held constant (math dtype), and R (0-d)."""
+        lam = float(self.param_groups[pp.group_index]["anchor_lambda"]) * float(pp.pair.coef)
+        A, B = pp.A.detach(), pp.B.detach()
+        md = math_dtype(B.dtype)
+        a, b, U, w = A.to(md), B.to(md), pp.U.to(md), pp.w
+        P, G, M = U.T @ b, b.T @ b, a @ a.T
+        PwP = P.T @ (w[:, None] * P)
+        loss = lam * ((G * M).sum() - (PwP * M).sum())
+        if pp.train_A:
+            g = 2 * lam * (G - PwP) @ a
+            task = pp.A.grad
+            param = pp.A
+        else:
+            g = 2 * lam * (b @ M - U @ ((w[:, None] * P) @ M))
+            task = pp.B.grad
+            param = pp.B
+        if task is not None:
+            g = g + task.to(md)
+        return param, g, loss
+
+    def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
+        """AdamW on one tensor with math-dtype moments (``stepped``: its counter has been
+        advanced already)."""
+        state = self._state_for(p)
+        if not stepped:
+            state["step"] += 1
+        md = state["exp_avg"].dtype
+        g = grad.to(md)
+        if group["maximize"]:
+            g = -g
+        beta1, beta2 = group["betas"]
+        _adamw_update_(p, g, state["exp_avg"], state["exp_avg_sq"], float(state["step"]), float(group["lr"]),
+                       beta1, beta2, group["eps"], group["weight_decay"])
+
+    def _plain_adamw(self, group: dict, params: list[Tensor]) -> None:
         """``torch.optim.AdamW``'s own update for the group's unanchored params."""
-        params = [p for p in group["params"] if id(p) not in exclude]
         if not params:
             return
         sub = dict(group)
@@ -288,136 +751,12 @@ class AsFTAdamW(torch.optim.AdamW):
             decoupled_weight_decay=True,
         )
 
-    def _state_for(self, p: Tensor) -> dict:
-        state = self.state[p]
-        md = math_dtype(p.dtype)
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype()
-                                         if torch.get_default_dtype() == torch.float64 else torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, dtype=md, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=md, memory_format=torch.contiguous_format)
-        else:
-            for name in ("exp_avg", "exp_avg_sq"):
-                if state[name].dtype != md or not state[name].is_contiguous():
-                    state[name] = state[name].to(dtype=md).contiguous()
-        return state
 
-    def _statistics(self, backend: Backend, w: _Work, U: Tensor) -> _Stats:
-        tag = _param_tag(w.A, w.B)
-        cached = self._stats.get(w.pair.key)
-        if cached is not None and cached.tag == tag:
-            return cached
-        if w.shard is not None:
-            P, G, M, gathered_A = w.shard.statistics(backend.stats_pass, U)
-            stats = _Stats(P, G, M, tag, gathered_A)
-        else:
-            (P,), (G,), (M,) = backend.stats_pass([U], [w.B.detach()], [w.A.detach()])
-            stats = _Stats(P, G, M, tag)
-        self._stats[w.pair.key] = stats
-        return stats
-
-    def _anchored_adamw(self, work: list[_Work]) -> None:
-        if not work:
-            return
-        backends: dict[torch.device, Backend] = {}
-        items = []
-        for w in work:
-            device, dtype = w.B.device, w.B.dtype
-            md = math_dtype(dtype)
-            if device not in backends:
-                backends[device] = resolve_backend(self._backend_request, device)
-            backend = backends[device]
-            basis_dtype = self._basis_dtype if (self._basis_dtype and md != torch.float64) else md
-            U = w.pair.basis(device, basis_dtype)
-            stats = self._statistics(backend, w, U)
-            state_a, state_b = self._state_for(w.A), self._state_for(w.B)
-            state_a["step"] += 1
-            state_b["step"] += 1
-            grad_a = w.A.grad if w.A.grad is not None else torch.zeros_like(w.A)
-            grad_b = w.B.grad if w.B.grad is not None else torch.zeros_like(w.B)
-            items.append(dict(
-                A=w.A, B=w.B, exp_avg_A=state_a["exp_avg"], exp_avg_sq_A=state_a["exp_avg_sq"],
-                exp_avg_B=state_b["exp_avg"], exp_avg_sq_B=state_b["exp_avg_sq"],
-                P=stats.P, G=stats.G, M=stats.M, grad_A=grad_a.contiguous(), grad_B=grad_b.contiguous(), U=U,
-                step_A=float(state_a["step"]), step_B=float(state_b["step"]),
-                stats=stats, work=w, backend=backend, weights=w.pair.weights(device, md),
-                lam=w.lam * w.pair.coef,
-            ))
-        total = _anchoring_terms(items)
-        # batches share a backend, device, param dtype and group (one set of hyperparameters)
-        batches: dict[tuple, list] = {}
-        for it in items:
-            w = it["work"]
-            if w.shard is not None:
-                it = w.shard.localize(it, it["stats"].gathered_A)
-            batches.setdefault((it["backend"].name, w.B.device, w.B.dtype, id(w.group)), []).append(
-                (it["backend"], w, it))
-        for items in batches.values():
-            backend, w0, _ = items[0]
-            group = w0.group
-            beta1, beta2 = group["betas"]
-            cols = {k: [it[k] for _, _, it in items] for k in _KERNEL_ARGS}
-            # grad scaling by GradScaler happens before step(); found_inf skips step() entirely
-            backend.fused_step(
-                cols["A"], cols["B"], cols["exp_avg_A"], cols["exp_avg_sq_A"], cols["exp_avg_B"],
-                cols["exp_avg_sq_B"], cols["P"], cols["G"], cols["M"], cols["grad_A"], cols["grad_B"],
-                cols["U"], cols["Q_B"], cols["R_B"], cols["H"], cols["step_A"], cols["step_B"],
-                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]), bool(group["maximize"]),
-            )
-            sharded = [(w.shard, it["stats"]) for _, w, it in items if w.shard is not None]
-            if sharded:  # FSDP2: the backend wrote local shards and partial sums; complete them
-                shards, stats = zip(*sharded)
-                gathered = complete_sharded_step(shards, [s.P for s in stats], [s.G for s in stats],
-                                                 [s.M for s in stats])
-                for st, a_full in zip(stats, gathered):
-                    st.gathered_A = a_full
-            for _, w, it in items:
-                it["stats"].tag = _param_tag(w.A, w.B)
-        self._anchor_loss = total.detach()
-
-
-_KERNEL_ARGS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "grad_A",
-                "grad_B", "U", "Q_B", "R_B", "H", "step_A", "step_B")
-
-
-def _anchoring_terms(items: list[dict]) -> Tensor:
-    """Fill ``Q_B``, ``R_B``, ``H`` of every item and return ``R`` summed over the items.
-
-    Pairs with the same (k, r, dtype, device) are computed together as batched matmuls::
-
-        Pw = diag(w) P            (k, r)      H   = 2λ (G − Pᵀ Pw)      (r, r)
-        Q_B = 2λ M                (r, r)      R_B = 2λ Pw M            (k, r)
-        R = λ ⟨G − Pᵀ Pw, M⟩ = ½ ⟨H, M⟩
-    """
-    buckets: dict[tuple, list[dict]] = {}
-    for it in items:
-        P = it["P"]
-        buckets.setdefault((tuple(P.shape), P.dtype, P.device), []).append(it)
-    total = None
-    for (_, dtype, device), bucket in buckets.items():
-        lams = [it["lam"] for it in bucket]
-        if len(bucket) == 1:  # no stacking: views with a leading batch dimension of 1
-            it = bucket[0]
-            P, G, M, w = it["P"][None], it["G"][None], it["M"][None], it["weights"][None]
-        else:
-            P = torch.stack([it["P"] for it in bucket])  # (L, k, r)
-            G = torch.stack([it["G"] for it in bucket])  # (L, r, r)
-            M = torch.stack([it["M"] for it in bucket])
-            w = torch.stack([it["weights"] for it in bucket])  # (L, k)
-        if all(lam == lams[0] for lam in lams):
-            two_lam = 2.0 * lams[0]  # a Python scalar: no tensor op
-        else:
-            two_lam = torch.tensor(lams, dtype=dtype, device=device)[:, None, None] * 2.0
-        Pw = w[:, :, None] * P
-        H = (G - P.mT @ Pw) * two_lam
-        Q_B = M * two_lam
-        R_B = (Pw * two_lam) @ M
-        loss = (H * M).sum() * 0.5
-        total = loss if total is None else total + loss.to(total.device, total.dtype)
-        for j, it in enumerate(bucket):
-            it["Q_B"], it["R_B"], it["H"] = Q_B[j], R_B[j], H[j]
-    return total
+_DETACHED_MESSAGE = (
+    "this optimizer's anchor binding was not carried over (the optimizer was unpickled without its model), so "
+    "it cannot anchor anything: build a new AsFTAdamW with anchor=anchor.bind(model) over the model you train "
+    "and load this optimizer's state_dict() into it"
+)
 
 
 def _check_lambda(lam) -> None:
@@ -447,11 +786,5 @@ def _validate_pair(pair: AnchoredPair, A: Tensor, B: Tensor) -> None:
         if not t.is_contiguous():
             raise OptimizerInputError(f"{name}: {label} must be contiguous")
         g = t.grad
-        if g is not None:
-            if g.is_sparse:
-                raise OptimizerInputError(f"{name}: sparse gradient for {label} is not supported")
-            if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
-                raise OptimizerInputError(
-                    f"{name}: {label} grad is {tuple(g.shape)} {g.dtype} on {g.device}, "
-                    f"parameter is {tuple(t.shape)} {t.dtype} on {t.device}"
-                )
+        if g is not None and g.is_sparse:
+            raise OptimizerInputError(f"{name}: sparse gradient for {label} is not supported")

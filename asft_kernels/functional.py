@@ -1,0 +1,91 @@
+"""The stateless anchored AdamW step: what :class:`asft_kernels.AsFTAdamW` runs each step.
+
+As ``torch.optim.adamw.adamw`` is to ``torch.optim.AdamW``: no param groups, no state
+creation, no caching. The optimizer resolves its pairs into buckets once (its step plan)
+and calls these functions with the bucket's tensors.
+
+Symbols (docs/method.md), per pair ``j`` of a bucket of L pairs of equal (k, r):
+``P = Uᵀ B`` (k, r), ``G = Bᵀ B`` (r, r), ``M = A Aᵀ`` (r, r), ``w = 2c − c²`` (k,).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .ops import AdamWHyper, AnchoredBatch, Backend, resolve_backend, route
+
+__all__ = ["AdamWHyper", "AnchoredBatch", "anchored_adamw", "anchoring_terms"]
+
+
+def anchoring_terms(
+    P: Tensor, G: Tensor, M: Tensor, w: Tensor, two_lam: float | Tensor,
+    Q_B: Tensor, R_B: Tensor, H: Tensor,
+) -> Tensor:
+    """The r×r / k×r terms of the anchoring gradient for a bucket, as batched matmuls::
+
+        Pw  = diag(w) P              (L, k, r)
+        H   = 2λ (G − Pᵀ Pw)         (L, r, r)      g_A = grad_A + H A
+        Q_B = 2λ M                   (L, r, r)      g_B = grad_B + B Q_B − U R_B
+        R_B = 2λ Pw M                (L, k, r)
+        R   = λ ⟨G − Pᵀ Pw, M⟩ = ½ Σ_j ⟨H_j, M_j⟩
+
+    Args:
+        P: (L, k, r), G: (L, r, r), M: (L, r, r) statistics in the math dtype.
+        w: (L, k, 1) per-direction weights ``w = 2c − c²``.
+        two_lam: 2λ, a Python number or an (L, 1, 1) tensor (per-pair λ·coef).
+        Q_B, R_B, H: preallocated outputs of the shapes above, written in place.
+
+    Returns:
+        ``R`` summed over the bucket, a 0-d tensor in the math dtype.
+    """
+    Pw = P * w
+    torch.baddbmm(G, P.mT, Pw, beta=1.0, alpha=-1.0, out=H)
+    H.mul_(two_lam)
+    torch.mul(M, two_lam, out=Q_B)
+    torch.bmm(Pw, Q_B, out=R_B)
+    return torch.vdot(H.reshape(-1), M.reshape(-1)) * 0.5
+
+
+def split_by_route(backend: Backend, batch: AnchoredBatch) -> list[tuple[Backend, AnchoredBatch]]:
+    """``batch`` split into the sub-batches each backend runs (:func:`asft_kernels.ops.route`)."""
+    index: dict[str, tuple[Backend, list[int]]] = {}
+    for j, (A, B) in enumerate(zip(batch.A, batch.B)):
+        chosen = route(backend, B.dtype, int(A.shape[0]))
+        index.setdefault(chosen.name, (chosen, []))[1].append(j)
+    if len(index) == 1:
+        (chosen, _), = index.values()
+        return [(chosen, batch)]
+    return [(chosen, batch.select(idx)) for chosen, idx in index.values()]
+
+
+def anchored_adamw(
+    batch: AnchoredBatch,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    backend: str | Backend = "auto",
+) -> None:
+    """One anchored AdamW step on ``batch`` (contract: :mod:`asft_kernels.ops.schema`).
+
+    Every pair: ``g_B = grad_B + B Q_B − U R_B``, ``g_A = grad_A + H A``, then AdamW exactly
+    as ``torch.optim.AdamW`` with ``t = step`` (already incremented), and ``P, G, M`` of the
+    stored new values written in place. ``Q_B, R_B, H`` come from :func:`anchoring_terms`.
+
+    Args:
+        batch: the pairs' tensors; A, B, the moments and P, G, M are written in place.
+        lr: learning rate (parameter units per step). betas, eps, weight_decay, maximize:
+            as ``torch.optim.AdamW``.
+        backend: a name (``auto|eager|cpp|triton``, resolved for the batch's device) or a
+            resolved :class:`~asft_kernels.ops.Backend`; pairs it does not support run eager.
+    """
+    if len(batch) == 0:
+        return
+    if isinstance(backend, str):
+        backend = resolve_backend(backend, batch.B[0].device)
+    hyper = AdamWHyper(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), bool(maximize))
+    for chosen, part in split_by_route(backend, batch):
+        chosen.fused_step(part, hyper)
