@@ -50,6 +50,18 @@ def _step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _gather_steps(states: list[dict]) -> Tensor | None:
+    """One (N,) buffer holding the ``step`` of every state in ``states``, each
+    ``state["step"]`` replaced by its 0-d view: one in-place add advances them all, and
+    ``state_dict()`` still holds a 0-d ``step`` tensor per parameter, as AdamW's does."""
+    if not states:
+        return None
+    buffer = torch.stack([st["step"].reshape(()).to(_step_dtype()) for st in states])
+    for st, view in zip(states, buffer.unbind(0)):
+        st["step"] = view
+    return buffer
+
+
 def _data_ptrs(tensors: list[Tensor]) -> list[int]:
     return list(map(Tensor.data_ptr, tensors))
 
@@ -129,7 +141,7 @@ class _StepPlan:
     partial: list[_PartialPair]
     plain: list[list[Tensor]]  # per group: params stepped by torch's AdamW
     plain_fp32_state: list[list[Tensor]]  # per group: λ = 0 low-precision factors with fp32 moments
-    steps: list[Tensor]  # every anchored step counter, advanced with one foreach op
+    steps: Tensor | None  # (N,) every anchored step counter; each state["step"] is a 0-d view of it
 
     def still_valid(self, opt: AsFTAdamW) -> bool:
         if self.generation != opt._generation:
@@ -447,8 +459,8 @@ class AsFTAdamW(torch.optim.AdamW):
             for p in plan.plain_fp32_state[gi]:
                 if p.grad is not None:
                     self._eager_adamw(group, p, p.grad)
-        if plan.steps:
-            torch._foreach_add_(plan.steps, 1)
+        if plan.steps is not None:
+            plan.steps.add_(1)
         for bucket, (grad_A, grad_B) in zip(plan.buckets, grads):
             group = self.param_groups[bucket.group_index]
             batch = bucket.batch
@@ -476,7 +488,7 @@ class AsFTAdamW(torch.optim.AdamW):
         anchored: list[Tensor] = []
         buckets: dict[tuple, dict] = {}
         partial: list[_PartialPair] = []
-        steps: list[Tensor] = []
+        step_states: list[dict] = []
         backends: dict[torch.device, Backend] = {}
         lam_zero = [float(g["anchor_lambda"]) == 0.0 for g in groups]
         sharded_any = False
@@ -522,13 +534,16 @@ class AsFTAdamW(torch.optim.AdamW):
         # ---- every check passed: create state and buffers
         out_buckets = []
         for spec in buckets.values():
-            out_buckets.append(self._make_bucket(spec["backend"], spec["gi"], spec["items"], steps))
+            out_buckets.append(self._make_bucket(spec["backend"], spec["gi"], spec["items"], step_states))
         for gi, pair, A, B, train_A, basis_dtype, md in pending:
             param = A if train_A else B
-            state = self._state_for(param)
+            step_states.append(self._state_for(param))
             partial.append(_PartialPair(pair, A, B, gi, train_A, pair.basis(B.device, basis_dtype),
                                         pair.weights(B.device, md)))
-            steps.append(state["step"])
+        steps = _gather_steps(step_states)
+        for bucket in out_buckets:
+            bucket.batch.step_A = [self.state[a]["step"] for a in bucket.A]
+            bucket.batch.step_B = [self.state[b]["step"] for b in bucket.B]
         plain, plain_fp32 = [], []
         for group in groups:
             ps, fp32 = [], []
@@ -562,7 +577,7 @@ class AsFTAdamW(torch.optim.AdamW):
             steps=steps,
         )
 
-    def _make_bucket(self, backend: Backend, gi: int, items: list, steps: list[Tensor]) -> _Bucket:
+    def _make_bucket(self, backend: Backend, gi: int, items: list, step_states: list[dict]) -> _Bucket:
         pairs = [it[0] for it in items]
         As = [it[1] for it in items]
         Bs = [it[2] for it in items]
@@ -587,10 +602,8 @@ class AsFTAdamW(torch.optim.AdamW):
         missing_B = [j for j, b in enumerate(Bs) if b.grad is None]
         zeros_A = {j: torch.zeros_like(As[j]) for j in missing_A}
         zeros_B = {j: torch.zeros_like(Bs[j]) for j in missing_B}
-        step_A = [s["step"] for s in states_A]
-        step_B = [s["step"] for s in states_B]
-        steps.extend(step_A)
-        steps.extend(step_B)
+        step_states.extend(states_A)
+        step_states.extend(states_B)
         batch = AnchoredBatch(
             A=As, B=Bs,
             exp_avg_A=[s["exp_avg"] for s in states_A], exp_avg_sq_A=[s["exp_avg_sq"] for s in states_A],
@@ -599,7 +612,7 @@ class AsFTAdamW(torch.optim.AdamW):
             grad_A=[], grad_B=[],
             U=[p.basis(device, basis_dtype) for p in pairs],
             Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
-            step_A=step_A, step_B=step_B,
+            step_A=[], step_B=[],  # views of the plan's step buffer, set once it exists
         )
         sharded = any(s is not None for s in shards)
         return _Bucket(

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from asft_kernels.errors import OptimizerInputError
-from asft_kernels.ops import EAGER, cpp, eager, resolve_backend
+from asft_kernels.ops import EAGER, AdamWHyper, AnchoredBatch, cpp, eager, resolve_backend
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # max |cpp − eager| / max |eager| per parameter dtype: the two differ by summation order
@@ -79,9 +79,13 @@ def _pairs(shapes, dtype, seed=0):
 
 
 def _fused(impl, cols, steps=3.0, maximize=False):
-    impl(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"], cols["M"],
-         cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [steps] * len(cols["A"]),
-         [steps + 1] * len(cols["A"]), 1e-2, 0.9, 0.999, 1e-8, 0.1, maximize)
+    """Run a backend's ``fused_step(batch, hyper)`` on ``cols`` (step_A = steps, step_B = steps + 1)."""
+    n = len(cols["A"])
+    batch = AnchoredBatch(
+        cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"], cols["M"],
+        cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"],
+        [torch.tensor(float(steps)) for _ in range(n)], [torch.tensor(float(steps) + 1) for _ in range(n)])
+    impl(batch, AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, maximize))
 
 
 def _clone(cols):
@@ -98,13 +102,13 @@ def _assert_close(name, got, want, dtype):
 def _compare(shapes, dtype, maximize=False):
     ref = _pairs(shapes, dtype)
     got = _clone(ref)
-    _fused(eager.fused_step_impl, ref, maximize=maximize)
+    _fused(eager.fused_step, ref, maximize=maximize)
     _fused(cpp.fused_step, got, maximize=maximize)
     for name in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M"):
         for j, (g, w) in enumerate(zip(got[name], ref[name])):
             _assert_close(f"{name}[{j}] {shapes[j]}", g, w, dtype)
     # stats pass on the updated parameters
-    s_ref = eager.stats_pass_impl(ref["U"], ref["B"], ref["A"])
+    s_ref = eager.stats_pass(ref["U"], ref["B"], ref["A"])
     s_got = cpp.stats_pass(got["U"], got["B"], got["A"])
     for name, gl, wl in zip("PGM", s_got, s_ref):
         for j, (g, w) in enumerate(zip(gl, wl)):
@@ -135,7 +139,7 @@ def test_basis_in_bf16_and_strided_small_inputs():
     ref = _clone(cols)
     ref["U"] = [ref["U"][0].float()]
     ref["Q"] = [ref["Q"][0].contiguous()]
-    _fused(eager.fused_step_impl, ref)
+    _fused(eager.fused_step, ref)
     _fused(cpp.fused_step, cols)
     for name in ("A", "B", "P", "G", "M"):
         _assert_close(name, cols[name][0], ref[name][0], torch.float32)
@@ -154,8 +158,8 @@ def test_opcheck():
     cols = _pairs([(37, 50, 3, 5), (1, 7, 2, 1)], torch.float32, seed=1)
     torch.library.opcheck(torch.ops.asft.stats_pass.default, (cols["U"], cols["B"], cols["A"]))
     args = (cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"], cols["M"],
-            cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [2.0, 2.0], [2.0, 2.0],
-            1e-3, 0.9, 0.999, 1e-8, 0.01, False)
+            cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [torch.tensor(2.0)] * 2,
+            [torch.tensor(2.0)] * 2, 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
     torch.library.opcheck(torch.ops.asft.fused_anchored_adamw_.default, args)
 
 
@@ -176,6 +180,11 @@ def test_bad_input_raises_and_changes_nothing():
     cols["B"][0] = torch.randn(3, 37).T  # not contiguous
     with pytest.raises(OptimizerInputError, match=r"B\[0\] must be contiguous"):
         _fused(cpp.fused_step, cols)
+    with pytest.raises(OptimizerInputError, match=r"step_A\[0\] must be a one-element fp32/fp64 CPU tensor"):
+        cols["B"][0] = before["B"][0].clone()
+        batch = AnchoredBatch(*(cols[k] for k in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB", "U",
+                                                  "Q", "R", "H")), [torch.tensor([1, 2])] * 2, [torch.tensor(1.0)] * 2)
+        cpp.fused_step(batch, AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False))
     with pytest.raises(OptimizerInputError, match="as many U as B"):
         cpp.stats_pass(cols["U"][:1], cols["B"], cols["A"])
     with pytest.raises(OptimizerInputError, match=r"B\[0\] must be fp64/fp32/bf16/fp16"):

@@ -87,23 +87,58 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
 
     Per pair ``j``: A (r, n), B (m, r) and their moments are updated in place, and
     ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) receive the statistics of the stored values.
+    The AdamW update runs as ``torch.optim.AdamW``'s foreach implementation does, over every
+    factor of the batch at once; the anchoring products are a few matmuls per pair.
     """
+    if len(batch) == 0:
+        return
+    dtypes = {b.dtype for b in batch.B}
+    if len(dtypes) > 1:  # one math dtype per foreach call
+        for dtype in dtypes:
+            fused_step(batch.select([j for j, b in enumerate(batch.B) if b.dtype == dtype]), hyper)
+        return
     lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
     b = batch
-    for j in range(len(b)):
-        dt = b.exp_avg_B[j].dtype
-        b_old = b.B[j].to(dt)
-        a_old = b.A[j].to(dt)
-        # Anchoring gradients from the cached statistics (before any update).
-        g_b = b.grad_B[j].to(dt) + b_old @ b.Q_B[j] - b.U[j].to(dt) @ b.R_B[j]
-        g_a = b.grad_A[j].to(dt) + b.H[j] @ a_old
-        if maximize:
-            g_b = -g_b
-            g_a = -g_a
-        adamw = (lr, beta1, beta2, eps, weight_decay)
-        b_new = _adamw_update_(b.B[j], g_b, b.exp_avg_B[j], b.exp_avg_sq_B[j], float(b.step_B[j]), *adamw)
-        a_new = _adamw_update_(b.A[j], g_a, b.exp_avg_A[j], b.exp_avg_sq_A[j], float(b.step_A[j]), *adamw)
-        # Next step's statistics, from the values as stored.
-        b.P[j].copy_(b.U[j].to(dt).T @ b_new)
-        b.G[j].copy_(b_new.T @ b_new)
-        b.M[j].copy_(a_new @ a_new.T)
+    L = len(b)
+    dt = b.exp_avg_B[0].dtype
+    same = b.B[0].dtype == dt
+    B_old = b.B if same else [t.to(dt) for t in b.B]
+    A_old = b.A if same else [t.to(dt) for t in b.A]
+    # Anchoring gradients from the cached statistics (before any update):
+    # g_B = grad_B + B Q_B − U R_B,  g_A = grad_A + H A
+    grads = []
+    for j in range(L):
+        g_b = torch.addmm(b.grad_B[j].to(dt), B_old[j], b.Q_B[j])
+        grads.append(g_b.addmm_(b.U[j].to(dt), b.R_B[j], alpha=-1.0))
+    for j in range(L):
+        grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], A_old[j]))
+    if maximize:
+        torch._foreach_neg_(grads)
+    params = list(b.B) + list(b.A)
+    work = params if same else B_old + A_old  # fresh math-dtype copies, written back below
+    exp_avgs = list(b.exp_avg_B) + list(b.exp_avg_A)
+    exp_avg_sqs = list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A)
+    steps = torch.stack(list(b.step_B) + list(b.step_A)).tolist()
+    # torch.optim.AdamW (foreach, decoupled weight decay), operation by operation
+    if weight_decay != 0:
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_size = [-(lr / (1 - beta1**t)) for t in steps]
+    bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(work, exp_avgs, denom, step_size)
+    if not same:
+        torch._foreach_copy_(params, work)
+        stored = [t.to(dt) for t in params]  # the values as stored (rounded), in the math dtype
+    else:
+        stored = params
+    # Next step's statistics, from the values as stored.
+    for j in range(L):
+        b_new, a_new = stored[j], stored[L + j]
+        torch.mm(b.U[j].to(dt).T, b_new, out=b.P[j])
+        torch.mm(b_new.T, b_new, out=b.G[j])
+        torch.mm(a_new, a_new.T, out=b.M[j])

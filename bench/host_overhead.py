@@ -1,0 +1,170 @@
+"""Host work of one optimizer step on a model with many adapted layers.
+
+A Llama layout (``--layers`` decoder layers × 7 LoRA targets: q, k, v, o, gate, up, down;
+hidden 64, intermediate 128, r 8, anchor k 8) keeps every shape small on purpose, so that
+what is measured is the Python and dispatch work around the kernels. Every LoRA parameter
+has a fixed random gradient; a step is the optimizer's work only.
+
+Reported, in one run: the median step time of ``torch.optim.AdamW(fused=True)``,
+``AdamW(foreach=True)``, ``AsFTAdamW`` with the C++ and the eager backend, their ratios, the
+number of torch ops one step dispatches (a ``TorchDispatchMode`` counter) and how many
+times the step plan was built.
+
+    python bench/host_overhead.py                  # 2, 8 and 32 layers (14, 56, 224 pairs)
+    python bench/host_overhead.py --json out.json  # also write the rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_lora(layers: int, hidden: int = 64, inter: int = 128, r: int = 8, seed: int = 0):
+    """A PEFT LoRA model of a tiny Llama with every linear layer adapted (B ≠ 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    base = LlamaForCausalLM(cfg)
+    lcfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), init_lora_weights=False, lora_dropout=0.0)
+    return get_peft_model(base, lcfg)
+
+
+def anchored_model(layers: int, k: int = 8, seed: int = 0):
+    """``(model, binding, params)``: the LoRA model, a binding of a random rank-k anchor for
+    every adapted layer, and the trainable parameters with fixed random gradients."""
+    from asft_kernels import AlignmentAnchor
+    from asft_kernels.anchor import normalize_module_name
+
+    model = llama_lora(layers, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    deltas = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            m, n = module.base_layer.weight.shape
+            V = torch.randn(m, k, generator=gen) @ torch.randn(k, n, generator=gen)
+            deltas[normalize_module_name(name)] = V
+    anchor = AlignmentAnchor.from_deltas(deltas, rank=k)
+    binding = anchor.bind(model, mode="paper")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    return model, binding, params
+
+
+def make_optimizer(variant: str, params, binding):
+    from asft_kernels import AsFTAdamW
+
+    if variant == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    if variant == "adamw_foreach":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+    return AsFTAdamW(params, lr=1e-4, weight_decay=0.01, anchor=binding, anchor_lambda=1.0, backend=variant)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(optimizer) -> int:
+    """Torch ops dispatched by one ``step()`` after the first (plan built, stats cached)."""
+    optimizer.step()
+    with OpCounter() as counter:
+        optimizer.step()
+    return counter.count
+
+
+def median_step_ms(optimizer, steps: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+VARIANTS = ("adamw_fused", "adamw_foreach", "cpp", "eager")
+
+
+def measure(layers: int, steps: int, rounds: int) -> dict:
+    """One row: medians over ``rounds`` interleaved rounds of ``steps`` steps per variant."""
+    _, binding, params = anchored_model(layers)
+    opts = {v: make_optimizer(v, params, binding) for v in VARIANTS}
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):  # interleaved, so a load change hits every variant alike
+        for v, opt in opts.items():
+            samples[v].append(median_step_ms(opt, steps))
+    row = {"layers": layers, "pairs": len(binding), "params": len(params)}
+    for v in VARIANTS:
+        row[f"{v}_ms"] = round(statistics.median(samples[v]), 4)
+    row["cpp_over_fused"] = round(row["cpp_ms"] / row["adamw_fused_ms"], 3)
+    row["eager_over_foreach"] = round(row["eager_ms"] / row["adamw_foreach_ms"], 3)
+    for v in ("cpp", "eager", "adamw_fused"):
+        row[f"{v}_ops_per_step"] = ops_per_step(opts[v])
+    row["cpp_plan_builds"] = opts["cpp"].plan_builds
+    return row
+
+
+def machine() -> dict:
+    import asft_kernels
+
+    return {
+        "torch": torch.__version__, "asft_kernels": asft_kernels.__version__, "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32], help="decoder layers (7 pairs each)")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median of their medians is kept")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [measure(n, args.steps, args.rounds) for n in args.layers]
+    head = ("pairs", "adamw_fused_ms", "adamw_foreach_ms", "cpp_ms", "eager_ms", "cpp_over_fused",
+            "eager_over_foreach", "cpp_ops_per_step", "eager_ops_per_step", "adamw_fused_ops_per_step")
+    print(" | ".join(head))
+    for row in rows:
+        print(" | ".join(str(row[h]) for h in head))
+    info = machine()
+    print(f"# {info}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
