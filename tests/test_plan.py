@@ -1,0 +1,202 @@
+"""The step plan: built once, reused on ordinary steps, rebuilt when what it depends on
+changes, with trajectories exact across every rebuild; host work per step that does not
+grow with the number of pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import available_backends
+from helpers import asft_and_reference, lockstep, max_rel_err, odd_anchor, odd_lora, odd_task_loss, trainable
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import asft_kernels as asft
+from asft_kernels.anchor import normalize_module_name
+from asft_kernels.reference import paper_regularizer
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _all_linear_llama(layers: int):
+    """A tiny Llama with all 7 linear targets adapted per layer (7 · layers pairs), a
+    random rank-4 anchor for every one, and fixed random gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=list(TARGETS),
+                                                             init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    deltas = {normalize_module_name(n): torch.randn(m.base_layer.weight.shape, generator=g)
+              for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    binding = asft.AlignmentAnchor.from_deltas(deltas, rank=4).bind(model)
+    params = trainable(model)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+    return binding, params
+
+
+@pytest.mark.skipif("cpp" not in available_backends(), reason="the C++ backend is not built here")
+def test_cpp_step_dispatches_the_same_ops_at_14_and_224_pairs():
+    counts = {}
+    for layers in (2, 32):
+        binding, params = _all_linear_llama(layers)
+        assert len(binding) == 7 * layers
+        opt = asft.AsFTAdamW(params, lr=1e-3, anchor=binding, backend="cpp")
+        opt.step()
+        with _OpCounter() as counter:
+            opt.step()
+        counts[len(binding)] = counter.ops
+        assert opt.plan_builds == 1
+    assert counts[14] == counts[224], (len(counts[14]), len(counts[224]))
+    assert any("fused_anchored_adamw_" in op for op in counts[14])
+
+
+def test_eager_step_ops_grow_only_with_the_anchoring_products():
+    """The eager AdamW update is foreach (constant); what grows per pair is a fixed number of
+    matmuls for the anchoring gradient and the next statistics."""
+    per = {}
+    for layers in (1, 2):
+        binding, params = _all_linear_llama(layers)
+        opt = asft.AsFTAdamW(params, lr=1e-3, anchor=binding, backend="eager")
+        opt.step()
+        with _OpCounter() as counter:
+            opt.step()
+        per[len(binding)] = len(counter.ops)
+    growth = (per[14] - per[7]) / 7
+    assert growth <= 10, per
+
+
+def test_plan_is_reused_on_ordinary_steps(backend):
+    m1 = odd_lora(r=2)
+    opt = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=odd_anchor(rank=3).bind(m1), backend=backend)
+    for s in range(5):
+        opt.zero_grad()  # new gradient tensors every step
+        odd_task_loss(m1, s, torch.float64).backward()
+        opt.step()
+    assert opt.plan_builds == 1
+
+
+def _ground_truth_after(event):
+    """Run 6 lockstep steps of AsFTAdamW and of AdamW on task + λR; before step 3 apply
+    ``event(m1, o1, m2, o2) -> λ`` to both. Returns (max relative error, plan builds)."""
+    m1, o1, m2, o2, b2 = asft_and_reference()
+    lam = 1.0
+    for s in range(6):
+        if s == 3:
+            lam = event(m1, o1, m2, o2)
+        lockstep(m1, o1, m2, o2, b2, s, lam=lam)
+    return max_rel_err(trainable(m1), trainable(m2)), o1.plan_builds
+
+
+def test_rebuilt_after_add_param_group():
+    def event(m1, o1, m2, o2):
+        for m, o in ((m1, o1), (m2, o2)):
+            extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+            m.register_parameter("extra", extra)
+            o.add_param_group({"params": [extra]})
+        return 1.0
+
+    err, builds = _ground_truth_after(event)
+    assert err < 1e-10 and builds == 2
+
+
+def test_rebuilt_after_load_state_dict():
+    def event(m1, o1, m2, o2):
+        o1.load_state_dict(o1.state_dict())
+        return 1.0
+
+    err, builds = _ground_truth_after(event)
+    assert err < 1e-10 and builds == 2
+
+
+def test_rebuilt_after_parameter_swap():
+    def event(m1, o1, m2, o2):
+        mapping = {}
+        for mod in m1.modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                new = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                setattr(mod, name, new)
+                mapping[id(p)] = new
+        for group in o1.param_groups:
+            for i, p in enumerate(group["params"]):
+                o1.state[mapping[id(p)]] = o1.state.pop(p)
+                group["params"][i] = mapping[id(p)]
+        return 1.0
+
+    err, builds = _ground_truth_after(event)
+    assert err < 1e-10 and builds == 2
+
+
+def test_rebuilt_after_requires_grad_toggle():
+    def event(m1, o1, m2, o2):
+        for m in (m1, m2):
+            m.base_model.model.up.lora_A["default"].weight.requires_grad_(False)
+        return 1.0
+
+    m1, o1, m2, o2, b2 = asft_and_reference()
+    frozen_before = None
+    for s in range(6):
+        if s == 3:
+            event(m1, o1, m2, o2)
+            a = m1.base_model.model.up.lora_A["default"].weight
+            frozen_before = (a.detach().clone(), {k: v.clone() for k, v in o1.state[a].items()})
+        lockstep(m1, o1, m2, o2, b2, s)
+    a = m1.base_model.model.up.lora_A["default"].weight
+    assert torch.equal(a, frozen_before[0])
+    assert all(torch.equal(o1.state[a][k], v) for k, v in frozen_before[1].items())
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    assert o1.plan_builds == 2
+
+
+def test_lambda_to_zero_and_back_by_a_scheduler():
+    m1, o1, m2, o2, b2 = asft_and_reference()
+    schedule = [1.0, 1.0, 0.0, 0.0, 0.5, 2.0]
+    for s, lam in enumerate(schedule):
+        for group in o1.param_groups:
+            group["anchor_lambda"] = lam
+        lockstep(m1, o1, m2, o2, b2, s, lam=lam)
+        assert (o1.anchor_loss is None) == (lam == 0.0)  # no anchored term in a λ = 0 step
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    assert o1.plan_builds == 3  # first step, λ → 0, λ → 0.5 (0.5 → 2 moves nothing)
+
+
+def test_rebuilt_after_dtype_change():
+    """``model.to(dtype)`` keeps the parameter objects but replaces their storage."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    b2 = anchor.bind(m2)
+    dtype = torch.float64
+    for s in range(6):
+        if s == 3:
+            dtype = torch.float32
+            m1.to(dtype)
+            m2.to(dtype)
+            for o in (o1, o2):  # AdamW's moments follow the parameters' dtype
+                for st in o.state.values():
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        st[key] = st[key].to(dtype)
+        for m, o, extra in ((m1, o1, 0.0), (m2, o2, None)):
+            o.zero_grad()
+            loss = odd_task_loss(m, s, dtype)
+            if extra is None:
+                loss = loss + paper_regularizer(b2, 1.0)
+            loss.backward()
+            o.step()
+    assert all(p.dtype == torch.float32 for p in trainable(m1))
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-5
+    assert o1.plan_builds == 2
