@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from asft_kernels.errors import OptimizerInputError
-from asft_kernels.ops import EAGER, cpp, cpp_build, eager, resolve_backend
+from asft_kernels.ops import EAGER, cpp, eager, resolve_backend
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # max |cpp − eager| / max |eager| per parameter dtype: the two differ by summation order
@@ -259,6 +259,8 @@ def test_missing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, tmp_
 
 
 def test_cache_key_tracks_torch_version_and_cpu_flags(monkeypatch):
+    from asft_kernels.ops import cpp_build
+
     key = cpp.cache_key()
     assert cpp.cache_dir().name == f"cpu_{key}"
     monkeypatch.setattr(cpp_build, "_cpu_flags", lambda: "sse2")
@@ -271,6 +273,8 @@ def test_cache_key_tracks_torch_version_and_cpu_flags(monkeypatch):
 def test_cache_key_covers_the_build_command(monkeypatch, tmp_path):
     """Two checkouts (same sources, other paths), two Python environments or two cache
     roots never share a build directory, so none rewrites the other's build.ninja."""
+    from asft_kernels.ops import cpp_build
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     here = cpp.cache_dir()
     copy = tmp_path / "other_checkout" / "csrc"
