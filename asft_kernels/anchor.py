@@ -433,11 +433,11 @@ def _make_pair(key, entry, mod_name, module, adapter, mode, use_lora_scaling) ->
             "only linear and Conv1D layers can be anchored"
         )
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base_layer", None)
-    weight = getattr(base, "weight", None)
-    if weight is None or weight.ndim != 2:
+    shape = _logical_weight_shape(base)
+    if shape is None:
         raise UnsupportedAdapterError(f"{mod_name}: base layer {type(base).__name__} has no 2-D weight")
     conv1d = type(base).__name__ == "Conv1D" or bool(getattr(module, "fan_in_fan_out", False))
-    found = tuple(weight.shape[::-1]) if conv1d else tuple(weight.shape)
+    found = shape[::-1] if conv1d else shape
     if found != tuple(entry.shape):
         layout = " (Conv1D, in × out stored, compared transposed)" if conv1d else ""
         raise AnchorMismatchError(
@@ -457,6 +457,23 @@ def _make_pair(key, entry, mod_name, module, adapter, mode, use_lora_scaling) ->
         coef = float(module.scaling[adapter]) ** 2
     return AnchoredPair(key=key, module_name=mod_name, module=module, adapter=adapter, entry=entry,
                         mode=mode, coef=coef, conv1d=conv1d)
+
+
+def _logical_weight_shape(base: nn.Module | None) -> tuple[int, int] | None:
+    """The (rows, cols) of ``base``'s weight as the layer computes with it, or None.
+
+    A quantized weight stores a packed tensor: bitsandbytes' 4-bit ``Params4bit`` is
+    (m·n/2, 1) uint8 and keeps the real shape in ``quant_state.shape``; its 8-bit
+    ``Int8Params`` keeps the real (m, n) shape. Unquantized weights are their own shape.
+    """
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return None
+    quant_state = getattr(weight, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is None:
+        shape = weight.shape
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
 
 
 @dataclass

@@ -268,13 +268,44 @@ def test_missing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, tmp_
 
 
 def test_cache_key_tracks_torch_version_and_cpu_flags(monkeypatch):
+    from asft_kernels.ops import cpp_build
+
     key = cpp.cache_key()
     assert cpp.cache_dir().name == f"cpu_{key}"
-    monkeypatch.setattr(cpp, "_cpu_flags", lambda: "sse2")
+    monkeypatch.setattr(cpp_build, "_cpu_flags", lambda: "sse2")
     other_cpu = cpp.cache_key()
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     other_torch = cpp.cache_key()
     assert len({key, other_cpu, other_torch}) == 3
+
+
+def test_cache_key_covers_the_build_command(monkeypatch, tmp_path):
+    """Two checkouts (same sources, other paths), two Python environments or two cache
+    roots never share a build directory, so none rewrites the other's build.ninja."""
+    from asft_kernels.ops import cpp_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    here = cpp.cache_dir()
+    copy = tmp_path / "other_checkout" / "csrc"
+    copy.mkdir(parents=True)
+    for name in cpp_build.SOURCES:
+        shutil.copy(cpp_build.SOURCE_DIR / name, copy / name)
+    with monkeypatch.context() as m:
+        m.setattr(cpp_build, "SOURCE_DIR", copy)
+        other_checkout = cpp.cache_dir()
+        assert cpp_build.load_arguments()["sources"] == [str(copy / n) for n in cpp_build.SOURCES]
+    with monkeypatch.context() as m:
+        m.setattr(sys, "prefix", str(tmp_path / "venv"))
+        m.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+        other_env = cpp.cache_dir()
+    with monkeypatch.context() as m:
+        m.setattr(cpp_build, "CFLAGS", (*cpp_build.CFLAGS, "-DEXTRA"))
+        other_flags = cpp.cache_dir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache2"))
+    other_root = cpp.cache_dir()
+    names = {d.name for d in (here, other_checkout, other_env, other_flags, other_root)}
+    assert len(names) == 5, names
+    assert cpp.cache_dir() == other_root  # deterministic
 
 
 def test_build_ext_command(capsys):
@@ -303,3 +334,61 @@ def test_build_prints_one_line_and_uses_the_keyed_cache(monkeypatch, tmp_path, c
     assert call["is_python_module"] is False and "-march=native" in call["extra_cflags"]
     cpp.build()  # loaded: no second build, nothing printed
     assert len(calls) == 1 and capsys.readouterr().err == ""
+
+
+def _fake_build_dir(tmp_path, monkeypatch):
+    """A keyed cache directory holding a built library whose build.ninja only copies a
+    source file (``ninja`` decides what is stale; no compiler runs); ``cpp_extension.load``
+    replaced by a recorder."""
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        pytest.skip("ninja is not installed")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = cpp.cache_dir()
+    directory.mkdir(parents=True)
+    name = f"asft_cpu_{cpp.cache_key()}"
+    (directory / "src.cpp").write_text("// source\n")
+    (directory / "build.ninja").write_text(
+        f"rule copy\n  command = cp $in $out\nbuild {name}.so: copy src.cpp\ndefault {name}.so\n")
+    subprocess.run(["ninja", "-C", str(directory)], check=True, capture_output=True)
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or str(directory / f"{name}.so"))
+    for attr, value in (("loaded", None), ("library", None), ("error", None)):
+        monkeypatch.setattr(cpp._State, attr, value)
+    return directory, name, calls
+
+
+def test_cached_build_prints_nothing_and_a_rebuild_prints_the_line(monkeypatch, tmp_path, capsys):
+    directory, name, calls = _fake_build_dir(tmp_path, monkeypatch)
+    cpp.build()  # up to date: ninja has no work, nothing is printed
+    assert len(calls) == 1 and capsys.readouterr().err == ""
+    # a source newer than the library: ninja recompiles, and the line is printed again
+    src = directory / "src.cpp"
+    stamp = (directory / f"{name}.so").stat().st_mtime_ns + 10**9
+    os.utime(src, ns=(stamp, stamp))
+    cpp._State.loaded = None
+    cpp.build()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"compiling the C++ CPU kernels into {directory}" in err
+    assert len(calls) == 2
+
+
+def test_unforeseen_rebuild_still_prints_the_line(monkeypatch, tmp_path, capsys):
+    """ninja saw nothing to do, yet the library was rewritten by the load: the line is
+    printed after the fact."""
+    from torch.utils import cpp_extension
+
+    directory, name, calls = _fake_build_dir(tmp_path, monkeypatch)
+    library = directory / f"{name}.so"
+
+    def rebuilding_load(**kw):
+        calls.append(kw)
+        stamp = library.stat().st_mtime_ns + 10**9
+        os.utime(library, ns=(stamp, stamp))
+        return str(library)
+
+    monkeypatch.setattr(cpp_extension, "load", rebuilding_load)
+    cpp.build()
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and len(err.strip().splitlines()) == 1 and "compiling" in err
