@@ -99,7 +99,7 @@ def load_results(path: str | os.PathLike) -> Results:
             raise AsFTError(f"results file {str(path)!r}, benchmark {name!r}: missing or bad field {exc}") from exc
         if not (math.isfinite(meas.median_s) and meas.median_s > 0):
             raise AsFTError(f"results file {str(path)!r}, benchmark {name!r}: median {meas.median_s} is not positive")
-        if meas.kind not in ("step", "e2e"):
+        if meas.kind not in ("step", "e2e", "host"):
             raise AsFTError(f"results file {str(path)!r}, benchmark {name!r}: unknown kind {meas.kind!r}")
         if meas.kind == "step":
             for key in ("m", "n", "r", "k", "layers", "floor_bytes"):
@@ -301,6 +301,26 @@ def e2e_tables(results: Results) -> str:
     return "\n\n".join(out)
 
 
+def host_tables(results: Results) -> str:
+    """Markdown table of the host-work groups: one row per model size, medians and ratios."""
+    rows = []
+    for _, g in sorted(results.kind_groups("host"), key=lambda item: next(iter(item[1].values())).extra["pairs"]):
+        extra = next(iter(g.values())).extra
+        fused, foreach = g.get("adamw_fused"), g.get("adamw_foreach")
+        cpp, eager = g.get("cpp"), g.get("eager")
+        rows.append([str(extra["pairs"]), _ms(fused.median_s if fused else None),
+                     _ms(foreach.median_s if foreach else None), _ms(cpp.median_s if cpp else None),
+                     _ms(eager.median_s if eager else None), _x(ratio(cpp, fused)), _x(ratio(eager, foreach)),
+                     str(cpp.extra.get("ops_per_step", "")) if cpp else "",
+                     str(eager.extra.get("ops_per_step", "")) if eager else ""])
+    if not rows:
+        return ""
+    return ("Tiny Llama, all 7 linear layers of every decoder layer adapted (r 8, anchor k 8): shapes small on "
+            "purpose, so the step is host work. Ops: torch ops one step dispatches.\n\n"
+            + _table(["pairs", "AdamW fused", "AdamW foreach", "cpp", "eager", "cpp / fused", "eager / foreach",
+                      "cpp ops", "eager ops"], rows, "rrrrrrrrr"))
+
+
 def summary_lines(results: Results) -> list[str]:
     """Plain-text headline figures: fused speed-up over paper_eager per shape, e2e overhead."""
     lines = []
@@ -333,6 +353,10 @@ def render_markdown(results: Results, plot_path: Path | None = None, relative_to
     if plot_path is not None:
         link = os.path.relpath(plot_path, relative_to) if relative_to is not None else str(plot_path)
         parts.append(f"\n![median step time vs m per variant]({Path(link).as_posix()})")
+    host = host_tables(results)
+    if host:
+        parts.append("\n## Host work per step\n")
+        parts.append(host)
     e2e = e2e_tables(results)
     if e2e:
         parts.append("\n## End-to-end training step\n")
