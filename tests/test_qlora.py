@@ -18,7 +18,7 @@ from conftest import tiny_llama
 
 from asft_kernels import AsFTAdamW
 from asft_kernels.build import build_anchor
-from asft_kernels.reference import published_projection
+from asft_kernels.reference import paper_regularizer, published_projection
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -139,6 +139,8 @@ def test_steps_over_a_quantized_base(checkpoints, quant):
     for step in range(3):
         expected = _published(model, deltas)  # R at the parameters before this step
         assert float(expected) > 0
+        # the library's dense reference, from the anchor's bases, agrees
+        torch.testing.assert_close(paper_regularizer(binding, LAM).detach().double(), expected, rtol=2e-5, atol=0)
         opt.zero_grad()
         _loss(model, step).backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # every pair takes part
