@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -243,6 +244,12 @@ class AsFTAdamW(torch.optim.AdamW):
         self.defaults["anchor_lambda"] = float(anchor_lambda)
         self._initialized = True
         self._assign_pairs()
+        unanchored = list(getattr(anchor, "unanchored", None) or [])
+        if unanchored:
+            warnings.warn(
+                f"{len(unanchored)} LoRA module(s) have no anchor entry and are trained as plain AdamW "
+                f"(bound with strict=False): {unanchored[:5]}" + (" ..." if len(unanchored) > 5 else ""),
+                UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
@@ -328,7 +335,9 @@ class AsFTAdamW(torch.optim.AdamW):
                 if self._backend_request in ("cpp", "triton"):
                     check_device(self._backend_request, B.device)
                 pairs_of[loc_b[0]].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
-            if len(binding) and not any(pairs_of):
+            if not len(binding):
+                raise OptimizerInputError("the anchor binding holds no pairs: bind the model with anchor.bind(model)")
+            if not any(pairs_of):
                 first = next(iter(binding))
                 raise OptimizerInputError(
                     f"the anchor binding matches none of the optimizer's parameters (e.g. {first.module_name}: its "

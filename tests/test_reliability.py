@@ -249,3 +249,19 @@ def test_differentiable_without_anchor_behaves_as_adamw():
         p.sum().backward()
         outs.append((p.detach().clone(), x.grad.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_empty_binding_and_lenient_bind_are_not_silent():
+    from conftest import lora, tiny_llama
+    from helpers import random_deltas
+
+    from asft_kernels.anchor import AnchorBinding
+
+    model = odd_lora(r=2)
+    with pytest.raises(OptimizerInputError, match="holds no pairs"):
+        asft.AsFTAdamW(trainable(model), lr=1e-3, anchor=AnchorBinding([], mode="paper", adapter_name="default"))
+    deltas = random_deltas(tiny_llama(), {"model.layers.0.self_attn.q_proj"})
+    llama = lora(tiny_llama())
+    binding = asft.AlignmentAnchor.from_deltas(deltas, rank=2).bind(llama, strict=False)
+    with pytest.warns(UserWarning, match=r"3 LoRA module\(s\) have no anchor entry.*v_proj"):
+        asft.AsFTAdamW(trainable(llama), lr=1e-3, anchor=binding)
