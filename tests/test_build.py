@@ -239,8 +239,24 @@ def test_every_source_kind_gives_the_same_anchor(llama_ckpt, tmp_path, monkeypat
 
 def test_hub_id_absent_from_cache_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(asft.AnchorFileError, match="not in the local Hugging Face cache"):
+    with pytest.raises(asft.AnchorFileError, match="not in the local cache") as info:
         build_anchor("meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-7b-hf", ["q_proj"], progress=False)
+    assert "`hf download meta-llama/Llama-2-7b-chat-hf`" in str(info.value)
+    assert "huggingface-cli" not in str(info.value)
+
+
+def test_typo_in_a_local_path_says_the_path_does_not_exist_first(llama_ckpt, tmp_path, monkeypatch):
+    _, _, root = llama_ckpt
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(root)
+    with pytest.raises(asft.AnchorFileError) as info:
+        build_anchor("aligned/x", "base", ["q_proj"], progress=False)  # one slash: could be a hub id
+    message = str(info.value)
+    assert message.startswith("'aligned/x' does not exist as a local path ('aligned' exists")
+    assert "huggingface-cli" not in message
+    with pytest.raises(asft.AnchorFileError, match=r"'alinged' does not exist as a local path \(did you mean "
+                                                   r"'aligned'\?\)"):
+        build_anchor("alinged", "base", ["q_proj"], progress=False)
 
 
 def test_bf16_and_fp16_checkpoints_are_upcast_before_subtracting(tmp_path):

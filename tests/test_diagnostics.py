@@ -95,11 +95,11 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     wrong_path = tmp_path / "wrong.safetensors"
     wrong.save(wrong_path)
     png = tmp_path / "report.png"
-    assert asft_main(["report", str(adapter_dir), str(wrong_path), "--plot", str(png)]) == 2
+    assert asft_main(["report", str(adapter_dir), str(wrong_path), "--plot", str(png)]) == 1
     assert "q_proj" in capsys.readouterr().err and not png.exists()
     with pytest.raises(AnchorMismatchError, match=r"\(5, 7\)"):
         adapter_report(adapter_dir, wrong_path)
-    assert asft_main(["report", str(tmp_path / "missing"), str(wrong_path)]) == 2
+    assert asft_main(["report", str(tmp_path / "missing"), str(wrong_path)]) == 1
 
     dora_dir = tmp_path / "dora"
     shutil.copytree(adapter_dir, dora_dir)
