@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import socket
@@ -122,7 +123,8 @@ def _round_off(dtype: torch.dtype, size: int) -> float:
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _validate_entry(e: AnchorEntry) -> None:
