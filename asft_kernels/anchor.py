@@ -148,7 +148,7 @@ def _validate_entry(e: AnchorEntry) -> None:
     if tuple(s.shape) != (k,):
         raise AnchorEntryError(f"s must be ({k},) to match U {tuple(U.shape)}, got {tuple(s.shape)}")
     for label, value in (("fro_norm", e.fro_norm), ("energy", e.energy)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise AnchorEntryError(f"{label} must be a finite number, got {value!r}")
     if e.fro_norm <= 0:
         raise AnchorEntryError(f"fro_norm = ‖V‖_F must be > 0 (a zero delta has no direction), got {e.fro_norm!r}")
