@@ -198,6 +198,9 @@ def _check_not_swapped(adapter: Path, anchor: Path) -> None:
             + ("an adapter directory" if _is_adapter(anchor) else "not an anchor file")
             + "; the order is ADAPTER ANCHOR (asft report ADAPTER_DIR ANCHOR_FILE)"
         )
+    if _is_adapter(anchor):
+        raise AsFTError(f"{str(anchor)!r} is an adapter directory, not an anchor file; the order is ADAPTER ANCHOR "
+                        "(asft report ADAPTER_DIR ANCHOR_FILE)")
 
 
 def adapter_report(

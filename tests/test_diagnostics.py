@@ -134,6 +134,9 @@ def test_swapped_arguments_are_detected(tmp_path, capsys):
     # an anchor file first and no anchor second: the order is wrong whatever the second is
     with pytest.raises(AsFTError, match="swapped"):
         adapter_report(anchor_path, tmp_path / "missing")
+    # an adapter directory where the anchor file belongs
+    with pytest.raises(AsFTError, match="is an adapter directory, not an anchor file"):
+        adapter_report(adapter_dir, adapter_dir)
 
 
 def test_untrained_adapter_says_no_update_yet(tmp_path, capsys):
