@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import os
-import tempfile
+import re
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import AnchorFileError, AnchorMismatchError, AsFTError, UnsupportedAdapterError
+from .errors import AnchorEntryError, AnchorFileError, AnchorMismatchError, AsFTError, UnsupportedAdapterError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "asft_anchor"
@@ -72,11 +76,16 @@ class AnchorEntry:
     """One module of an anchor.
 
     Attributes:
-        U: (m, k) orthonormal left singular vectors of ``V``, float32 or float64.
-        s: (k,) singular values, descending, same dtype as ``U``.
-        fro_norm: ``‖V‖_F`` of the full delta (not of the truncation).
+        U: (m, k) orthonormal left singular vectors of ``V``, float32 or float64, 1 ≤ k ≤ m.
+        s: (k,) singular values ≥ 0, descending, same dtype as ``U``.
+        fro_norm: ``‖V‖_F`` of the full delta (not of the truncation), > 0.
         shape: ``(m, n)`` of the delta in ``out × in`` layout.
-        energy: fraction of ``‖V‖²_F`` captured by the k kept directions.
+        energy: fraction of ``‖V‖²_F`` captured by the k kept directions, in [0, 1].
+
+    The values are checked once, at construction (:class:`AnchorEntryError` on failure):
+    finite, ``UᵀU = I`` and ``Σ sᵢ² ≤ ‖V‖²_F`` up to a round-off tolerance of the dtype,
+    and coefficients ``cᵢ``, ``wᵢ`` that the dtype can hold. The orthonormality check is
+    one (k, k) Gram matrix in the basis dtype.
     """
 
     U: Tensor
@@ -84,6 +93,9 @@ class AnchorEntry:
     fro_norm: float
     shape: tuple[int, int]
     energy: float
+
+    def __post_init__(self) -> None:
+        _validate_entry(self)
 
     @property
     def rank(self) -> int:
@@ -102,20 +114,115 @@ class AnchorEntry:
         raise AsFTError(f"unknown anchor mode {mode!r}; expected one of {MODES}")
 
 
+_BASIS_DTYPES = (torch.float32, torch.float64)
+
+
+def _round_off(dtype: torch.dtype, size: int) -> float:
+    """Tolerance for sums of ``size`` products in ``dtype``: 64·√size·eps (measured
+    errors of float32 SVDs up to 4096 rows are below 1/100 of it)."""
+    return 64.0 * math.sqrt(max(size, 16)) * torch.finfo(dtype).eps
+
+
+def _is_int(x: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _validate_entry(e: AnchorEntry) -> None:
+    """The construction-time checks of :class:`AnchorEntry` (see its docstring)."""
+    U, s = e.U, e.s
+    if not isinstance(U, Tensor) or not isinstance(s, Tensor):
+        raise AnchorEntryError(f"U and s must be tensors, got {type(U).__name__} and {type(s).__name__}")
+    if U.dtype not in _BASIS_DTYPES or s.dtype != U.dtype:
+        raise AnchorEntryError(f"U and s must both be float32 or both float64, got {U.dtype} and {s.dtype}")
+    shape = e.shape
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2 or not all(_is_int(d) for d in shape)
+            or min(shape) < 1):
+        raise AnchorEntryError(f"shape must be two positive ints (m, n), got {shape!r}")
+    object.__setattr__(e, "shape", (int(shape[0]), int(shape[1])))
+    m, n = e.shape
+    if U.ndim != 2 or U.shape[0] != m or U.shape[1] < 1:
+        raise AnchorEntryError(f"U must be (m, k) = ({m}, k) with k ≥ 1 for shape {e.shape}, got {tuple(U.shape)}")
+    k = int(U.shape[1])
+    if k > m:
+        raise AnchorEntryError(f"U is ({m}, {k}): k = {k} > m = {m} directions cannot be orthonormal")
+    if tuple(s.shape) != (k,):
+        raise AnchorEntryError(f"s must be ({k},) to match U {tuple(U.shape)}, got {tuple(s.shape)}")
+    for label, value in (("fro_norm", e.fro_norm), ("energy", e.energy)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise AnchorEntryError(f"{label} must be a finite number, got {value!r}")
+    if e.fro_norm <= 0:
+        raise AnchorEntryError(f"fro_norm = ‖V‖_F must be > 0 (a zero delta has no direction), got {e.fro_norm!r}")
+    if not (0.0 <= e.energy <= 1.0 + _round_off(U.dtype, m)):
+        raise AnchorEntryError(f"energy must be in [0, 1], got {e.energy!r}")
+    if not bool(torch.isfinite(U).all()) or not bool(torch.isfinite(s).all()):
+        raise AnchorEntryError("U or s holds NaN or inf")
+    if bool((s < 0).any()):
+        raise AnchorEntryError("singular values s must be ≥ 0")
+    energy_sq = float(s.double().square().sum())
+    fro_sq = float(e.fro_norm) ** 2
+    if energy_sq > fro_sq * (1.0 + _round_off(U.dtype, max(m, n))):
+        raise AnchorEntryError(
+            f"Σ sᵢ² = {energy_sq:.6g} exceeds ‖V‖²_F = {fro_sq:.6g}: the singular values do not belong "
+            "to a delta of this norm"
+        )
+    c = s.square() / float(e.fro_norm)
+    if not bool(torch.isfinite(2 * c - c * c).all()):
+        raise AnchorEntryError(f"s₁ = {float(s.max()):.4g} is too large for {U.dtype}: sᵢ²/‖V‖_F overflows; "
+                               "store the basis in float64")
+    gram = U.T @ U
+    gram.diagonal().sub_(1.0)
+    err = float(gram.abs().max())
+    if not err <= _round_off(U.dtype, m):
+        raise AnchorEntryError(f"U is not orthonormal: max |UᵀU − I| = {err:.3g} "
+                               f"(tolerance {_round_off(U.dtype, m):.3g} for {U.dtype})")
+
+
+DEFAULT_SEED = 0
+
+
 def svd_method(shape: tuple[int, int], rank: int | None, *, method: str = "auto", oversample: int = 10) -> str:
     """The SVD :func:`factorize_delta` runs for a delta of ``shape`` (m, n): ``"exact"``
-    (``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank``, needs ``rank``).
+    (``torch.linalg.svd``) or ``"randomized"`` (:func:`randomized_svd`, needs ``rank``).
 
     ``"auto"`` picks randomized when ``4·(rank + oversample) < min(m, n)``: there the
     range finder works on a thin (n, rank + oversample) sketch and beats the full SVD.
     """
     if method not in ("auto", "exact", "randomized"):
-        raise AsFTError(f"unknown SVD method {method!r}")
+        raise AsFTError(f"unknown SVD method {method!r}; expected 'auto', 'exact' or 'randomized'")
+    if not _is_int(oversample) or oversample < 0:
+        raise AsFTError(f"oversample must be an int ≥ 0, got {oversample!r}")
     if rank is None or method == "exact":
         return "exact"
     if method == "randomized" or 4 * (rank + oversample) < min(shape):
         return "randomized"
     return "exact"
+
+
+def _check_sketch_args(niter: int, seed: int) -> None:
+    if not _is_int(niter) or niter < 0:
+        raise AsFTError(f"niter must be an int ≥ 0, got {niter!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise AsFTError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def randomized_svd(V: Tensor, q: int, *, niter: int = 4, seed: int = DEFAULT_SEED) -> tuple[Tensor, Tensor]:
+    """Top-``q`` left singular vectors (m, q) and singular values (q,) of ``V`` (m, n) by a
+    randomized range finder with ``niter`` power iterations (Halko, Martinsson & Tropp 2011).
+
+    The Gaussian sketch Ω (n, q) is drawn on the CPU from a generator seeded with
+    ``seed`` (the global RNG is untouched), so the same ``V``, ``q``, ``niter`` and
+    ``seed`` give the same result on every run and the same sketch on every device.
+    Each power iteration re-orthonormalizes (QR) to keep float32 accurate.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(V.shape[1], q, generator=gen, dtype=V.dtype).to(V.device)
+    Q = torch.linalg.qr(V @ omega).Q  # (m, q): orthonormal basis of the range sketch
+    for _ in range(niter):
+        Q = torch.linalg.qr(V.T @ Q).Q  # (n, q)
+        Q = torch.linalg.qr(V @ Q).Q  # (m, q)
+    U_small, s, _ = torch.linalg.svd(Q.T @ V, full_matrices=False)  # (q, n) → U_small (q, q)
+    return Q @ U_small, s
 
 
 def factorize_delta(
@@ -126,6 +233,7 @@ def factorize_delta(
     method: str = "auto",
     oversample: int = 10,
     niter: int = 4,
+    seed: int = DEFAULT_SEED,
     dtype: torch.dtype = torch.float32,
     name: str = "delta",
 ) -> AnchorEntry:
@@ -136,53 +244,74 @@ def factorize_delta(
         rank: number of directions kept; ``None`` keeps the numerical rank of ``V``.
         energy: if given (0 < energy ≤ 1), the smallest k whose directions capture this
             fraction of ``‖V‖²_F`` (capped by ``rank`` when both are given).
-        method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``
-            with ``oversample`` extra columns and ``niter`` power iterations) or ``"auto"``
-            (randomized when ``rank`` is set and ``4·(rank + oversample) < min(m, n)``).
+        method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
+            (:func:`randomized_svd` with ``oversample`` extra columns and ``niter`` power
+            iterations) or ``"auto"`` (randomized when ``rank`` is set and
+            ``4·(rank + oversample) < min(m, n)``).
+        seed: seed of the randomized SVD's sketch (same seed, same result).
         dtype: dtype of the stored ``U`` and ``s`` (float32 or float64).
         name: module name used in error messages.
+
+    Raises:
+        AnchorMismatchError: ``V`` not 2-D, not floating point, non-finite, exactly zero
+            (an unchanged module has no direction), or too large for ``dtype``.
+        AsFTError: bad ``rank``, ``energy``, ``method``, ``oversample``, ``niter``, ``seed``
+            or ``dtype``.
     """
     if V.ndim != 2:
         raise AnchorMismatchError(f"{name}: alignment delta must be 2-D, got shape {tuple(V.shape)}")
     if not V.is_floating_point():
         raise AnchorMismatchError(f"{name}: alignment delta must be floating point, got {V.dtype}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    if rank is not None and (not _is_int(rank) or rank < 1):
         raise AsFTError(f"rank must be a positive int or None, got {rank!r}")
     if energy is not None and not (0.0 < float(energy) <= 1.0):
         raise AsFTError(f"energy must be in (0, 1], got {energy!r}")
+    if dtype not in _BASIS_DTYPES:
+        raise AsFTError(f"anchor dtype must be torch.float32 or torch.float64, got {dtype}")
+    _check_sketch_args(niter, seed)
     V = V.detach()
     m, n = V.shape
+    if min(m, n) < 1:
+        raise AnchorMismatchError(f"{name}: alignment delta has an empty shape {(m, n)}")
     chosen = svd_method((m, n), rank, method=method, oversample=oversample)  # validates method
     work = V.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if not torch.isfinite(work).all():
         raise AnchorMismatchError(f"{name}: alignment delta of shape {(m, n)} holds NaN or inf")
     fro = float(torch.linalg.vector_norm(work, dtype=torch.float64))  # no float64 copy of V
+    if fro == 0.0:
+        raise AnchorMismatchError(f"{name}: alignment delta is exactly zero (the module is unchanged), "
+                                  "so it has no alignment direction")
     full = min(m, n)
     if chosen == "randomized":
-        q = min(rank + oversample, full)
-        U, s, _ = torch.svd_lowrank(work, q=q, niter=niter)
+        U, s = randomized_svd(work, min(rank + oversample, full), niter=niter, seed=seed)
     else:
         U, s, _ = torch.linalg.svd(work, full_matrices=False)
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(U).all())):
+        raise AnchorMismatchError(f"{name}: the SVD of the delta (‖V‖_F = {fro:.4g}) overflows {work.dtype}; "
+                                  "build with dtype=torch.float64")
     # Numerical rank: drop directions at round-off level.
-    tol = (s[0] if s.numel() else torch.tensor(0.0)) * max(m, n) * torch.finfo(work.dtype).eps
-    k = int((s > tol).sum()) if s.numel() else 0
+    tol = s[0] * max(m, n) * torch.finfo(work.dtype).eps
+    k = int((s > tol).sum())
     if rank is not None:
         k = min(k, rank)
-    if energy is not None and fro > 0:
+    if energy is not None:
         cum = torch.cumsum(s[:k].double().square(), 0) / (fro * fro)
         k_energy = int(torch.searchsorted(cum, torch.tensor(float(energy), dtype=cum.dtype) - 1e-12)) + 1
         k = min(k, k_energy)
     k = max(k, 1)
     U = U[:, :k].contiguous()
     s = s[:k].contiguous()
-    captured = float(s.double().square().sum()) / (fro * fro) if fro > 0 else 1.0
-    return AnchorEntry(
-        U=U.to(dtype).cpu().contiguous(),
-        s=s.to(dtype).cpu().contiguous(),
-        fro_norm=fro,
-        shape=(int(m), int(n)),
-        energy=min(captured, 1.0),
-    )
+    captured = float(s.double().square().sum()) / (fro * fro)
+    try:
+        return AnchorEntry(
+            U=U.to(dtype).cpu().contiguous(),
+            s=s.to(dtype).cpu().contiguous(),
+            fro_norm=fro,
+            shape=(int(m), int(n)),
+            energy=min(captured, 1.0),
+        )
+    except AnchorEntryError as exc:
+        raise AnchorMismatchError(f"{name}: {exc}") from exc
 
 
 class AlignmentAnchor(Mapping[str, AnchorEntry]):
@@ -193,8 +322,19 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
     """
 
     def __init__(self, entries: Mapping[str, AnchorEntry], metadata: dict[str, Any] | None = None):
-        self._entries: dict[str, AnchorEntry] = {normalize_module_name(k): v for k, v in entries.items()}
+        self._entries: dict[str, AnchorEntry] = {}
+        for key, entry in entries.items():
+            if not isinstance(entry, AnchorEntry):
+                raise AnchorEntryError(f"anchor entry {key!r} must be an AnchorEntry, got {type(entry).__name__}")
+            name = normalize_module_name(key)
+            if name in self._entries:
+                raise AnchorEntryError(f"two anchor entries have the module name {name!r}")
+            self._entries[name] = entry
+        if not self._entries:
+            raise AnchorEntryError("an anchor needs at least one module")
         self.metadata: dict[str, Any] = dict(metadata or {})
+        # Wall-clock seconds of the build (``build_anchor``); not stored in files.
+        self.timings: dict[str, Any] = {}
 
     # Mapping protocol -------------------------------------------------------------
     def __getitem__(self, key: str) -> AnchorEntry:
@@ -220,6 +360,10 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
         *,
         method: str = "auto",
         dtype: torch.dtype = torch.float32,
+        oversample: int = 10,
+        niter: int = 4,
+        seed: int = DEFAULT_SEED,
+        skip_unchanged: bool = False,
     ) -> AlignmentAnchor:
         """Anchor from alignment deltas ``{module name: V}``.
 
@@ -233,95 +377,108 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
                 ``‖V‖²_F``.
             method: SVD method, see :func:`factorize_delta`.
             dtype: dtype of the stored bases (float32 or float64).
+            oversample, niter, seed: the randomized SVD's extra sketch columns, power
+                iterations and sketch seed (:func:`randomized_svd`).
+            skip_unchanged: leave modules whose delta is exactly zero out of the anchor
+                (listed in ``metadata["skipped_unchanged"]``) instead of refusing them.
+
+        Raises:
+            AnchorMismatchError: no deltas, a delta that is not a finite 2-D float tensor,
+                an unchanged (all-zero) module unless ``skip_unchanged``, or values too
+                large for ``dtype``.
         """
         if len(deltas) == 0:
             raise AnchorMismatchError("from_deltas needs at least one module delta")
-        entries = {
-            normalize_module_name(name): factorize_delta(
-                V, rank, energy, method=method, dtype=dtype, name=name
-            )
-            for name, V in deltas.items()
-        }
-        meta = {"built_by": "from_deltas", "rank": rank, "energy": energy, "method": method}
+        entries: dict[str, AnchorEntry] = {}
+        per_module: dict[str, dict[str, Any]] = {}
+        unchanged: list[str] = []
+        for name, V in deltas.items():
+            if not isinstance(V, Tensor):
+                raise AnchorMismatchError(f"{name}: alignment delta must be a tensor, got {type(V).__name__}")
+            if V.is_floating_point() and V.numel() and not bool(V.detach().ne(0).any()):
+                unchanged.append(name)
+                continue
+            entry = factorize_delta(V, rank, energy, method=method, oversample=oversample, niter=niter, seed=seed,
+                                    dtype=dtype, name=name)
+            key = normalize_module_name(name)
+            entries[key] = entry
+            per_module[key] = {"rank": entry.rank, "energy": entry.energy,
+                               "method": svd_method(entry.shape, rank, method=method, oversample=oversample)}
+        _refuse_unchanged(unchanged, skip_unchanged, "skip_unchanged=True")
+        if not entries:
+            raise AnchorMismatchError(f"every delta is exactly zero ({unchanged[:5]}...): nothing to anchor")
+        meta = {"built_by": "from_deltas", "rank": rank, "energy": energy, "method": method,
+                "oversample": oversample, "niter": niter, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
+                "per_module": per_module, "skipped_unchanged": [normalize_module_name(n) for n in unchanged]}
         return cls(entries, meta)
 
     # File format ------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the anchor as safetensors: per module ``<name>::U`` (m, k), ``<name>::s``
         (k,), ``<name>::fro`` (1,), and JSON metadata (format version, shapes, ranks,
-        energies, how it was built). The write is atomic (temp file, then rename)."""
+        energies, how it was built: SVD method, seed, ...). The same anchor always gives
+        the same bytes. The write is atomic (temp file, then rename; see
+        :func:`atomic_write`); the file gets the usual permissions (0666 minus the umask).
+
+        Raises:
+            AsFTError: metadata that is not JSON (or holds NaN/inf).
+            OSError: the file cannot be written (permissions, disk full, a directory).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors: dict[str, Tensor] = {}
         modules = {}
         for name, e in self._entries.items():
-            tensors[f"{name}::U"] = e.U.contiguous()
-            tensors[f"{name}::s"] = e.s.contiguous()
+            tensors[f"{name}::U"] = e.U.detach().cpu().contiguous()
+            tensors[f"{name}::s"] = e.s.detach().cpu().contiguous()
             tensors[f"{name}::fro"] = torch.tensor([e.fro_norm], dtype=torch.float64)
             modules[name] = {"shape": list(e.shape), "rank": e.rank, "energy": e.energy,
                              "fro_norm": e.fro_norm}
         meta = {"format_version": FORMAT_VERSION, "modules": modules, "build": self.metadata}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)}))
+        try:
+            text = json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise AsFTError(f"anchor metadata cannot be stored as JSON (NaN, inf or a non-JSON value): {exc}") from exc
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AlignmentAnchor:
         """Read and validate an anchor file written by :meth:`save`.
 
         Raises:
-            AnchorFileError: missing, truncated or corrupted file, unknown format
-                version, inconsistent shapes, non-finite values or a non-orthonormal basis.
+            AnchorFileError: missing, truncated or corrupted file, unknown format version,
+                malformed metadata, inconsistent shapes, non-finite values, a
+                non-orthonormal basis, singular values inconsistent with ``‖V‖_F``, or no
+                modules. The message names the file and the field or module.
         """
         from safetensors import safe_open
 
         path = Path(path)
+        where = f"anchor file {str(path)!r}"
+        if path.is_dir():
+            raise AnchorFileError(f"{where} is a directory, not an anchor file")
         if not path.is_file():
-            raise AnchorFileError(f"anchor file {str(path)!r} does not exist")
+            raise AnchorFileError(f"{where} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw_meta = (f.metadata() or {}).get(METADATA_KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except AnchorFileError:
-            raise
         except Exception as exc:  # safetensors raises several error types
-            raise AnchorFileError(f"anchor file {str(path)!r} is not a readable safetensors file: {exc}") from exc
+            raise AnchorFileError(f"{where} is not a readable safetensors file: {exc}") from exc
         if raw_meta is None:
-            raise AnchorFileError(f"anchor file {str(path)!r} has no {METADATA_KEY!r} metadata")
-        try:
-            meta = json.loads(raw_meta)
-            version = meta["format_version"]
-            modules = meta["modules"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise AnchorFileError(f"anchor file {str(path)!r}: malformed metadata ({exc})") from exc
-        if version != FORMAT_VERSION:
-            raise AnchorFileError(
-                f"anchor file {str(path)!r} has format version {version}, this library reads {FORMAT_VERSION}"
-            )
+            raise AnchorFileError(f"{where} has no {METADATA_KEY!r} metadata (not an anchor file?)")
+        meta = _parse_metadata(raw_meta, where)
         entries = {}
-        for name, info in modules.items():
-            try:
-                U, s, fro = tensors[f"{name}::U"], tensors[f"{name}::s"], tensors[f"{name}::fro"]
-            except KeyError as exc:
-                raise AnchorFileError(f"anchor file {str(path)!r}: module {name!r} lacks tensor {exc}") from exc
-            m, n = info["shape"]
-            k = info["rank"]
-            where = f"anchor file {str(path)!r}, module {name!r}"
-            if tuple(U.shape) != (m, k) or tuple(s.shape) != (k,) or fro.numel() != 1:
-                raise AnchorFileError(
-                    f"{where}: expected U {(m, k)} and s {(k,)}, found U {tuple(U.shape)} and s {tuple(s.shape)}"
-                )
-            if U.dtype not in (torch.float32, torch.float64) or s.dtype != U.dtype:
-                raise AnchorFileError(f"{where}: U/s must be float32 or float64, found {U.dtype}/{s.dtype}")
-            if not (torch.isfinite(U).all() and torch.isfinite(s).all() and torch.isfinite(fro).all()):
-                raise AnchorFileError(f"{where}: holds NaN or inf")
-            if (s < 0).any() or float(fro) < 0:
-                raise AnchorFileError(f"{where}: negative singular values or norm")
-            gram = U.double().T @ U.double()
-            if k and float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) > 1e-3:
-                raise AnchorFileError(f"{where}: basis U is not orthonormal")
-            entries[name] = AnchorEntry(U=U, s=s, fro_norm=float(fro), shape=(int(m), int(n)),
-                                        energy=float(info.get("energy", 1.0)))
-        return cls(entries, meta.get("build", {}))
+        used: set[str] = set()
+        for name, info in meta["modules"].items():
+            keys = (f"{name}::U", f"{name}::s", f"{name}::fro")
+            entries[name] = _load_entry(name, info, tensors, where)
+            used.update(keys)
+        stray = sorted(set(tensors) - used)
+        if stray:
+            raise AnchorFileError(f"{where}: tensors {stray[:3]} belong to no module of metadata field 'modules'")
+        return cls(entries, meta["build"])
 
     # Binding ------------------------------------------------------------------------
     def bind(
@@ -373,7 +530,7 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
                                     use_lora_scaling))
         if not found_any_lora:
             raise AnchorMismatchError(
-                f"model has no LoRA modules for adapter {adapter_name!r}; bind expects a PEFT model"
+                f"model has no LoRA modules for adapter_name={adapter_name!r}; bind expects a PEFT model"
             )
         if unmatched and strict:
             raise AnchorMismatchError(
@@ -392,6 +549,96 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
         # sub-model such as GPT2Model vs GPT2LMHeadModel); must be unique.
         hits = [k for k in self._entries if name.endswith("." + k) or k.endswith("." + name)]
         return hits[0] if len(hits) == 1 else None
+
+
+def _refuse_unchanged(unchanged: list[str], allowed: bool, option: str) -> None:
+    """Raise for modules whose delta is exactly zero unless ``allowed``: an unchanged
+    module has ``‖V‖_F = 0``, and in ``paper`` mode ``C = 0`` silently turns the penalty
+    into the plain ``λ‖BA‖²`` ablation."""
+    if unchanged and not allowed:
+        more = f" (+{len(unchanged) - 8} more)" if len(unchanged) > 8 else ""
+        raise AnchorMismatchError(
+            f"{len(unchanged)} module(s) unchanged between the checkpoints (delta exactly zero): "
+            f"{unchanged[:8]}{more}; an unchanged module has no alignment direction. Check that the aligned "
+            f"and base checkpoints differ, or pass {option} to leave these modules out of the anchor"
+        )
+
+
+def _reject_constant(token: str) -> float:
+    raise ValueError(f"non-finite number {token}")
+
+
+def _parse_metadata(raw: str, where: str) -> dict[str, Any]:
+    """The JSON metadata of an anchor file, checked field by field."""
+    try:
+        meta = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise AnchorFileError(f"{where}: metadata {METADATA_KEY!r} is nested too deeply") from exc
+    except ValueError as exc:
+        raise AnchorFileError(f"{where}: metadata {METADATA_KEY!r} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise AnchorFileError(f"{where}: metadata {METADATA_KEY!r} must be a JSON object, got {type(meta).__name__}")
+    if "format_version" not in meta:
+        raise AnchorFileError(f"{where}: metadata field 'format_version' is missing")
+    version = meta["format_version"]
+    if not _is_int(version):
+        raise AnchorFileError(f"{where}: metadata field 'format_version' must be an int, got {version!r}")
+    if version != FORMAT_VERSION:
+        raise AnchorFileError(f"{where} has format version {version}, this library reads {FORMAT_VERSION}")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict):
+        raise AnchorFileError(f"{where}: metadata field 'modules' must be a JSON object "
+                              f"{{module name: {{shape, rank, ...}}}}, got {type(modules).__name__}")
+    if not modules:
+        raise AnchorFileError(f"{where}: metadata field 'modules' is empty: the anchor has no modules")
+    build = meta.get("build", {})
+    if not isinstance(build, dict):
+        raise AnchorFileError(f"{where}: metadata field 'build' must be a JSON object, got {type(build).__name__}")
+    meta["build"] = build
+    return meta
+
+
+def _load_entry(name: str, info: Any, tensors: Mapping[str, Tensor], where: str) -> AnchorEntry:
+    """One module of an anchor file: metadata ``info`` checked against its tensors."""
+    field_ = f"modules[{name!r}]"
+    if not isinstance(info, dict):
+        raise AnchorFileError(f"{where}: metadata field {field_} must be a JSON object, got {type(info).__name__}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(d) and d >= 1 for d in shape):
+        raise AnchorFileError(f"{where}: metadata field {field_}.shape must be two positive ints [m, n], "
+                              f"got {shape!r}")
+    rank = info.get("rank")
+    if not _is_int(rank) or rank < 1:
+        raise AnchorFileError(f"{where}: metadata field {field_}.rank must be a positive int, got {rank!r}")
+    energy = info.get("energy")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))):
+        raise AnchorFileError(f"{where}: metadata field {field_}.energy must be a number, got {energy!r}")
+    found = {}
+    for part in ("U", "s", "fro"):
+        key = f"{name}::{part}"
+        if key not in tensors:
+            raise AnchorFileError(f"{where}: module {name!r} lacks tensor {key!r}")
+        found[part] = tensors[key]
+    U, s, fro = found["U"], found["s"], found["fro"]
+    m, k = shape[0], rank
+    mod = f"{where}, module {name!r}"
+    if tuple(U.shape) != (m, k) or tuple(s.shape) != (k,):
+        raise AnchorFileError(f"{mod}: metadata says shape {tuple(shape)} and rank {k}, so U ({m}, {k}) and s ({k},); "
+                              f"found U {tuple(U.shape)} and s {tuple(s.shape)}")
+    if fro.numel() != 1 or not fro.is_floating_point():
+        raise AnchorFileError(f"{mod}: tensor '{name}::fro' must hold one float, found {tuple(fro.shape)} {fro.dtype}")
+    if U.dtype not in _BASIS_DTYPES or s.dtype != U.dtype:
+        raise AnchorFileError(f"{mod}: U/s must be float32 or float64, found {U.dtype}/{s.dtype}")
+    for part, t in found.items():
+        if not bool(torch.isfinite(t).all()):
+            raise AnchorFileError(f"{mod}: tensor '{name}::{part}' holds NaN or inf")
+    fro_norm = float(fro.double().reshape(()))
+    if energy is None:  # files without it: what the stored directions capture
+        energy = min(float(s.double().square().sum()) / fro_norm**2, 1.0) if fro_norm > 0 else 0.0
+    try:
+        return AnchorEntry(U=U, s=s, fro_norm=fro_norm, shape=(shape[0], shape[1]), energy=float(energy))
+    except AnchorEntryError as exc:
+        raise AnchorFileError(f"{mod}: {exc}") from exc
 
 
 def _check_adapter_config(model: nn.Module, adapter_name: str) -> None:
@@ -591,22 +838,79 @@ class _DetachedBinding(AnchorBinding):
         return f"AnchorBinding(detached: {len(self.keys)} pairs without a model, mode={self.mode!r})"
 
 
+# Temporary files of atomic_write: ``.<target>.asft-tmp.<host>.<pid>.<random>``.
+_TMP_MARK = ".asft-tmp."
+_STALE_AFTER_S = 3600.0  # a temp file of another host untouched this long is abandoned
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> list[Path]:
+    """Remove temp files that an earlier :func:`atomic_write` of ``path`` left behind
+    when it was killed: those of a process of this host that no longer runs, and those of
+    other hosts untouched for an hour. Returns the removed paths."""
+    prefix = f".{path.name}{_TMP_MARK}"
+    removed = []
+    host = _host_tag()
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for tmp in candidates:
+        parts = tmp.name[len(prefix):].split(".")
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        tmp_host, pid = parts[0], int(parts[1])
+        try:
+            if tmp_host == host:
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            else:
+                stale = time.time() - tmp.stat().st_mtime > _STALE_AFTER_S
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # gone already, or not ours to remove
+            continue
+    return removed
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over
-    ``path``; on any error the temporary file is removed and ``path`` is untouched."""
+    ``path``; on any error the temporary file is removed and ``path`` is untouched.
+
+    The temporary file is named ``.<name>.asft-tmp.<host>.<pid>.<random>``; one left by
+    a writer that was killed (``kill -9``, power loss) is removed by the next write of
+    the same ``path``. The result gets the usual permissions, 0666 minus the umask
+    (set after ``write``, which may replace the file it was given).
+
+    Raises:
+        OSError: ``path`` is a directory, or cannot be written.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
+    _remove_stale_temps(path)
+    tmp = path.parent / f".{path.name}{_TMP_MARK}{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}"
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
-        write(Path(tmp))
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-

@@ -10,6 +10,7 @@ any tensor data is read or any SVD runs.
 Command line (registered in :mod:`asft_kernels.cli`)::
 
     asft build-anchor --aligned A --base B --targets q_proj,v_proj --rank 64 --out anchor.safetensors
+        [--seed 0] [--skip-unchanged] [--allow-missing-targets]
     asft inspect anchor.safetensors [--plot spectrum.png]
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +26,16 @@ from typing import Any
 
 import torch
 
-from .anchor import AlignmentAnchor, atomic_write, factorize_delta, normalize_module_name, svd_method
+from .anchor import (
+    DEFAULT_SEED,
+    AlignmentAnchor,
+    _check_sketch_args,
+    _refuse_unchanged,
+    atomic_write,
+    factorize_delta,
+    normalize_module_name,
+    svd_method,
+)
 from .checkpoint import CheckpointReader, open_checkpoint
 from .errors import AnchorFileError, AnchorMismatchError, AsFTError
 
@@ -107,12 +116,29 @@ def _pair_name(name: str, others: dict[str, str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _leaf_names(names: Sequence[str]) -> list[str]:
+    """The distinct last components of module names (``q_proj``, ``c_attn``, ...), sorted."""
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def unmatched_targets(target_modules: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The entries of a list ``target_modules`` that select none of ``names`` (PEFT's rule:
+    equal to a name or a suffix of it on a dot boundary)."""
+    return [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+
+
 def plan_targets(aligned: CheckpointReader, base: CheckpointReader,
-                 target_modules: str | Sequence[str]) -> list[TargetPair]:
+                 target_modules: str | Sequence[str], *, allow_missing_targets: bool = False) -> list[TargetPair]:
     """Resolve and validate the target modules of two checkpoints from metadata only.
 
+    Args:
+        allow_missing_targets: with a list ``target_modules``, build from the entries that
+            match and ignore those that match no module (default: refuse them, since a
+            typo would silently leave a module unanchored).
+
     Raises:
-        AnchorMismatchError: different architectures, a target missing on one side, a
+        AnchorMismatchError: different architectures, a target that matches no module
+            (listing the module names that exist), a target missing on one side, a
             non-linear target, or different shapes (naming the module and both shapes).
     """
     a_type, b_type = aligned.layout.model_type, base.layout.model_type
@@ -127,8 +153,16 @@ def plan_targets(aligned: CheckpointReader, base: CheckpointReader,
     if not a_names and not b_names:
         raise AnchorMismatchError(
             f"target_modules {target_modules!r} match no 2-D weight of {aligned.description!r}; "
-            f"its modules are e.g. {list(a_modules)[:6]}"
+            f"its module names end in: {', '.join(_leaf_names(list(a_modules)))}"
         )
+    if not isinstance(target_modules, str) and not allow_missing_targets:
+        missing = unmatched_targets(list(target_modules), a_names + b_names)
+        if missing:
+            raise AnchorMismatchError(
+                f"target(s) {missing} match no 2-D weight of {aligned.description!r} (a typo?); its module names "
+                f"end in: {', '.join(_leaf_names(list(a_modules)))}. Fix the name, or allow targets that match "
+                "nothing with allow_missing_targets=True (asft build-anchor --allow-missing-targets)"
+            )
     problems: list[str] = []
     pairs: list[TargetPair] = []
     paired_base: set[str] = set()
@@ -178,6 +212,9 @@ def build_anchor(
     method: str = "auto",
     oversample: int = 10,
     niter: int = 4,
+    seed: int = DEFAULT_SEED,
+    skip_unchanged: bool = False,
+    allow_missing_targets: bool = False,
 ) -> AlignmentAnchor:
     """Alignment anchor of ``aligned`` relative to ``base``, one module at a time.
 
@@ -204,11 +241,21 @@ def build_anchor(
             :func:`asft_kernels.anchor.svd_method`.
         oversample: extra sketch columns of the randomized SVD.
         niter: power iterations of the randomized SVD.
+        seed: seed of the randomized SVD's sketch (default 0): two builds of the same
+            checkpoints with the same arguments give byte-identical anchor files.
+        skip_unchanged: leave modules whose delta is exactly zero out of the anchor
+            (default: refuse them, naming them; an unchanged module would get a zero
+            anchor, which in ``paper`` mode is the plain ``λ‖BA‖²`` penalty).
+        allow_missing_targets: ignore entries of a list ``target_modules`` that match no
+            module (default: refuse them, listing the module names that exist).
 
     Returns:
-        The anchor; ``anchor.metadata`` records the sources, rank, energy, method, dtype,
-        device, time, per-module rank / energy captured / SVD method / seconds, and the
-        reader counters (tensors read, peak tensors alive at once).
+        The anchor; ``anchor.metadata`` (stored in the file) records the sources, rank,
+        energy, SVD method, oversample, niter, seed, dtype, device, per-module rank /
+        energy captured / SVD method actually run, the modules skipped as unchanged,
+        and the reader counters (tensors read, peak tensors alive at once).
+        ``anchor.timings`` (not stored, so that files are reproducible) holds the
+        wall-clock seconds, in total and per module.
 
     Memory: at most one tensor per checkpoint is alive at a time (the readers count
     them), so the peak is about two stored weights, the float32 delta and the SVD
@@ -221,10 +268,13 @@ def build_anchor(
 
     Raises:
         AnchorMismatchError: different architectures, a target missing on one side or
-            matching nothing, different shapes; raised before any tensor data is read.
+            matching nothing, different shapes (raised before any tensor data is read);
+            unchanged modules unless ``skip_unchanged`` (raised after reading them all,
+            naming every one).
         AnchorFileError: missing, truncated or corrupted files, NaN/inf in a weight, a
             hub id absent from the local cache.
-        AsFTError: bad ``rank``, ``energy``, ``dtype`` or ``method``.
+        AsFTError: bad ``rank``, ``energy``, ``dtype``, ``method``, ``oversample``,
+            ``niter``, ``seed``, or a ``device`` that does not exist here.
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise AsFTError(f"rank must be a positive int or None, got {rank!r}")
@@ -232,34 +282,46 @@ def build_anchor(
         raise AsFTError(f"energy must be in (0, 1], got {energy!r}")
     if dtype not in (torch.float32, torch.float64):
         raise AsFTError(f"anchor dtype must be torch.float32 or torch.float64, got {dtype}")
-    svd_method((1, 1), rank, method=method, oversample=oversample)  # validates ``method``
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    svd_method((1, 1), rank, method=method, oversample=oversample)  # validates method, oversample
+    _check_sketch_args(niter, seed)
+    device = resolve_device(device)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     start = time.perf_counter()
     a_reader = open_checkpoint(aligned, "aligned")
     b_reader = open_checkpoint(base, "base")
-    pairs = plan_targets(a_reader, b_reader, target_modules)
+    pairs = plan_targets(a_reader, b_reader, target_modules, allow_missing_targets=allow_missing_targets)
 
     from tqdm.auto import tqdm
 
     entries = {}
     per_module: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    unchanged: list[str] = []
     for pair in tqdm(pairs, desc="build-anchor", unit="module", disable=not progress):
         t0 = time.perf_counter()
         V = _read_delta(a_reader, b_reader, pair, device, work_dtype)
-        entry = factorize_delta(V, rank, energy, method=method, oversample=oversample, niter=niter,
+        if not bool(V.any()):
+            unchanged.append(pair.name)
+            continue
+        if unchanged and not skip_unchanged:
+            continue  # the build fails anyway: only finish the list of unchanged modules
+        entry = factorize_delta(V, rank, energy, method=method, oversample=oversample, niter=niter, seed=seed,
                                 dtype=dtype, name=pair.name)
         del V
         entries[pair.name] = entry
+        seconds[pair.name] = time.perf_counter() - t0
         per_module[pair.name] = {
             "rank": entry.rank,
             "energy": entry.energy,
             "method": svd_method(pair.shape, rank, method=method, oversample=oversample),
-            "seconds": round(time.perf_counter() - t0, 6),
             "conv1d": pair.conv1d,
             "keys": [pair.aligned_key, pair.base_key],
         }
+    _refuse_unchanged(unchanged, skip_unchanged, "skip_unchanged=True (asft build-anchor --skip-unchanged)")
+    if not entries:
+        raise AnchorMismatchError(f"every target module is unchanged between {a_reader.description!r} and "
+                                  f"{b_reader.description!r}: nothing to anchor")
     stored_dtypes = {
         "aligned": sorted({str(a_reader.info(p.aligned_key)[1]) for p in pairs}),
         "base": sorted({str(b_reader.info(p.base_key)[1]) for p in pairs}),
@@ -274,14 +336,38 @@ def build_anchor(
         "method": method,
         "oversample": oversample,
         "niter": niter,
+        "seed": seed,
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "checkpoint_dtypes": stored_dtypes,
-        "seconds": round(time.perf_counter() - start, 6),
         "per_module": per_module,
+        "skipped_unchanged": unchanged,
         "streaming": {"aligned": a_reader.stats(), "base": b_reader.stats()},
     }
-    return AlignmentAnchor(entries, metadata)
+    anchor = AlignmentAnchor(entries, metadata)
+    anchor.timings = {"seconds": time.perf_counter() - start, "per_module": seconds}
+    return anchor
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` (default CPU), checked to exist on this machine.
+
+    Raises:
+        AsFTError: an unknown device string, or a device this machine does not have
+            (``"cuda"`` without a GPU or a CUDA build of torch).
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise AsFTError(f"unknown device {device!r} (expected e.g. 'cpu', 'cuda', 'cuda:1')") from exc
+    try:
+        torch.empty(0, device=dev)
+    except Exception as exc:  # torch raises RuntimeError or AssertionError by backend
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AsFTError(f"device {str(dev)!r} is not available on this machine ({reason})") from exc
+    return dev
 
 
 def _read_delta(a_reader: CheckpointReader, b_reader: CheckpointReader, pair: TargetPair,
@@ -307,32 +393,72 @@ def _read_delta(a_reader: CheckpointReader, b_reader: CheckpointReader, pair: Ta
 def _parse_targets(text: str) -> str | list[str]:
     if text.lower() == ALL_LINEAR:
         return ALL_LINEAR
-    return [t.strip() for t in text.split(",") if t.strip()]
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names or 'all-linear', got {text!r}")
+    return targets
 
 
 def _parse_rank(text: str) -> int | None:
     if text.lower() in ("none", "full", "exact"):
         return None
     try:
-        return int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"rank must be an integer or 'none', got {text!r}") from exc
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"rank must be a positive integer or 'none', got {text!r}")
+    return rank
+
+
+def _parse_energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value >= high):
+            bound = f"in [{low}, {high})" if high is not None else f"≥ {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parse_device(text: str) -> str:
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected e.g. cpu, cuda, cuda:1)") from exc
+    return text
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    targets: str | list[str] = args.targets_regex if args.targets_regex else _parse_targets(args.targets or "")
-    try:
-        anchor = build_anchor(args.aligned, args.base, targets, rank=args.rank, energy=args.energy,
-                              dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
-                              method=args.method, oversample=args.oversample, niter=args.niter)
-        anchor.save(args.out)
-    except AsFTError as exc:
-        print(f"asft build-anchor: error: {exc}", file=sys.stderr)
-        return 1
-    meta = anchor.metadata
+    from .cli import check_output_path
+
+    targets: str | list[str] = args.targets_regex if args.targets_regex else args.targets
+    out = check_output_path(args.out, "--out")
+    anchor = build_anchor(args.aligned, args.base, targets, rank=args.rank, energy=args.energy,
+                          dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
+                          method=args.method, oversample=args.oversample, niter=args.niter, seed=args.seed,
+                          skip_unchanged=args.skip_unchanged, allow_missing_targets=args.allow_missing_targets)
+    anchor.save(out)
     energies = [e.energy for e in anchor.values()]
+    skipped = anchor.metadata.get("skipped_unchanged") or []
+    note = f"; left out {len(skipped)} unchanged module(s)" if skipped else ""
     print(f"wrote {args.out}: {len(anchor)} modules, ranks {sorted({e.rank for e in anchor.values()})}, "
-          f"energy captured {min(energies):.4f}..{max(energies):.4f}, {meta['seconds']:.2f} s")
+          f"energy captured {min(energies):.4f}..{max(energies):.4f}, seed {args.seed}, "
+          f"{anchor.timings['seconds']:.2f} s{note}")
     return 0
 
 
@@ -389,18 +515,17 @@ def plot_spectrum(anchor: AlignmentAnchor, path: str | Path) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        anchor = AlignmentAnchor.load(args.anchor)
-    except AsFTError as exc:
-        print(f"asft inspect: error: {exc}", file=sys.stderr)
-        return 1
+    from .cli import check_output_path
+
+    plot = check_output_path(args.plot, "--plot") if args.plot else None
+    anchor = AlignmentAnchor.load(args.anchor)
     meta = anchor.metadata
     if meta:
-        keys = ("built_by", "sources", "model_type", "rank", "energy", "method", "dtype", "device", "seconds")
+        keys = ("built_by", "sources", "model_type", "rank", "energy", "method", "seed", "dtype", "device")
         print("build: " + ", ".join(f"{k}={meta[k]}" for k in keys if k in meta))
     print(inspect_table(anchor))
-    if args.plot:
-        plot_spectrum(anchor, args.plot)
+    if plot is not None:
+        plot_spectrum(anchor, plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -412,16 +537,28 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--aligned", required=True, help="aligned checkpoint: directory, file or cached hub id")
     p.add_argument("--base", required=True, help="base checkpoint: directory, file or cached hub id")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--targets", help="comma-separated module names/suffixes, or 'all-linear'")
+    group.add_argument("--targets", type=_parse_targets,
+                       help="comma-separated module names/suffixes, or 'all-linear'")
     group.add_argument("--targets-regex", help="regular expression matching whole module names")
     p.add_argument("--rank", type=_parse_rank, default=64, help="directions per module, or 'none' (default 64)")
-    p.add_argument("--energy", type=float, default=None, help="per-module rank by captured energy, e.g. 0.9")
-    p.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto")
-    p.add_argument("--oversample", type=int, default=10)
-    p.add_argument("--niter", type=int, default=4)
+    p.add_argument("--energy", type=_parse_energy, default=None,
+                   help="per-module rank by captured energy, e.g. 0.9")
+    p.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto",
+                   help="SVD: exact, randomized, or auto (randomized when rank is small; default)")
+    p.add_argument("--oversample", type=_int_at_least(0), default=10,
+                   help="extra sketch columns of the randomized SVD (default 10)")
+    p.add_argument("--niter", type=_int_at_least(0), default=4,
+                   help="power iterations of the randomized SVD (default 4)")
+    p.add_argument("--seed", type=_int_at_least(0, 2**63), default=DEFAULT_SEED,
+                   help=f"seed of the randomized SVD's sketch, recorded in the file (default {DEFAULT_SEED}); "
+                        "the same inputs and seed give a byte-identical file")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument("--device", default=None, help="SVD device, e.g. cuda (default cpu)")
+    p.add_argument("--device", type=_parse_device, default=None, help="SVD device, e.g. cuda (default cpu)")
     p.add_argument("--out", required=True, help="output anchor file (.safetensors)")
+    p.add_argument("--skip-unchanged", action="store_true",
+                   help="leave modules whose weights did not change out of the anchor (default: error)")
+    p.add_argument("--allow-missing-targets", action="store_true",
+                   help="ignore --targets entries that match no module (default: error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build)
 
@@ -432,4 +569,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 __all__ = ["TargetPair", "build_anchor", "inspect_table", "match_targets", "plan_targets", "plot_spectrum",
-           "register_cli"]
+           "register_cli", "resolve_device", "unmatched_targets"]

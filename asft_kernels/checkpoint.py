@@ -421,11 +421,34 @@ def resolve_from_cache(repo_id: str, revision: str | None = None) -> Path:
         if isinstance(hit, str):
             return Path(hit).parent
     rev = f" at revision {revision!r}" if revision else ""
+    fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     raise AnchorFileError(
-        f"{repo_id!r} is not a local path and its weights{rev} are not in the local Hugging Face cache "
-        f"{str(cache)!r}; nothing is downloaded (offline): fetch it first, e.g. "
-        f"`huggingface-cli download {repo_id}`, or pass a local directory"
+        f"{_missing_path_message(repo_id)}; read as a Hugging Face hub id, its weights{rev} are not in the "
+        f"local cache {str(cache)!r} either (nothing is downloaded): for a hub model fetch it first with "
+        f"`{fetch}`"
     )
+
+
+def _missing_path_message(text: str) -> str:
+    """``'<text>' does not exist as a local path``, naming the nearest existing directory
+    and close names in it (a typo in a local path is the likely cause)."""
+    import difflib
+
+    path = Path(text).expanduser()
+    parent = path.parent
+    while str(parent) != "." and not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    hints = []
+    if str(parent) != "." and parent.is_dir() and parent != parent.parent:
+        hints.append(f"{str(parent)!r} exists")
+    try:
+        names = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.relative_to(parent).parts[0], names, n=3, cutoff=0.75)
+    if close:
+        hints.append("did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?")
+    return f"{text!r} does not exist as a local path" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def open_checkpoint(source: Any, role: str = "checkpoint") -> CheckpointReader:
@@ -457,7 +480,7 @@ def open_checkpoint(source: Any, role: str = "checkpoint") -> CheckpointReader:
             return _open_file(path, _layout_from_config(path.parent))
         text = str(source)
         if text.startswith((".", "/", "~")) or text.partition("@")[0].count("/") > 1:
-            raise AnchorFileError(f"{role} checkpoint {text!r} does not exist")
+            raise AnchorFileError(f"{role} checkpoint {_missing_path_message(text)}")
         repo_id, _, revision = text.partition("@")
         return _open_directory(resolve_from_cache(repo_id, revision or None))
     raise AsFTError(f"{role}: expected a path, hub id, nn.Module or state dict, got {type(source).__name__}")

@@ -1,14 +1,21 @@
 """The ``asft`` command.
 
 Each sub-command lives with the feature it drives and registers itself through a
-``register_cli(subparsers)`` function; this file only lists them.
+``register_cli(subparsers)`` function; this file only lists them, and gives every
+sub-command the same error handling: an ordinary mistake (bad input, a file that cannot
+be read or written, a device that is not there) prints one line on stderr and exits 1; a
+usage error (unknown option, bad option value) exits 2, as argparse does.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
+
+from .errors import AsFTError
 
 # module path of each feature that contributes sub-commands
 _COMMAND_MODULES = (
@@ -19,9 +26,45 @@ _COMMAND_MODULES = (
     "asft_kernels.integrations.distributed",  # asft comm-report
 )
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+exit status (every command):
+  0  success
+  1  error: invalid or unreadable input (checkpoint, anchor, adapter), an output that
+     cannot be written, a device that is not available, a failed build; one line on stderr
+  2  usage error: unknown command or option, missing or malformed option value"""
+
+
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` as a :class:`Path`, checked before any work is done: not a directory, and
+    its nearest existing parent is a writable directory (missing directories in between
+    are created when the file is written).
+
+    Raises:
+        AsFTError: the path cannot be written (the message says why).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise AsFTError(f"{what} {str(path)!r} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AsFTError(f"{what} {str(path)!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AsFTError(f"{what} {str(path)!r}: directory {str(parent)!r} is not writable")
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asft", description="AsFT safety anchoring for LoRA fine-tuning")
+    parser = argparse.ArgumentParser(prog="asft", description="AsFT safety anchoring for LoRA fine-tuning",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod_name in _COMMAND_MODULES:
         try:
@@ -37,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``asft``; returns the exit status (0, 1 or 2, see :data:`EPILOG`)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (AsFTError, OSError) as exc:
+        print(f"asft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -26,14 +26,13 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .anchor import MODES, AlignmentAnchor, AnchorBinding, atomic_write, normalize_module_name
+from .anchor import METADATA_KEY, MODES, AlignmentAnchor, AnchorBinding, atomic_write, normalize_module_name
 from .errors import AnchorFileError, AnchorMismatchError, AsFTError, UnsupportedAdapterError
 
 # torch.nn.functional.cosine_similarity's default eps: norms below it are clamped.
@@ -172,6 +171,38 @@ def _read_adapter(adapter: Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, config
 
 
+def _is_anchor_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file carrying anchor metadata (header only)."""
+    if not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:  # not a safetensors file: not an anchor either
+        return False
+
+
+def _is_adapter(path: Path) -> bool:
+    return path.is_dir() and ((path / "adapter_config.json").is_file()
+                              or (path / "adapter_model.safetensors").is_file()
+                              or (path / "adapter_model.bin").is_file())
+
+
+def _check_not_swapped(adapter: Path, anchor: Path) -> None:
+    """Refuse ``adapter_report(anchor, adapter)``: the arguments in the wrong order."""
+    if _is_anchor_file(adapter) and (_is_adapter(anchor) or not _is_anchor_file(anchor)):
+        raise AsFTError(
+            f"the arguments look swapped: {str(adapter)!r} is an anchor file and {str(anchor)!r} is "
+            + ("an adapter directory" if _is_adapter(anchor) else "not an anchor file")
+            + "; the order is ADAPTER ANCHOR (asft report ADAPTER_DIR ANCHOR_FILE)"
+        )
+    if _is_adapter(anchor):
+        raise AsFTError(f"{str(anchor)!r} is an adapter directory, not an anchor file; the order is ADAPTER ANCHOR "
+                        "(asft report ADAPTER_DIR ANCHOR_FILE)")
+
+
 def adapter_report(
     adapter: str | os.PathLike,
     anchor: AlignmentAnchor | str | os.PathLike,
@@ -197,6 +228,7 @@ def adapter_report(
     if mode not in MODES:
         raise AsFTError(f"unknown anchor mode {mode!r}; expected one of {MODES}")
     if not isinstance(anchor, AlignmentAnchor):
+        _check_not_swapped(Path(adapter), Path(anchor))
         anchor = AlignmentAnchor.load(anchor)
     tensors, config = _read_adapter(Path(adapter))
     if config.get("use_dora") or any("lora_magnitude_vector" in k for k in tensors):
@@ -242,19 +274,45 @@ def adapter_report(
     return rows
 
 
-def format_report(rows: list[LayerAlignment]) -> str:
-    """The report as a fixed-width text table, one line per layer plus a mean line."""
+COLUMN_LEGEND = """\
+resid    ‖(I − C) B A‖_F / ‖B A‖_F: share of the update that the AsFT regularizer penalizes;
+         0 = the update lies in the alignment subspace, higher = more drift away from it
+cos_sub  ‖U Uᵀ B A‖_F / ‖B A‖_F: cosine between the update and the alignment subspace;
+         1 = inside it, lower = more drift
+cos_CBA  cos(C B A, B A) of the flattened matrices (in paper mode Safe LoRA's layer similarity);
+         higher = more aligned
+|BA|_F   ‖B A‖_F, the size of the update (without PEFT's lora_alpha / r scaling)"""
+
+
+def format_report(rows: list[LayerAlignment], *, legend: bool = False) -> str:
+    """The report as a fixed-width text table, one line per layer plus a mean line.
+
+    Layers whose update is zero (``B A = 0``, an untrained adapter: PEFT initializes
+    ``lora_B`` to zero) read ``no update yet`` instead of NaN columns. ``legend``
+    appends :data:`COLUMN_LEGEND`, which says what each column means and which
+    direction is more drift.
+    """
     header = f"{'module':<48} {'r':>3} {'resid':>7} {'cos_sub':>7} {'cos_CBA':>8} {'|BA|_F':>11}"
     lines = [header, "-" * len(header)]
     for row in rows:
         name = row.key if len(row.key) <= 48 else "…" + row.key[-47:]
+        if row.delta_norm == 0.0:
+            lines.append(f"{name:<48} {row.rank:>3} {'no update yet (B A = 0)':>24} {row.delta_norm:>11.4e}")
+            continue
         lines.append(f"{name:<48} {row.rank:>3} {row.residual_fraction:>7.4f} {row.subspace_cosine:>7.4f} "
                      f"{row.projection_cosine:>8.4f} {row.delta_norm:>11.4e}")
     finite = [r for r in rows if math.isfinite(r.residual_fraction)]
+    lines.append("-" * len(header))
     if finite:
         mean = sum(r.residual_fraction for r in finite) / len(finite)
-        lines.append("-" * len(header))
-        lines.append(f"{len(rows)} layers; mean residual fraction {mean:.4f}")
+        untrained = len(rows) - len(finite)
+        note = f" ({untrained} layer(s) with no update yet left out)" if untrained else ""
+        lines.append(f"{len(rows)} layers; mean residual fraction {mean:.4f}{note}")
+    else:
+        lines.append(f"the adapter has no update yet: B A = 0 in all {len(rows)} layers (PEFT initializes "
+                     "lora_B to zero; train the adapter, then report)")
+    if legend:
+        lines.extend(["", COLUMN_LEGEND])
     return "\n".join(lines)
 
 
@@ -268,12 +326,13 @@ def plot_report(rows: list[LayerAlignment], path: str | os.PathLike, title: str 
     path = Path(path)
     x = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4.0))
-    ax.plot(x, [r.residual_fraction for r in rows], "o-", label="‖(I−C)BA‖/‖BA‖")
-    ax.plot(x, [r.subspace_cosine for r in rows], "s-", label="cos(BA, alignment subspace)")
+    ax.plot(x, [r.residual_fraction for r in rows], "o-", label="resid ‖(I−C)BA‖/‖BA‖ (higher = more drift)")
+    ax.plot(x, [r.subspace_cosine for r in rows], "s-",
+            label="cos_sub: cos(BA, alignment subspace) (lower = more drift)")
     ax.set_xticks(x)
     ax.set_xticklabels([r.key for r in rows], rotation=90, fontsize=6)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction")
+    ax.set_ylabel("fraction (layers with no update yet are not drawn)")
     ax.set_title(title or "adapter alignment per layer")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -285,18 +344,18 @@ def plot_report(rows: list[LayerAlignment], path: str | os.PathLike, title: str 
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    try:
-        rows = adapter_report(args.adapter, args.anchor, mode=args.mode, strict=not args.non_strict)
-    except AsFTError as exc:
-        print(f"asft report: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(rows))
-    if args.json:
+    from .cli import check_output_path
+
+    json_path = check_output_path(args.json, "--json") if args.json else None
+    plot_path = check_output_path(args.plot, "--plot") if args.plot else None
+    rows = adapter_report(args.adapter, args.anchor, mode=args.mode, strict=not args.non_strict)
+    print(format_report(rows, legend=True))
+    if json_path is not None:
         payload = json.dumps([asdict(r) for r in rows], indent=2)
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(payload))
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(payload))
         print(f"wrote {args.json}")
-    if args.plot:
-        plot_report(rows, args.plot, title=f"{Path(args.adapter).name} vs {Path(args.anchor).name} ({args.mode})")
+    if plot_path is not None:
+        plot_report(rows, plot_path, title=f"{Path(args.adapter).name} vs {Path(args.anchor).name} ({args.mode})")
         print(f"wrote {args.plot}")
     return 0
 
@@ -304,7 +363,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def register_cli(subparsers) -> None:
     """Add ``asft report`` to the ``asft`` command."""
     p = subparsers.add_parser("report", help="per-layer alignment of a saved LoRA adapter with an anchor",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0], epilog="columns:\n" + COLUMN_LEGEND,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("anchor", help="anchor file (.safetensors)")
     p.add_argument("--mode", choices=MODES, default="paper", help="which C the residual uses (default: paper)")

@@ -21,3 +21,8 @@ class UnsupportedAdapterError(AsFTError):
 
 class OptimizerInputError(AsFTError):
     """Bad optimizer arguments or parameters (λ < 0, wrong dtype or device, ...)."""
+
+
+class AnchorEntryError(AsFTError):
+    """An anchor entry's values are inconsistent (``k > m``, a non-orthonormal basis,
+    ``Σ sᵢ² > ‖V‖²_F``, non-finite values, ...)."""

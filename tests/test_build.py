@@ -239,8 +239,24 @@ def test_every_source_kind_gives_the_same_anchor(llama_ckpt, tmp_path, monkeypat
 
 def test_hub_id_absent_from_cache_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(asft.AnchorFileError, match="not in the local Hugging Face cache"):
+    with pytest.raises(asft.AnchorFileError, match="not in the local cache") as info:
         build_anchor("meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-7b-hf", ["q_proj"], progress=False)
+    assert "`hf download meta-llama/Llama-2-7b-chat-hf`" in str(info.value)
+    assert "huggingface-cli" not in str(info.value)
+
+
+def test_typo_in_a_local_path_says_the_path_does_not_exist_first(llama_ckpt, tmp_path, monkeypatch):
+    _, _, root = llama_ckpt
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(root)
+    with pytest.raises(asft.AnchorFileError) as info:
+        build_anchor("aligned/x", "base", ["q_proj"], progress=False)  # one slash: could be a hub id
+    message = str(info.value)
+    assert message.startswith("'aligned/x' does not exist as a local path ('aligned' exists")
+    assert "huggingface-cli" not in message
+    with pytest.raises(asft.AnchorFileError, match=r"'alinged' does not exist as a local path \(did you mean "
+                                                   r"'aligned'\?\)"):
+        build_anchor("alinged", "base", ["q_proj"], progress=False)
 
 
 def test_bf16_and_fp16_checkpoints_are_upcast_before_subtracting(tmp_path):
@@ -437,3 +453,123 @@ def test_gpt2_state_dicts_and_sharded_bin_give_the_directory_anchor(ckpt, tmp_pa
         for name in ref:
             assert anchor[name].shape == ref[name].shape
             torch.testing.assert_close(anchor[name].s, ref[name].s, rtol=1e-12, atol=1e-12)
+
+
+# --- typo'd targets, unchanged modules, reproducible files ---------------------------------------
+
+
+def test_typo_in_a_target_is_refused_listing_module_names(llama_ckpt, tmp_path, capsys):
+    aligned, base, root = llama_ckpt
+    with pytest.raises(asft.AnchorMismatchError, match=r"\['q_prj'\].*q_proj.*v_proj.*allow_missing_targets") as e:
+        build_anchor(root / "aligned", root / "base", ["q_prj", "v_proj"], progress=False)
+    assert "up_proj" in str(e.value)  # the names that exist
+    anchor = build_anchor(aligned, base, ["q_prj", "v_proj"], allow_missing_targets=True, progress=False)
+    assert sorted(anchor) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    out = tmp_path / "a.safetensors"
+    argv = ["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--targets",
+            "q_prj,v_proj", "--rank", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "q_prj" in err and "--allow-missing-targets" in err
+    assert main(argv + ["--allow-missing-targets"]) == 0 and len(asft.AlignmentAnchor.load(out)) == 2
+
+
+def test_unchanged_modules_are_refused_unless_skipped(llama_ckpt, tmp_path, capsys):
+    aligned, base, root = llama_ckpt
+    with pytest.raises(asft.AnchorMismatchError, match=r"unchanged.*skip_unchanged=True") as info:
+        build_anchor(root / "base", root / "base", ["q_proj", "v_proj"], progress=False)
+    assert all(f"model.layers.{i}.self_attn.{t}" in str(info.value) for i in (0, 1) for t in ("q_proj", "v_proj"))
+    # only q_proj changed: v_proj is named, and left out on request
+    half = {k: (aligned.state_dict()[k] if "q_proj" in k else v) for k, v in base.state_dict().items()}
+    with pytest.raises(asft.AnchorMismatchError, match=r"2 module\(s\) unchanged") as info:
+        build_anchor(half, base, ["q_proj", "v_proj"], progress=False)
+    assert "v_proj" in str(info.value) and "q_proj" not in str(info.value)
+    anchor = build_anchor(half, base, ["q_proj", "v_proj"], skip_unchanged=True, progress=False)
+    assert sorted(anchor) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert anchor.metadata["skipped_unchanged"] == ["model.layers.0.self_attn.v_proj",
+                                                    "model.layers.1.self_attn.v_proj"]
+    out = tmp_path / "a.safetensors"
+    argv = ["build-anchor", "--aligned", str(root / "base"), "--base", str(root / "base"), "--targets", "q_proj",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 1 and not out.exists()
+    assert "--skip-unchanged" in capsys.readouterr().err
+
+
+def test_two_builds_give_byte_identical_files(llama_ckpt, tmp_path):
+    _, _, root = llama_ckpt
+    files = []
+    for i, seed in enumerate((None, None, 5)):
+        out = tmp_path / f"{i}.safetensors"
+        argv = ["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--targets",
+                "all-linear", "--rank", "2", "--method", "randomized", "--out", str(out), "--no-progress"]
+        assert main(argv + (["--seed", str(seed)] if seed is not None else [])) == 0
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+    assert files[0] != files[2]
+    meta = asft.AlignmentAnchor.load(tmp_path / "2.safetensors").metadata
+    assert meta["seed"] == 5 and meta["method"] == "randomized"
+    assert {m["method"] for m in meta["per_module"].values()} == {"randomized"}
+    assert asft.AlignmentAnchor.load(tmp_path / "0.safetensors").metadata["seed"] == 0
+
+
+# --- command-line errors: one line on stderr, exit 1 (2 for usage errors) ----------------------------
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("asft "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_cli_ordinary_mistakes_print_one_line_and_exit_1(llama_ckpt, tmp_path, capsys):
+    _, _, root = llama_ckpt
+    build = ["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--targets",
+             "q_proj", "--rank", "2", "--no-progress"]
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("x")
+    (tmp_path / "dir.safetensors").mkdir()
+    assert main(build + ["--out", str(tmp_path / "dir.safetensors")]) == 1
+    _one_line_error(capsys, "is a directory")
+    assert main(build + ["--out", str(a_file / "sub" / "a.safetensors")]) == 1
+    _one_line_error(capsys, "not a directory")
+    if not torch.cuda.is_available():
+        assert main(build + ["--device", "cuda", "--out", str(tmp_path / "a.safetensors")]) == 1
+        _one_line_error(capsys, "'cuda' is not available")
+    good = tmp_path / "good.safetensors"
+    assert main(build + ["--out", str(good)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(good), "--plot", str(a_file / "x.png")]) == 1
+    _one_line_error(capsys, "--plot")
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(good), str(bad), metadata={"asft_anchor": json.dumps({"format_version": 1, "modules": []})})
+    assert main(["inspect", str(bad)]) == 1
+    _one_line_error(capsys, "bad.safetensors", "'modules'")
+
+
+@pytest.mark.parametrize("option", [["--device", "bogus"], ["--oversample", "-5"], ["--niter", "-1"],
+                                    ["--seed", "-3"], ["--rank", "0"], ["--energy", "2"], ["--targets", ","]],
+                         ids=["device-bogus", "oversample-negative", "niter-negative", "seed-negative", "rank-zero",
+                              "energy-above-one", "targets-empty"])
+def test_cli_usage_errors_exit_2(llama_ckpt, tmp_path, capsys, option):
+    _, _, root = llama_ckpt
+    argv = ["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--rank", "2",
+            "--out", str(tmp_path / "a.safetensors"), "--no-progress"]
+    if option[0] != "--targets":
+        argv += ["--targets", "q_proj"]
+    with pytest.raises(SystemExit) as info:
+        main(argv + option)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and option[0] in err
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_cli_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status" in out and "1  error" in out and "2  usage error" in out

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from asft_kernels.cli import main
-from asft_kernels.errors import AsFTError
 
 METRICS = ("harmful_rate", "task_accuracy")
 
@@ -67,7 +66,9 @@ def test_second_run_uses_the_cache(quick_run):
     assert max(deltas) > 0  # the aligned model is not the base
 
 
-def test_bad_seed_is_rejected(tmp_path):
-    with pytest.raises(AsFTError, match="--seed"):
-        main(["demo", "--out", str(tmp_path), "--seed", "-1", "--quick"])
+def test_bad_seed_is_rejected(tmp_path, capsys):
+    # every asft command: an ordinary error is one line on stderr and exit status 1
+    assert main(["demo", "--out", str(tmp_path), "--seed", "-1", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "--seed" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "results.json").exists()

@@ -12,7 +12,7 @@ from conftest import lora, tiny_llama
 from asft_kernels import AlignmentAnchor
 from asft_kernels.cli import main as asft_main
 from asft_kernels.diagnostics import adapter_report, alignment_report, format_report
-from asft_kernels.errors import AnchorMismatchError, UnsupportedAdapterError
+from asft_kernels.errors import AnchorMismatchError, AsFTError, UnsupportedAdapterError
 from asft_kernels.reference import dense_projection
 
 TARGETS = ("q_proj", "v_proj")
@@ -95,11 +95,11 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     wrong_path = tmp_path / "wrong.safetensors"
     wrong.save(wrong_path)
     png = tmp_path / "report.png"
-    assert asft_main(["report", str(adapter_dir), str(wrong_path), "--plot", str(png)]) == 2
+    assert asft_main(["report", str(adapter_dir), str(wrong_path), "--plot", str(png)]) == 1
     assert "q_proj" in capsys.readouterr().err and not png.exists()
     with pytest.raises(AnchorMismatchError, match=r"\(5, 7\)"):
         adapter_report(adapter_dir, wrong_path)
-    assert asft_main(["report", str(tmp_path / "missing"), str(wrong_path)]) == 2
+    assert asft_main(["report", str(tmp_path / "missing"), str(wrong_path)]) == 1
 
     dora_dir = tmp_path / "dora"
     shutil.copytree(adapter_dir, dora_dir)
@@ -110,3 +110,78 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     anchor.save(anchor_path)
     with pytest.raises(UnsupportedAdapterError, match="DoRA"):
         adapter_report(dora_dir, anchor_path)
+
+
+def _saved(tmp_path):
+    model, anchor = _setup()
+    adapter_dir, anchor_path = tmp_path / "adapter", tmp_path / "anchor.safetensors"
+    model.save_pretrained(str(adapter_dir))
+    anchor.save(anchor_path)
+    return model, anchor, adapter_dir, anchor_path
+
+
+def _one_line(err):
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("asft report: error: "), err
+    return err
+
+
+def test_swapped_arguments_are_detected(tmp_path, capsys):
+    _, _, adapter_dir, anchor_path = _saved(tmp_path)
+    with pytest.raises(AsFTError, match="swapped.*anchor file.*adapter directory.*ADAPTER ANCHOR"):
+        adapter_report(anchor_path, adapter_dir)
+    assert asft_main(["report", str(anchor_path), str(adapter_dir)]) == 1
+    assert "swapped" in _one_line(capsys.readouterr().err)
+    # an anchor file first and no anchor second: the order is wrong whatever the second is
+    with pytest.raises(AsFTError, match="swapped"):
+        adapter_report(anchor_path, tmp_path / "missing")
+    # an adapter directory where the anchor file belongs
+    with pytest.raises(AsFTError, match="is an adapter directory, not an anchor file"):
+        adapter_report(adapter_dir, adapter_dir)
+
+
+def test_untrained_adapter_says_no_update_yet(tmp_path, capsys):
+    model, anchor = _setup()
+    with torch.no_grad():
+        for pair in anchor.bind(model):
+            pair.B.zero_()
+    rows = alignment_report(model, anchor)
+    text = format_report(rows)
+    assert "nan" not in text.lower()
+    assert text.count("no update yet (B A = 0)") == len(rows)
+    assert "the adapter has no update yet" in text
+    adapter_dir, anchor_path = tmp_path / "adapter", tmp_path / "anchor.safetensors"
+    model.save_pretrained(str(adapter_dir))
+    anchor.save(anchor_path)
+    assert asft_main(["report", str(adapter_dir), str(anchor_path)]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and "the adapter has no update yet" in out
+
+
+def test_cli_explains_the_columns_and_the_plot_says_which_way_is_drift(tmp_path, capsys, monkeypatch):
+    _, _, adapter_dir, anchor_path = _saved(tmp_path)
+    assert asft_main(["report", str(adapter_dir), str(anchor_path)]) == 0
+    out = capsys.readouterr().out
+    for column in ("resid", "cos_sub", "cos_CBA", "|BA|_F"):
+        assert any(line.startswith(column + " ") for line in out.splitlines()), column
+    assert "more drift" in out
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    asft_main(["report", str(adapter_dir), str(anchor_path), "--plot", str(tmp_path / "r.png")])
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    assert any("higher = more drift" in label for label in labels)
+    assert any("lower = more drift" in label for label in labels)
+
+
+def test_cli_unwritable_outputs_fail_before_any_work(tmp_path, capsys):
+    _, _, adapter_dir, anchor_path = _saved(tmp_path)
+    (tmp_path / "out.json").mkdir()
+    assert asft_main(["report", str(adapter_dir), str(anchor_path), "--json", str(tmp_path / "out.json")]) == 1
+    assert "--json" in _one_line(capsys.readouterr().err)
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert asft_main(["report", str(adapter_dir), str(anchor_path), "--plot", str(plain / "r.png")]) == 1
+    captured = capsys.readouterr()
+    assert "--plot" in _one_line(captured.err)
+    assert captured.out == ""  # no table printed: the output is checked before the report

@@ -248,3 +248,19 @@ def test_accelerate_prepare_and_parameter_swap_keep_anchoring(tmp_path):
         regs.append(float(opt.anchor_loss))
     _assert_params_match(model, ref_params)
     assert regs == pytest.approx(ref_regs, rel=1e-10)
+
+
+def test_trainer_errors_name_the_trainer_keywords(tmp_path):
+    from asft_kernels.errors import AnchorMismatchError
+
+    model, anchor = _setup()
+    partial = AlignmentAnchor({k: v for k, v in anchor.items() if "q_proj" in k})  # no v_proj entries
+    trainer = AsFTTrainer(model=model, args=_args(tmp_path, 1), anchor=partial)
+    with pytest.raises(AnchorMismatchError, match="anchor_strict=False") as info:
+        trainer.create_optimizer()
+    assert "v_proj" in str(info.value) and " strict=False" not in str(info.value)
+    trainer = AsFTTrainer(model=model, args=_args(tmp_path, 1), anchor=anchor, anchor_adapter="other")
+    with pytest.raises(AnchorMismatchError, match="anchor_adapter='other'"):
+        trainer.create_optimizer()
+    trainer = AsFTTrainer(model=model, args=_args(tmp_path, 1), anchor=partial, anchor_strict=False)
+    assert len(trainer.create_optimizer().anchor) == 2

@@ -28,6 +28,7 @@ at the parameters before each step. Every ``residual_every`` steps it also logs
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -137,6 +138,23 @@ class AsFTCallback(TrainerCallback):
         self._loss_sum, self._loss_steps, self._pending = None, 0, {}
 
 
+# Keywords of AlignmentAnchor.bind / AsFTAdamW and the trainer keywords that set them.
+_TRAINER_KEYWORDS = {"strict": "anchor_strict", "adapter_name": "anchor_adapter", "mode": "anchor_mode",
+                     "backend": "anchor_backend"}
+_KEYWORD_RE = re.compile(r"(?<![\w.])(" + "|".join(_TRAINER_KEYWORDS) + r")=")
+
+
+def _in_trainer_words(exc: AsFTError) -> AsFTError:
+    """``exc`` (same class) with the keywords of ``bind``/``AsFTAdamW`` in its message
+    replaced by the trainer keywords that set them (``strict=False`` →
+    ``anchor_strict=False``), since inside a trainer those are what the user passes."""
+    message = _KEYWORD_RE.sub(lambda m: _TRAINER_KEYWORDS[m.group(1)] + "=", str(exc))
+    try:
+        return type(exc)(message)
+    except TypeError:  # an error class with another constructor: keep the original
+        return exc
+
+
 class AsFTMixin:
     """Makes a ``transformers.Trainer`` subclass train with :class:`~asft_kernels.AsFTAdamW`.
 
@@ -216,22 +234,28 @@ class AsFTMixin:
         ]
         groups = [g for g in groups if g["params"]] or groups[:1]
         self.anchor_binding = self._bind_anchor(opt_model)
-        self.optimizer = AsFTAdamW(
-            groups,
-            lr=self.args.learning_rate,
-            betas=(self.args.adam_beta1, self.args.adam_beta2),
-            eps=self.args.adam_epsilon,
-            anchor=self.anchor_binding,
-            anchor_lambda=self.anchor_lambda,
-            backend=self.anchor_backend,
-        )
+        try:
+            self.optimizer = AsFTAdamW(
+                groups,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                anchor=self.anchor_binding,
+                anchor_lambda=self.anchor_lambda,
+                backend=self.anchor_backend,
+            )
+        except AsFTError as exc:
+            raise _in_trainer_words(exc) from exc
         return self.optimizer
 
     def _bind_anchor(self, model: nn.Module) -> AnchorBinding | None:
         if self.anchor is None or isinstance(self.anchor, AnchorBinding):
             return self.anchor
-        return self.anchor.bind(model, mode=self.anchor_mode, adapter_name=self.anchor_adapter,
-                                strict=self.anchor_strict)
+        try:
+            return self.anchor.bind(model, mode=self.anchor_mode, adapter_name=self.anchor_adapter,
+                                    strict=self.anchor_strict)
+        except AsFTError as exc:
+            raise _in_trainer_words(exc) from exc
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """``Trainer.log`` with ``anchor_loss`` (and due residual fractions) added to
