@@ -6,7 +6,8 @@ A call costs a fixed number of launches and torch ops per bucket of pairs (param
 dtype, U dtype, padded rank), however many pairs it holds: two factor-kernel launches per
 bucket, one reduction launch for all of them, one pair table, one scalar table and one
 scratch slice per bucket, and one read of all step counters. Everything that depends on the
-number of pairs is plain Python (validation, addresses) or cached (the strip tables).
+number of pairs is plain Python (validation, addresses) or cached (the strip tables); the
+one exception is the stats pass, which allocates its three outputs per pair.
 """
 
 from __future__ import annotations
@@ -230,19 +231,6 @@ def _reduce(jobs: list[tuple[Tensor, int, int, int, int]], scratch: Tensor, devi
                                  enable_fp_fusion=True)
 
 
-def _empty_like_shapes(shapes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
-    """fp32 tensors of ``shapes``: one allocation per distinct shape (``unbind`` views), so
-    the number of torch ops does not grow with the number of pairs."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for j, shape in enumerate(shapes):
-        groups.setdefault(shape, []).append(j)
-    out: list[Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-    for shape, idx in groups.items():
-        for j, t in zip(idx, torch.empty((len(idx), *shape), dtype=torch.float32, device=device).unbind(0)):
-            out[j] = t
-    return out
-
-
 def _output(t: Tensor) -> Tensor:
     """A contiguous fp32 tensor to reduce into (``t`` itself when it already is one)."""
     if t.is_contiguous() and t.dtype == torch.float32:
@@ -264,7 +252,7 @@ def stats_pass(
 
     Returns:
         ``(P, G, M)`` lists of fp32 tensors: ``P = Uᵀ B`` (k, r), ``G = Bᵀ B`` (r, r),
-        ``M = A Aᵀ`` (r, r). Outputs of equal shape are views of one allocation.
+        ``M = A Aᵀ`` (r, r), each its own allocation.
 
     Raises:
         OptimizerInputError: mismatched lengths, shapes or dtypes, a pair the backend does
@@ -282,9 +270,11 @@ def stats_pass(
     for j in range(len(B)):
         for t, name in ((U[j], "U"), (B[j], "B"), (A[j], "A")):
             _require(t, name, j, device)
-    outputs = (_empty_like_shapes([(k, r) for _, _, r, k in shapes], device),
-               _empty_like_shapes([(r, r) for _, _, r, _ in shapes], device),
-               _empty_like_shapes([(r, r) for _, _, r, _ in shapes], device))
+    # Three fresh outputs per pair (the op's outputs must not alias each other): the only
+    # torch ops of this call whose number grows with the number of pairs.
+    outputs = tuple([torch.empty(shape, dtype=torch.float32, device=device) for shape in per_pair]
+                    for per_pair in ([(k, r) for _, _, r, k in shapes], [(r, r) for _, _, r, _ in shapes],
+                                     [(r, r) for _, _, r, _ in shapes]))
     # AdamW hyperparameters are unused without UPDATE.
     _run({"U": U, "B": B, "A": A}, shapes, outputs, (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0), False, device)
     return outputs
