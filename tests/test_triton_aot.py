@@ -171,7 +171,7 @@ def _stages_table() -> str:
         f"stages {s}: sm_80 / sm_90" for s in stages) + " |", "|---|---|---|---|" + "---|" * len(stages)]
     for update, factor_a, block_r, pdt, udt in _variants():
         if udt != "fp32" or (pdt == "fp16" and update):
-            continue  # fp16 compiles as bf16 does; the bf16-U variant as fp32-U
+            continue  # fp16 close to bf16 (default table); bf16 U close to fp32 U
         const, options = factor_variant(block_r, factor_a, update, getattr(tl, _TL[pdt]))
         cells = []
         for s in stages:

@@ -31,6 +31,7 @@ import triton
 
 from .version import MAX_TRITON_EXCLUSIVE, MIN_TRITON, TRITON_REQUIREMENT, TritonVersionWarning, version_problem
 
+#: None when the installed Triton is supported, else the message saying it is not.
 UNSUPPORTED = version_problem(triton.__version__)
 
 if UNSUPPORTED is None:
