@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Triton tests against the oldest supported Triton release (the lower bound of the
 # range pyproject.toml declares, asft_kernels/ops/triton/version.py): the ahead-of-time
-# compile test (registers and spills for sm_80/sm_90) and the interpreter tests.
+# compile test (registers and spills for sm_80/sm_90), the interpreter tests of the backend,
+# and the optimizer's triton trajectory tests under the interpreter.
 #
 # A second virtual environment sees the main one's packages (--system-site-packages) and
 # installs only that Triton, plus NumPy < 2.4: the interpreter of Triton < 3.8 converts
@@ -19,5 +20,7 @@ if ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '
 fi
 "$venv/bin/python" -c "import triton; print('triton', triton.__version__, 'from', triton.__file__)"
 # NumPy 2.3 deprecates what 2.4 refuses: once per loop bound in the interpreter, not news.
-OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q tests/test_triton_aot.py tests/test_triton.py \
-    -W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
+quiet=(-W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q tests/test_triton_aot.py tests/test_triton.py "${quiet[@]}"
+# The optimizer's trajectories on the triton backend (interpreter on from the start).
+OMP_NUM_THREADS=1 TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q tests/test_optim.py -k triton "${quiet[@]}"
