@@ -8,6 +8,7 @@ CUDA present the same tests run on the device.
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -15,11 +16,13 @@ import sys
 import pytest
 import torch
 from helpers import TOLERANCE, max_rel_err, odd_anchor, odd_lora, odd_task_loss, run_asft, run_reference, trainable
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from asft_kernels.errors import OptimizerInputError
-from asft_kernels.ops import eager, resolve_backend
+from asft_kernels.ops import EAGER, AdamWHyper, AnchoredBatch, eager, resolve_backend, route
 
 T = pytest.importorskip("asft_kernels.ops.triton")
+L = pytest.importorskip("asft_kernels.ops.triton.launch")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -73,15 +76,24 @@ def _grads(cols, step, seed=0):
     return gA, gB
 
 
+def _steps(n, t, dtype=torch.float32):
+    """Per-pair step counters as the optimizer keeps them: one-element CPU tensors."""
+    return [torch.tensor(float(t), dtype=dtype) for _ in range(n)]
+
+
+def _batch(cols, P, G, M, gA, gB, Q, R, H, t):
+    n = len(cols["A"])
+    return AnchoredBatch(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], P, G, M, gA, gB,
+                         cols["U"], Q, R, H, _steps(n, t), _steps(n, t, torch.float64))
+
+
 def _trajectory(fused, stats, cols, steps, hyper, seed=0):
     """``steps`` contract steps with the statistics carried between steps (as the optimizer)."""
     P, G, M = (list(x) for x in stats(cols["U"], cols["B"], cols["A"]))
     for t in range(1, steps + 1):
         gA, gB = _grads(cols, t, seed)
         Q, R, H = _derived(P, G, M, cols["w"])
-        n = len(cols["A"])
-        fused(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], P, G, M, gA, gB, cols["U"],
-              Q, R, H, [float(t)] * n, [float(t)] * n, *hyper)
+        fused(_batch(cols, P, G, M, gA, gB, Q, R, H, t), hyper)
     return P, G, M
 
 
@@ -90,7 +102,7 @@ def _float64_copy(cols):
     return out
 
 
-HYPER = (1e-2, 0.9, 0.999, 1e-8, 0.1, False)
+HYPER = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, False)
 
 
 def _rel(a, b):
@@ -118,9 +130,9 @@ def test_fused_step_trajectory_matches_float64(device, dtype, maximize):
     same contract evaluated in float64."""
     cols = _pairs(SHAPES, dtype, device, seed=2)
     ref = _float64_copy(cols)
-    hyper = HYPER[:-1] + (maximize,)
+    hyper = AdamWHyper(*HYPER.op_args()[:-1], maximize)
     P, G, M = _trajectory(T.fused_step, T.stats_pass, cols, 3, hyper)
-    Pr, Gr, Mr = _trajectory(eager.fused_step_impl, eager.stats_pass_impl, ref, 3, hyper)
+    Pr, Gr, Mr = _trajectory(eager.fused_step, eager.stats_pass, ref, 3, hyper)
     tol = TOLERANCE[dtype]
     for name in ("A", "B", "mA", "vA", "mB", "vB"):
         for j, (got, want) in enumerate(zip(cols[name], ref[name])):
@@ -138,11 +150,10 @@ def test_bf16_basis_and_bf16_params_round_to_nearest_even(device):
     ref = {k: [t.clone() for t in v] for k, v in cols.items()}
     gA, gB = _grads(cols, 1, seed=3)
     zero = lambda shapes: [torch.zeros(s, device=device) for s in shapes]  # noqa: E731
-    for impl, c in ((T.fused_step, cols), (eager.fused_step_impl, ref)):
+    for impl, c in ((T.fused_step, cols), (eager.fused_step, ref)):
         P, G, M = zero([(5, 3), (2, 4)]), zero([(3, 3), (4, 4)]), zero([(3, 3), (4, 4)])
-        impl(c["A"], c["B"], c["mA"], c["vA"], c["mB"], c["vB"], P, G, M, gA, gB, c["U"],
-             zero([(3, 3), (4, 4)]), zero([(5, 3), (2, 4)]), zero([(3, 3), (4, 4)]), [1.0, 1.0], [1.0, 1.0],
-             1e-2, 0.9, 0.999, 1e-8, 0.0, False)
+        batch = _batch(c, P, G, M, gA, gB, zero([(3, 3), (4, 4)]), zero([(5, 3), (2, 4)]), zero([(3, 3), (4, 4)]), 1)
+        impl(batch, AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.0, False))
     for name in ("A", "B"):
         for got, want in zip(cols[name], ref[name]):
             assert torch.equal(got, want), name
@@ -186,8 +197,8 @@ def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
     every pair exactly once, one program per strip."""
     shapes = SHAPES + [(41, 23, 2, 5), (33, 31, 20, 3), (19, 45, 4, 1), (64, 16, 16, 2)]
     cols = _pairs(shapes, torch.float32, device, seed=5)
-    counter = _LaunchCounter(T.jitted)
-    monkeypatch.setattr(T, "jitted", counter)
+    counter = _LaunchCounter(L.jitted)
+    monkeypatch.setattr(L, "jitted", counter)
     _trajectory(T.fused_step, T.stats_pass, cols, 1, HYPER, seed=5)
     launches = counter.launches
     buckets = {T.padded_rank(r) for _, _, r, _ in shapes}
@@ -200,6 +211,7 @@ def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
             continue
         pair_table, tiles = args[0].cpu(), args[2].cpu()
         assert grid == (tiles.shape[0],)
+        assert kw["num_stages"] == T.kernel_config(kw["BLOCK_R"], kw["FACTOR_A"], kw["UPDATE"])["num_stages"]
         block = kw["BLOCK_COLS"] if kw["FACTOR_A"] else kw["BLOCK_ROWS"]
         size_field = int(T._N_COLS if kw["FACTOR_A"] else T._M_ROWS)
         for j in range(pair_table.shape[0]):
@@ -215,18 +227,74 @@ def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
         assert longest > 1  # strips of several blocks were exercised
 
 
-def test_fp64_and_large_rank_fall_back_to_eager(device):
-    """fp64 pairs and r > MAX_TRITON_RANK give exactly the eager result."""
-    for dtype, shapes in ((torch.float64, [(37, 53, 3, 5)]), (torch.float32, [(9, 7, T.MAX_TRITON_RANK + 1, 2)])):
-        cols = _pairs(shapes, dtype, device, seed=6, basis_dtype=torch.float64 if dtype == torch.float64 else
-                      torch.float32)
-        if dtype == torch.float64:
-            for name in ("mA", "vA", "mB", "vB"):
-                cols[name] = [t.double() for t in cols[name]]
-        ref = {k: [t.clone() for t in v] for k, v in cols.items()}
-        P, G, M = _trajectory(T.fused_step, T.stats_pass, cols, 2, HYPER, seed=6)
-        Pr, Gr, Mr = _trajectory(eager.fused_step_impl, eager.stats_pass_impl, ref, 2, HYPER, seed=6)
-        for got, want in zip([*cols["A"], *cols["B"], *P, *G, *M], [*ref["A"], *ref["B"], *Pr, *Gr, *Mr]):
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_launches_and_torch_ops_do_not_grow_with_the_number_of_pairs(device, monkeypatch):
+    """2 and 12 pairs of the same shapes (two buckets: r = 3 and r = 20): the fused step
+    makes the same kernel launches and the same torch ops, op by op; the stats pass the same
+    launches, and only its three output allocations per pair more."""
+    counts = {}
+    for copies in (1, 6):
+        shapes = [(37, 53, 3, 5), (33, 31, 20, 3)] * copies
+        cols = _pairs(shapes, torch.float32, device, seed=11)
+        P, G, M = (list(x) for x in T.stats_pass(cols["U"], cols["B"], cols["A"]))
+        gA, gB = _grads(cols, 1)
+        Q, R, H = _derived(P, G, M, cols["w"])
+        batch = _batch(cols, P, G, M, gA, gB, Q, R, H, 1)
+        T.fused_step(batch, HYPER)  # warm: strip tables cached, kernels compiled
+        counter = _LaunchCounter(L.jitted)
+        monkeypatch.setattr(L, "jitted", counter)
+        with _OpCounter() as ops:
+            T.stats_pass(cols["U"], cols["B"], cols["A"])
+        stats_ops, stats_launches = ops.ops, len(counter.launches)
+        with _OpCounter() as ops:
+            T.fused_step(batch, HYPER)
+        step_launches = len(counter.launches) - stats_launches
+        monkeypatch.undo()
+        if device.type == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        counts[copies] = (stats_launches, stats_ops, step_launches, ops.ops)
+    (stats_launches, stats_ops, step_launches, step_ops), more = counts[1], counts[6]
+    assert stats_launches == step_launches == 5  # 2 buckets x 2 factor launches + 1 reduction
+    assert more[0] == stats_launches and more[2] == step_launches
+    assert more[3] == step_ops
+    assert step_ops["aten.stack.default"] == 1  # all step counters read at once
+    assert more[1] - stats_ops == collections.Counter({"aten.empty.memory_format": 3 * 10})
+
+
+def test_fp64_and_large_rank_are_refused_and_routed_to_eager(device):
+    """fp64 pairs and r > MAX_TRITON_RANK: ``supports`` is False, ``ops.route`` sends them to
+    the eager backend, and handed to this backend anyway they raise before any write."""
+    backend = resolve_backend("triton", device)
+    assert backend.name == "triton"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert route(backend, dtype, T.MAX_TRITON_RANK) is backend
+    assert route(backend, torch.float64, 3) is EAGER
+    assert route(backend, torch.float32, T.MAX_TRITON_RANK + 1) is EAGER
+    wide = T.MAX_TRITON_RANK + 1
+    for dtype, shapes, message in ((torch.float64, [(37, 53, 3, 5)], "torch.float64 parameters of rank 3"),
+                                   (torch.float32, [(9, 7, wide, 2)], f"float32 parameters of rank {wide}")):
+        assert not T.supports(dtype, shapes[0][2])
+        cols = _pairs(shapes, dtype, device, seed=6, basis_dtype=dtype)
+        P, G, M = eager.stats_pass(cols["U"], cols["B"], cols["A"])
+        with pytest.raises(OptimizerInputError, match=message):
+            T.stats_pass(cols["U"], cols["B"], cols["A"])
+        before = [t.clone() for t in cols["A"] + cols["B"] + P]
+        gA, gB = _grads(cols, 1, seed=6)
+        Q, R, H = _derived(P, G, M, cols["w"])
+        with pytest.raises(OptimizerInputError, match=message):
+            T.fused_step(_batch(cols, P, G, M, gA, gB, Q, R, H, 1), HYPER)
+        for got, want in zip(cols["A"] + cols["B"] + P, before):
             assert torch.equal(got, want)
 
 
@@ -239,19 +307,25 @@ def test_bad_input_raises_and_changes_nothing(device):
     Q, R, H = _derived(P, G, M, cols["w"])
 
     def call(**over):
-        args = dict(A=cols["A"], B=cols["B"], mA=cols["mA"], vA=cols["vA"], mB=cols["mB"], vB=cols["vB"])
-        args.update(over)
-        T.fused_step(args["A"], args["B"], args["mA"], args["vA"], args["mB"], args["vB"], P, G, M,
-                     over.get("gA", gA), gB, cols["U"], Q, R, H, [1.0, 1.0], [1.0, 1.0], *HYPER)
+        batch = _batch(cols, P, G, M, over.pop("gA", gA), gB, Q, R, H, 1)
+        for name, value in over.items():
+            setattr(batch, name, value)
+        T.fused_step(batch, HYPER)
 
     with pytest.raises(OptimizerInputError, match=r"exp_avg_B\[1\] has shape \(21, 2\), expected \(20, 2\)"):
-        call(mB=[cols["mB"][0], torch.zeros(21, 2, device=device)])
+        call(exp_avg_B=[cols["mB"][0], torch.zeros(21, 2, device=device)])
     with pytest.raises(OptimizerInputError, match=r"grad_A\[0\] is torch.float64, expected torch.float32"):
         call(gA=[gA[0].double(), gA[1]])
     with pytest.raises(OptimizerInputError, match=r"B\[0\] \(37, 3\) must be contiguous"):
         call(B=[torch.randn(3, 37, device=device).T, cols["B"][1]])
     with pytest.raises(OptimizerInputError, match=r"exp_avg_A\[1\] is torch.bfloat16"):
-        call(mA=[cols["mA"][0], cols["mA"][1].bfloat16()])
+        call(exp_avg_A=[cols["mA"][0], cols["mA"][1].bfloat16()])
+    with pytest.raises(OptimizerInputError, match=r"step_A\[1\] must be a one-element float CPU tensor"):
+        call(step_A=[torch.tensor(1.0), torch.ones(2)])
+    with pytest.raises(OptimizerInputError, match=r"step_B\[0\] must be a one-element float CPU tensor.*float"):
+        call(step_B=[1.0, torch.tensor(1.0)])
+    with pytest.raises(OptimizerInputError, match=r"H has 1 entries, A has 2"):
+        call(H=H[:1])
     with pytest.raises(OptimizerInputError, match=r"U\[0\] \(37, 5\), B\[0\] \(36, 3\)"):
         T.stats_pass(cols["U"], [torch.zeros(36, 3, device=device), cols["B"][1]], cols["A"])
     for name in ("A", "B", "mA", "vA", "mB", "vB"):
@@ -291,12 +365,12 @@ def test_cuda_impls_are_registered():
 def test_opcheck_default_and_fake_impls():
     """Schema, mutation annotations and fake impls (CPU tensors: the default impl)."""
     cols = _pairs([(37, 53, 3, 5), (1, 7, 2, 1)], torch.float32, torch.device("cpu"), seed=8)
-    P, G, M = eager.stats_pass_impl(cols["U"], cols["B"], cols["A"])
+    P, G, M = eager.stats_pass(cols["U"], cols["B"], cols["A"])
     Q, R, H = _derived(P, G, M, cols["w"])
     gA, gB = _grads(cols, 1)
     torch.library.opcheck(torch.ops.asft.stats_pass.default, (cols["U"], cols["B"], cols["A"]))
-    args = (cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], P, G, M, gA, gB, cols["U"],
-            Q, R, H, [1.0, 1.0], [1.0, 1.0], 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
+    batch = _batch(cols, P, G, M, gA, gB, Q, R, H, 1)
+    args = (*batch.op_args(), 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
     torch.library.opcheck(torch.ops.asft.fused_anchored_adamw_.default, args)
 
 
@@ -313,8 +387,8 @@ def test_opcheck_and_dispatch_on_cuda(monkeypatch):
     Q, R, H = _derived(P, G, M, cols["w"])
     gA, gB = _grads(cols, 1)
     torch.library.opcheck(torch.ops.asft.stats_pass.default, (cols["U"], cols["B"], cols["A"]))
-    args = (cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], P, G, M, gA, gB, cols["U"],
-            Q, R, H, [1.0, 1.0], [1.0, 1.0], 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
+    batch = _batch(cols, list(P), list(G), list(M), gA, gB, Q, R, H, 1)
+    args = (*batch.op_args(), 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
     torch.library.opcheck(torch.ops.asft.fused_anchored_adamw_.default, args)
 
 
@@ -333,7 +407,7 @@ def test_changing_lr_does_not_recompile(monkeypatch):
     before = compiled()
     assert before >= 2  # stats pass and update variants
     for lr in (3e-3, 1e-4):
-        _trajectory(T.fused_step, T.stats_pass, cols, 2, (lr,) + HYPER[1:])
+        _trajectory(T.fused_step, T.stats_pass, cols, 2, AdamWHyper(lr, *HYPER.op_args()[1:]))
     assert compiled() == before
 
 
@@ -368,3 +442,47 @@ def test_interpreter_set_before_import_lists_triton_backend():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("InterpretedFunction")
+
+
+def test_supported_triton_range_is_the_one_pyproject_declares():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), encoding="utf-8") as f:
+        pyproject = f.read()
+    assert f'triton = ["{T.TRITON_REQUIREMENT}"]' in pyproject  # the `triton` extra
+    assert f'"{T.TRITON_REQUIREMENT}; platform_system' in pyproject  # the `test` extra
+    assert T.UNSUPPORTED is None  # the installed Triton is in the range
+    from asft_kernels.ops.triton.version import version_problem
+
+    assert version_problem("3.6.0") is None and version_problem("3.9.1+git12ab") is None
+    for old_or_new in ("3.5.1", "3.10.0", "4.0.0", "nightly"):
+        assert f"Triton {old_or_new} is not supported" in version_problem(old_or_new)
+
+
+def test_unsupported_triton_warns_once_and_auto_runs_eager():
+    """Another Triton release: importing the backend gives one TritonVersionWarning naming
+    the range; the backend is unavailable, ``auto`` resolves CUDA tensors to eager and an
+    explicit ``triton`` is refused."""
+    code = (
+        "import warnings, torch, triton\n"
+        "triton.__version__ = '3.5.0'\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from asft_kernels import ops\n"
+        "    from asft_kernels.ops import triton as T\n"
+        "    assert ops.resolve_backend('auto', torch.device('cuda')).name == 'eager'\n"
+        "    assert not T.is_available() and not T.supports(torch.float32, 8)\n"
+        "    try:\n"
+        "        ops.resolve_backend('triton', torch.device('cuda'))\n"
+        "        raise SystemExit('explicit triton accepted')\n"
+        "    except ValueError as exc:\n"
+        "        assert 'not available' in str(exc), exc\n"
+        "msgs = [str(w.message) for w in caught if type(w.message).__name__ == 'TritonVersionWarning']\n"
+        "assert len(msgs) == 1, msgs\n"
+        "print(msgs[0])\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+    assert "Triton 3.5.0 is not supported" in out.stdout and "triton>=3.6,<3.10" in out.stdout

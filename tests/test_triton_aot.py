@@ -6,7 +6,10 @@
 to local memory, which the default configuration must not do.
 
 ``python tests/test_triton_aot.py`` prints the full registers/spills table of
-docs/triton.md (every dtype and rank bucket; slower than the test).
+docs/triton.md (every dtype and rank bucket; slower than the test) for the Triton it runs
+with; ``--stages`` adds the table of every ``num_stages`` choice (1, 2, 3) per variant, the
+measurement behind the choices of ``kernel_config``. ``num_stages`` is a launch option, as
+the backend passes it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ ARCHS = [80, 90]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's bundled ptxas is not present")
 
-REDUCE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
+REDUCE_OPTIONS = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": True}
 _POINTERS = {"pairs": "*i64", "scalars": "*fp32", "tiles": "*i64", "scratch": "*fp32", "jobs": "*i64"}
 
 
@@ -48,7 +51,8 @@ def _signature(fn, constexprs: dict) -> dict:
 
 def compile_kernel(fn, constexprs: dict, options: dict, arch: int):
     """Compile the plain kernel function ``fn`` for ``sm_<arch>`` with launch ``options``
-    (``num_warps``, ``maxnreg``); returns the CompiledKernel."""
+    (``num_warps``, ``num_stages``, ``maxnreg``, ``enable_fp_fusion``); returns the
+    CompiledKernel."""
     jit_fn = triton.jit(fn)
     src = ASTSource(jit_fn, _signature(fn, constexprs), constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -67,9 +71,11 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def factor_variant(block_r: int, factor_a: bool, update: bool, param_dtype, u_dtype=None):
-    """Constexprs and launch options of :func:`_factor_kernel` at its default configuration."""
+    """Constexprs and launch options of :func:`_factor_kernel` at its default configuration,
+    split as the backend's launch splits them."""
     cfg = T.kernel_config(block_r, factor_a, update)
-    options = {key: cfg.pop(key) for key in ("num_warps", "maxnreg", "enable_fp_fusion") if key in cfg}
+    options = {key: cfg.pop(key) for key in T.LAUNCH_OPTIONS if key in cfg}
+    assert "num_stages" in options
     const = dict(PARAM_DTYPE=param_dtype, U_DTYPE=u_dtype or tl.float32, FACTOR_A=factor_a, UPDATE=update,
                  BLOCK_R=block_r, DOT_PRECISION=T.DOT_PRECISION, **cfg)
     return const, options
@@ -80,6 +86,7 @@ CASES = [
     pytest.param(block_r, factor_a, True, "bf16", id=f"{'A' if factor_a else 'B'}-r{block_r}-bf16-update")
     for block_r in (16, 64) for factor_a in (False, True)
 ] + [
+    pytest.param(64, True, True, "fp16", id="A-r64-fp16-update"),
     pytest.param(64, False, True, "fp32", id="B-r64-fp32-update"),
     pytest.param(64, False, False, "fp16", id="B-r64-fp16-stats"),
     pytest.param(64, True, False, "fp16", id="A-r64-fp16-stats"),
@@ -110,10 +117,16 @@ def test_reduce_kernel_compiles_without_spills(arch):
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
 
 
-def _table() -> str:
-    """Markdown table: every factor-kernel variant at its default configuration, both archs."""
-    rows = ["| kernel | padded r | params | U | num_warps | block | sm_80 REG/STACK/LOCAL | sm_90 REG/STACK/LOCAL |",
-            "|---|---|---|---|---|---|---|---|"]
+def _usage_cells(const: dict, options: dict) -> list[str]:
+    cells = []
+    for arch in ARCHS:
+        u = resource_usage(compile_kernel(T._factor_kernel, const, options, arch).asm["cubin"])
+        cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+    return cells
+
+
+def _variants() -> list[tuple]:
+    """``(update, factor_a, block_r, param dtype, U dtype)`` of every kernel variant."""
     variants = []
     for factor_a in (False, True):
         for block_r in (16, 64):
@@ -122,25 +135,51 @@ def _table() -> str:
             if not factor_a:
                 variants.append((True, factor_a, block_r, "fp32", "bf16"))
             variants.append((False, factor_a, block_r, "bf16", "fp32"))
-    for update, factor_a, block_r, pdt, udt in variants:
+    return variants
+
+
+def _name(update: bool, factor_a: bool) -> str:
+    return ("A cols" if factor_a else "B rows") + (" update" if update else " stats")
+
+
+def _table() -> str:
+    """Markdown table: every factor-kernel variant at its default configuration, both archs."""
+    rows = ["| kernel | padded r | params | U | num_warps | num_stages | block | sm_80 REG/STACK/LOCAL | "
+            "sm_90 REG/STACK/LOCAL |", "|---|---|---|---|---|---|---|---|---|"]
+    for update, factor_a, block_r, pdt, udt in _variants():
         const, options = factor_variant(block_r, factor_a, update, getattr(tl, _TL[pdt]), getattr(tl, _TL[udt]))
-        warps = options["num_warps"]
-        cells = []
-        for arch in ARCHS:
-            u = resource_usage(compile_kernel(T._factor_kernel, const, options, arch).asm["cubin"])
-            cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
-        name = ("A cols" if factor_a else "B rows") + (" update" if update else " stats")
+        cells = _usage_cells(const, options)
         tile = (f"{block_r}x{const['BLOCK_COLS']}" if factor_a
                 else f"{const['BLOCK_ROWS']}x{block_r}, U chunk {const['BLOCK_ROWS']}x{const['BLOCK_K']}")
-        rows.append(f"| {name} | {block_r} | {pdt} | {udt if not factor_a else '-'} | {warps} | "
-                    f"{tile} | {cells[0]} | {cells[1]} |")
+        rows.append(f"| {_name(update, factor_a)} | {block_r} | {pdt} | {udt if not factor_a else '-'} | "
+                    f"{options['num_warps']} | {options['num_stages']} | {tile} | {cells[0]} | {cells[1]} |")
         print(rows[-1], file=sys.stderr, flush=True)
     cells = []
     for arch in ARCHS:
         kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, REDUCE_OPTIONS, arch)
         u = resource_usage(kernel.asm["cubin"])
         cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
-    rows.append(f"| reduce | - | fp32 | - | 4 | {T.REDUCE_BLOCK} | {cells[0]} | {cells[1]} |")
+    rows.append(f"| reduce | - | fp32 | - | 4 | 3 | {T.REDUCE_BLOCK} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def _stages_table() -> str:
+    """Markdown table: REG/STACK/LOCAL of each factor-kernel variant (U fp32) for
+    ``num_stages`` 1, 2 and 3, everything else at the default; ``*`` marks the default."""
+    stages = (1, 2, 3)
+    rows = ["| kernel | padded r | params | num_warps | " + " | ".join(
+        f"stages {s}: sm_80 / sm_90" for s in stages) + " |", "|---|---|---|---|" + "---|" * len(stages)]
+    for update, factor_a, block_r, pdt, udt in _variants():
+        if udt != "fp32" or (pdt == "fp16" and update):
+            continue  # fp16 close to bf16 (default table); bf16 U close to fp32 U
+        const, options = factor_variant(block_r, factor_a, update, getattr(tl, _TL[pdt]))
+        cells = []
+        for s in stages:
+            sm80, sm90 = _usage_cells(const, dict(options, num_stages=s))
+            cells.append(f"{'*' if s == options['num_stages'] else ''}{sm80} / {sm90}")
+        rows.append(f"| {_name(update, factor_a)} | {block_r} | {pdt} | {options['num_warps']} | "
+                    + " | ".join(cells) + " |")
+        print(rows[-1], file=sys.stderr, flush=True)
     return "\n".join(rows)
 
 
@@ -148,3 +187,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     print(_table())
+    if "--stages" in sys.argv[1:]:
+        print()
+        print(_stages_table())

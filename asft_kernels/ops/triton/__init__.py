@@ -1,0 +1,91 @@
+"""Triton backend: the statistics pass and the one-pass fused anchored AdamW step.
+
+Implements the contract of :mod:`asft_kernels.ops.schema` for CUDA tensors (and for CPU
+tensors under the Triton interpreter, ``TRITON_INTERPRET=1``, used by the tests); docs in
+docs/triton.md. One job per module:
+
+* :mod:`.kernels`: the ``@triton.jit`` kernels (their docstrings hold the math) and the
+  fields of the tables they read;
+* :mod:`.layout`: block sizes and launch options (:func:`kernel_config`), padded ranks,
+  strips, and the byte model :func:`predicted_step_bytes`;
+* :mod:`.launch`: validation, pointer tables, launches, ``supports``, ``stats_pass``,
+  ``fused_step``, and the CUDA registration of the ``asft::`` ops;
+* :mod:`.version`: the supported Triton range.
+
+fp32/bf16/fp16 parameters of LoRA rank up to :data:`MAX_TRITON_RANK` run here with fp32
+state and math; :func:`asft_kernels.ops.route` sends every other pair to the eager backend
+(this backend refuses them). Hyperparameters are runtime arguments: a scheduler changing
+lr never triggers a recompile.
+
+With a Triton outside the supported range (:mod:`.version`) the module still imports: it
+warns once (:class:`TritonVersionWarning`), :func:`is_available` and :func:`supports` are
+False, and nothing is registered.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import triton
+
+from .version import MAX_TRITON_EXCLUSIVE, MIN_TRITON, TRITON_REQUIREMENT, TritonVersionWarning, version_problem
+
+#: None when the installed Triton is supported, else the message saying it is not.
+UNSUPPORTED = version_problem(triton.__version__)
+
+if UNSUPPORTED is None:
+    from .kernels import (
+        _K,
+        _M_ROWS,
+        _N_COLS,
+        _RANK,
+        DOT_PRECISION,
+        PAIR_FIELDS,
+        REDUCE_BLOCK,
+        _factor_kernel,
+        _interpreting,
+        _reduce_kernel,
+        jitted,
+    )
+    from .launch import PARAM_DTYPES, fused_step, is_available, stats_pass, supports
+    from .layout import (
+        LAUNCH_OPTIONS,
+        MAX_TRITON_RANK,
+        U_STRIP_BYTES,
+        kernel_config,
+        padded_rank,
+        predicted_step_bytes,
+        strip_blocks,
+    )
+else:
+    warnings.warn(UNSUPPORTED, TritonVersionWarning, stacklevel=2)
+
+    def is_available() -> bool:
+        """False: the installed Triton is not supported (see :data:`UNSUPPORTED`)."""
+        return False
+
+    def supports(dtype, rank: int) -> bool:
+        """False: no pair runs on an unsupported Triton."""
+        return False
+
+    def _interpreting() -> bool:
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+    def _unsupported(*args, **kwargs):
+        from ...errors import OptimizerInputError
+
+        raise OptimizerInputError(UNSUPPORTED)
+
+    stats_pass = fused_step = _unsupported
+
+__all__ = [
+    "MAX_TRITON_EXCLUSIVE", "MIN_TRITON", "TRITON_REQUIREMENT", "UNSUPPORTED", "TritonVersionWarning", "fused_step",
+    "is_available", "stats_pass", "supports",
+]
+if UNSUPPORTED is None:
+    __all__ += [
+        "DOT_PRECISION", "LAUNCH_OPTIONS", "MAX_TRITON_RANK", "PAIR_FIELDS", "PARAM_DTYPES", "REDUCE_BLOCK",
+        "U_STRIP_BYTES", "_K", "_M_ROWS", "_N_COLS", "_RANK", "_factor_kernel", "_interpreting", "_reduce_kernel",
+        "jitted", "kernel_config", "padded_rank", "predicted_step_bytes", "strip_blocks",
+    ]

@@ -1,0 +1,359 @@
+"""Host side of the Triton backend: validation, pointer tables, launches, and the
+contract functions ``supports``, ``stats_pass`` and ``fused_step``
+(:mod:`asft_kernels.ops.schema`), registered as the CUDA kernels of the ``asft::`` ops.
+
+A call costs a fixed number of launches and torch ops per bucket of pairs (parameter
+dtype, U dtype, padded rank), however many pairs it holds: two factor-kernel launches per
+bucket, one reduction launch for all of them, one pair table, one scalar table and one
+scratch slice per bucket, and one read of all step counters. Everything that depends on the
+number of pairs is plain Python (validation, addresses) or cached (the strip tables); the
+one exception is the stats pass, which allocates its three outputs per pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...errors import OptimizerInputError
+from ..schema import BATCH_FIELDS, AdamWHyper, AnchoredBatch, _lib, op_kernel
+from .kernels import (
+    _A,
+    _B,
+    _EXP_AVG_A,
+    _EXP_AVG_B,
+    _EXP_AVG_SQ_A,
+    _EXP_AVG_SQ_B,
+    _GRAD_A,
+    _GRAD_B,
+    _H,
+    _K,
+    _M_ROWS,
+    _N_COLS,
+    _Q_B,
+    _R_B,
+    _RANK,
+    _U,
+    DOT_PRECISION,
+    PAIR_FIELDS,
+    REDUCE_BLOCK,
+    REDUCE_FIELDS,
+    SCALAR_FIELDS,
+    _factor_kernel,
+    _interpreting,
+    _reduce_kernel,
+    jitted,
+)
+from .layout import MAX_TRITON_RANK, _layout, kernel_config, padded_rank
+
+# Parameter dtypes the kernels run (fp32 math and state); U may also be fp64 (converted on load).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64}
+
+
+def is_available() -> bool:
+    """True when the kernels can run here: a CUDA device is present, or the Triton
+    interpreter is switched on (``TRITON_INTERPRET=1``, CPU tensors)."""
+    return torch.cuda.is_available() or _interpreting()
+
+
+def supports(dtype: torch.dtype, rank: int) -> bool:
+    """Pairs the kernels run: fp32/bf16/fp16 parameters of LoRA rank up to
+    :data:`MAX_TRITON_RANK`. fp64 (a reference setting; Triton's fp64 dot products are slow)
+    and wider ranks (the r×r tiles would spill registers) are routed to the eager backend
+    by :func:`asft_kernels.ops.route`."""
+    return dtype in PARAM_DTYPES and rank <= MAX_TRITON_RANK
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_device(tensors: Sequence[Tensor], what: str) -> torch.device:
+    device = tensors[0].device
+    if _interpreting():
+        if device.type != "cpu":
+            raise OptimizerInputError(
+                f"triton backend under TRITON_INTERPRET=1 runs CPU tensors; {what} is on {device}")
+    elif device.type != "cuda":
+        raise OptimizerInputError(f"triton backend runs CUDA tensors; {what} is on {device}")
+    return device
+
+
+def _check_pair(j: int, U: Tensor, B: Tensor, A: Tensor) -> tuple[int, int, int, int]:
+    """``(m, n, r, k)`` of pair ``j``; refuses shapes that do not chain and pairs the backend
+    does not support (:func:`supports`)."""
+    if B.ndim != 2 or A.ndim != 2 or U.ndim != 2:
+        raise OptimizerInputError(
+            f"triton: U[{j}], B[{j}], A[{j}] must be 2-D (m, k), (m, r), (r, n); found {tuple(U.shape)}, "
+            f"{tuple(B.shape)}, {tuple(A.shape)}")
+    m, r = B.shape
+    n = A.shape[1]
+    k = U.shape[1]
+    if A.shape[0] != r or U.shape[0] != m:
+        raise OptimizerInputError(
+            f"triton: U[{j}] {tuple(U.shape)}, B[{j}] {tuple(B.shape)}, A[{j}] {tuple(A.shape)} do not chain "
+            "as (m, k), (m, r), (r, n)")
+    if B.dtype != A.dtype:
+        raise OptimizerInputError(f"triton: A[{j}] and B[{j}] must share a dtype; found {A.dtype} and {B.dtype}")
+    if not supports(B.dtype, r):
+        raise OptimizerInputError(
+            f"triton: pair {j} has {B.dtype} parameters of rank {r}; this backend runs fp32/bf16/fp16 pairs of "
+            f"rank <= {MAX_TRITON_RANK} (asft_kernels.ops.route sends the others to the eager backend)")
+    if U.dtype not in _TL_DTYPES:
+        raise OptimizerInputError(f"triton: U[{j}] must be a float tensor, found {U.dtype}")
+    return m, n, r, k
+
+
+def _require(t: Tensor, name: str, j: int, device: torch.device, shape=None, dtype=None) -> None:
+    if t.device != device:
+        raise OptimizerInputError(f"triton: {name}[{j}] is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise OptimizerInputError(f"triton: {name}[{j}] {tuple(t.shape)} must be contiguous")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise OptimizerInputError(f"triton: {name}[{j}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise OptimizerInputError(f"triton: {name}[{j}] is {t.dtype}, expected {dtype}")
+
+
+def _check_steps(steps: Sequence[Tensor], name: str) -> None:
+    for j, t in enumerate(steps):
+        if not isinstance(t, Tensor) or t.numel() != 1 or t.device.type != "cpu" or not t.dtype.is_floating_point:
+            what = (f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor)
+                    else type(t).__name__)
+            raise OptimizerInputError(
+                f"triton: {name}[{j}] must be a one-element float CPU tensor (the step counter); found {what}")
+
+
+def _read_steps(steps: Sequence[Tensor]) -> list[float]:
+    """The values of one-element step-counter tensors, in one host read (one stack, not one
+    conversion per tensor)."""
+    if len({tuple(t.shape) for t in steps}) == 1:
+        stacked = torch.stack(list(steps))
+    else:  # mixed 0-d / (1,) counters
+        stacked = torch.cat([t.reshape(1) for t in steps])
+    return [float(v) for v in stacked.reshape(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------- launches
+
+
+def _buckets(U: Sequence[Tensor], B: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    """Pair indices grouped by (param dtype, U dtype, padded rank): one launch each."""
+    groups: dict[tuple, list[int]] = {}
+    for j, (u, b) in enumerate(zip(U, B)):
+        groups.setdefault((b.dtype, u.dtype, padded_rank(b.shape[1])), []).append(j)
+    return groups
+
+
+def _pair_table(rows: list[list[int]], device: torch.device) -> Tensor:
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, int(PAIR_FIELDS)).to(device)
+
+
+_TABLE_FIELDS = ((_B, "B"), (_GRAD_B, "grad_B"), (_EXP_AVG_B, "exp_avg_B"), (_EXP_AVG_SQ_B, "exp_avg_sq_B"),
+                 (_U, "U"), (_Q_B, "Q_B"), (_R_B, "R_B"), (_A, "A"), (_GRAD_A, "grad_A"),
+                 (_EXP_AVG_A, "exp_avg_A"), (_EXP_AVG_SQ_A, "exp_avg_sq_A"), (_H, "H"))
+
+
+def _run(
+    tensors: dict[str, list[Tensor]],
+    shapes: list[tuple[int, int, int, int]],
+    outputs: tuple[list[Tensor], list[Tensor], list[Tensor]],
+    hyper: tuple,
+    update: bool,
+    device: torch.device,
+    scalars: list[list[float]] | None = None,
+) -> None:
+    """Launch the factor kernel for every bucket of pairs, then one reduction.
+
+    ``tensors`` maps contract names (``"B"``, ``"grad_B"``, …) to per-pair lists;
+    ``shapes`` are the pairs' ``(m, n, r, k)``; ``outputs`` the fp32 contiguous ``P``
+    (k, r), ``G`` (r, r), ``M`` (r, r) to fill; ``hyper`` the kernel's runtime scalars
+    (``decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign``); ``scalars`` per pair
+    ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the stats pass).
+    """
+    plans, total = [], 0
+    for (pdt, udt, block_r), idx in _buckets(tensors["U"], tensors["B"]).items():
+        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
+        plans.append((pdt, udt, block_r, idx, layout, total))
+        total += layout[4]
+    scratch = torch.empty(total, dtype=torch.float32, device=device)
+    kernel = jitted(_factor_kernel)
+    fields = [(int(field), tensors[name]) for field, name in _TABLE_FIELDS if name in tensors]
+    jobs = []
+    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base in plans:
+        rows = []
+        for j in idx:
+            row = [0] * int(PAIR_FIELDS)
+            for field, values in fields:
+                row[field] = values[j].data_ptr()
+            row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
+            rows.append(row)
+        pair_table = _pair_table(rows, device)
+        if scalars is None:
+            scalar_table = torch.zeros((len(idx), int(SCALAR_FIELDS)), dtype=torch.float32, device=device)
+        else:
+            scalar_table = torch.tensor([scalars[j] for j in idx], dtype=torch.float32).to(device)
+        bucket_scratch = scratch[base : base + numel]
+        for factor_a, tiles in ((False, b_tiles), (True, a_tiles)):
+            if tiles.shape[0] == 0:
+                continue
+            kernel[(tiles.shape[0],)](
+                pair_table, scalar_table, tiles, bucket_scratch, *hyper,
+                PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], FACTOR_A=factor_a, UPDATE=update,
+                BLOCK_R=block_r, DOT_PRECISION=DOT_PRECISION, **kernel_config(block_r, factor_a, update),
+            )
+        for local, j in enumerate(idx):
+            m, n, r, k = shapes[j]
+            p_off, p_stride, p_tiles = p_spans[local]
+            m_off, m_stride, m_tiles = m_spans[local]
+            if k > 0:
+                jobs.append((outputs[0][j], base + p_off, p_stride, k * r, p_tiles))
+            jobs.append((outputs[1][j], base + p_off + k * r, p_stride, r * r, p_tiles))
+            jobs.append((outputs[2][j], base + m_off, m_stride, r * r, m_tiles))
+    _reduce(jobs, scratch, device)
+
+
+def _reduce(jobs: list[tuple[Tensor, int, int, int, int]], scratch: Tensor, device: torch.device) -> None:
+    """One launch summing every output's partials; a job is ``(dest, offset, tile_stride,
+    numel, n_tiles)`` with offsets in fp32 elements of ``scratch``."""
+    if not jobs:
+        return
+    rows = [(dest.data_ptr(), offset, stride, numel, n_tiles) for dest, offset, stride, numel, n_tiles in jobs]
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, int(REDUCE_FIELDS)).to(device)
+    grid = (len(rows), triton.cdiv(max(row[3] for row in rows), REDUCE_BLOCK))
+    jitted(_reduce_kernel)[grid](table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=3,
+                                 enable_fp_fusion=True)
+
+
+def _output(t: Tensor) -> Tensor:
+    """A contiguous fp32 tensor to reduce into (``t`` itself when it already is one)."""
+    if t.is_contiguous() and t.dtype == torch.float32:
+        return t
+    return torch.empty(t.shape, dtype=torch.float32, device=t.device)
+
+
+# ---------------------------------------------------------------------------- contract
+
+
+def stats_pass(
+    U: Sequence[Tensor], B: Sequence[Tensor], A: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Statistics of each pair from the stored parameters, in grouped launches.
+
+    Args:
+        U: per pair (m, k) basis (fp32/bf16/fp16/fp64). B: per pair (m, r), A: per pair
+            (r, n), fp32/bf16/fp16 with r <= :data:`MAX_TRITON_RANK`.
+
+    Returns:
+        ``(P, G, M)`` lists of fp32 tensors: ``P = Uᵀ B`` (k, r), ``G = Bᵀ B`` (r, r),
+        ``M = A Aᵀ`` (r, r), each its own allocation.
+
+    Raises:
+        OptimizerInputError: mismatched lengths, shapes or dtypes, a pair the backend does
+            not support (fp64, r > :data:`MAX_TRITON_RANK`), or tensors on a device the
+            backend cannot run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    """
+    if not (len(U) == len(B) == len(A)):
+        raise OptimizerInputError(f"triton stats_pass: {len(U)} U, {len(B)} B and {len(A)} A tensors")
+    if not B:
+        return [], [], []
+    shapes = [_check_pair(j, u, b, a) for j, (u, b, a) in enumerate(zip(U, B, A))]
+    device = _check_device(B, "B")
+    # Read-only inputs: a contiguous copy is as good as the original.
+    U, B, A = ([t.contiguous() for t in ts] for ts in (U, B, A))
+    for j in range(len(B)):
+        for t, name in ((U[j], "U"), (B[j], "B"), (A[j], "A")):
+            _require(t, name, j, device)
+    # Three fresh outputs per pair (the op's outputs must not alias each other): the only
+    # torch ops of this call whose number grows with the number of pairs.
+    outputs = tuple([torch.empty(shape, dtype=torch.float32, device=device) for shape in per_pair]
+                    for per_pair in ([(k, r) for _, _, r, k in shapes], [(r, r) for _, _, r, _ in shapes],
+                                     [(r, r) for _, _, r, _ in shapes]))
+    # AdamW hyperparameters are unused without UPDATE.
+    _run({"U": U, "B": B, "A": A}, shapes, outputs, (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0), False, device)
+    return outputs
+
+
+def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
+    """Anchored AdamW step for a batch of pairs in grouped launches (contract:
+    :mod:`asft_kernels.ops.schema`).
+
+    Shapes per pair: ``A``, ``grad_A``, ``exp_avg*_A``: (r, n); ``B``, ``grad_B``,
+    ``exp_avg*_B``: (m, r); ``U``: (m, k); ``P``, ``R_B``: (k, r); ``G``, ``M``, ``Q_B``,
+    ``H``: (r, r); ``step_A``, ``step_B``: one-element CPU tensors, already incremented.
+    Parameters fp32/bf16/fp16 with r <= :data:`MAX_TRITON_RANK`; optimizer state and
+    statistics fp32; ``hyper.lr`` in parameter units per step. Updates ``A``, ``B``, the
+    moments, and ``P``, ``G``, ``M`` (the statistics of the stored new parameters) in place.
+
+    Raises:
+        OptimizerInputError: inconsistent lengths/shapes/dtypes/devices, non-contiguous
+            inputs, or a pair the backend does not support (fp64, r > MAX_TRITON_RANK:
+            :func:`asft_kernels.ops.route` sends those to the eager backend); raised before
+            anything is written.
+    """
+    count = len(batch)
+    lists = {name: list(values) for name, values in zip(BATCH_FIELDS, batch.op_args())}
+    for name, values in lists.items():
+        if len(values) != count:
+            raise OptimizerInputError(f"triton fused_step: {name} has {len(values)} entries, A has {count}")
+    if count == 0:
+        return
+    # Read-only inputs: a contiguous copy is as good as the original.
+    for name in ("grad_A", "grad_B", "U", "Q_B", "R_B", "H"):
+        lists[name] = [t.contiguous() for t in lists[name]]
+    A, B, U = lists["A"], lists["B"], lists["U"]
+    shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(count)]
+    device = _check_device(B, "B")
+    f32 = torch.float32
+    for j in range(count):
+        m, n, r, k = shapes[j]
+        for name, shape, dtype in (
+            ("A", (r, n), None), ("B", (m, r), None), ("grad_A", (r, n), B[j].dtype),
+            ("grad_B", (m, r), B[j].dtype), ("exp_avg_A", (r, n), f32), ("exp_avg_sq_A", (r, n), f32),
+            ("exp_avg_B", (m, r), f32), ("exp_avg_sq_B", (m, r), f32), ("U", (m, k), None),
+            ("Q_B", (r, r), f32), ("R_B", (k, r), f32), ("H", (r, r), f32),
+        ):
+            _require(lists[name][j], name, j, device, shape, dtype)
+        for name, shape in (("P", (k, r)), ("G", (r, r)), ("M", (r, r))):
+            t = lists[name][j]
+            if tuple(t.shape) != shape or t.device != device:
+                raise OptimizerInputError(
+                    f"triton: {name}[{j}] is {tuple(t.shape)} on {t.device}, expected {shape} on {device}")
+    _check_steps(lists["step_B"], "step_B")
+    _check_steps(lists["step_A"], "step_A")
+    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
+    steps = _read_steps(lists["step_B"] + lists["step_A"])
+    # Scalars in double precision on the host, as torch.optim.AdamW computes them.
+    kernel_hyper = (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
+    scalars = [_bias_terms(steps[j], lr, beta1, beta2) + _bias_terms(steps[count + j], lr, beta1, beta2)
+               for j in range(count)]
+    stats = (lists["P"], lists["G"], lists["M"])
+    outputs = tuple([_output(t) for t in stat] for stat in stats)
+    _run(lists, shapes, outputs, kernel_hyper, True, device, scalars)
+    for out, stat in zip(outputs, stats):
+        for o, t in zip(out, stat):
+            if o is not t:
+                t.copy_(o)
+
+
+def _bias_terms(step: float, lr: float, beta1: float, beta2: float) -> list[float]:
+    """``[lr / (1 − β₁ᵗ), √(1 − β₂ᵗ)]`` for step ``t``."""
+    return [lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)]
+
+
+def _register_cuda_impls() -> None:
+    """Make ``torch.ops.asft.*`` dispatch CUDA tensors to these kernels."""
+    for name, fn in (("stats_pass", stats_pass), ("fused_anchored_adamw_", op_kernel(fused_step))):
+        try:
+            _lib.impl(name, fn, "CUDA")
+        except RuntimeError:
+            pass  # already registered (module reloaded)
+
+
+_register_cuda_impls()
