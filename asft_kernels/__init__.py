@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair, AnchorEntry
 from .errors import (
+    AnchorEntryError,
     AnchorFileError,
     AnchorMismatchError,
     AsFTError,
@@ -45,6 +46,7 @@ __all__ = [
     "AnchorBinding",
     "AnchorEntry",
     "AnchoredPair",
+    "AnchorEntryError",
     "AnchorFileError",
     "AnchorMismatchError",
     "AsFTAdamW",
