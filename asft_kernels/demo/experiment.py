@@ -491,6 +491,9 @@ def plot_results(results: dict, path: Path) -> None:
         ax.scatter([100 * r["task_accuracy"] for r in refs], [scale * r[metric] for r in refs], marker="*", s=160,
                    color=_COLOURS["aligned"], edgecolor="black", linewidth=0.5, zorder=5,
                    label="aligned (no fine-tune)")
+        for i, r in enumerate(refs):  # seeds whose stars coincide stay readable
+            ax.annotate(f"seed {r['seed']}", (100 * r["task_accuracy"], scale * r[metric]), fontsize=7,
+                        xytext=(9, 6 - 9 * i), textcoords="offset points", color="#0f6f78")
         for fam in order:
             colour, marker = _COLOURS.get(fam, "#bcbd22"), _MARKERS.get(fam, "o")
             for rows in paths[fam].values():
@@ -512,7 +515,8 @@ def plot_results(results: dict, path: Path) -> None:
                             fmt=marker + "-", color=colour, markersize=8, markeredgecolor="black",
                             markeredgewidth=0.5, capsize=3, linewidth=1.6, zorder=4, label=fam)
             else:
-                ax.plot([], [], marker + "-", color=colour, label=f"{fam} (no level reached)")
+                ax.plot([], [], marker + "-", color=colour,
+                        label=f"{fam} (faint only: a level is not reached in every seed)")
         safe = paths.get("safe_lora", {})
         if safe:
             ax.plot([], [], _MARKERS["safe_lora"], color=_COLOURS["safe_lora"], label="safe_lora (per seed)")
@@ -562,15 +566,16 @@ def verdict_line(results: dict) -> str:
 
 def format_table(results: dict) -> str:
     """Summary and comparisons as text (percentage points); the verdict is :func:`verdict_line`."""
-    lines = ["harmful rate (%) at task accuracy >= T: seed mean [95% interval] (per seed)"]
+    lines = ["harmful rate (%) at task accuracy >= T: seed mean [95% interval] (per seed; - where the "
+             "family never reaches T)"]
     for fam, levels in results["summary"].items():
         cells = []
         for T, entry in levels.items():
             h = entry["harmful_rate"]
+            per = "/".join("-" if v is None else f"{v:.1f}" for v in h["per_seed"].values())
             if h["mean"] is None:
-                cells.append(f"T={T}: undefined")
+                cells.append(f"T={T}: mean undefined ({per})")
             else:
-                per = "/".join("-" if v is None else f"{v:.1f}" for v in h["per_seed"].values())
                 cells.append(f"T={T}: {h['mean']:5.1f} [{h['lo']:.1f}, {h['hi']:.1f}] ({per})")
         lines.append(f"  {fam:<22}" + "   ".join(cells))
     lines.append("comparisons (points, negative = the first is safer):")
