@@ -118,12 +118,20 @@ def _stream(seed: int, offset: int) -> int:
     return 1000 * seed + offset
 
 
+def _readable(path: str) -> None:
+    """Give a ``mkstemp`` file (mode 0600) the permissions of a plainly created file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -515,8 +523,7 @@ def plot_results(results: dict, path: Path) -> None:
                             fmt=marker + "-", color=colour, markersize=8, markeredgecolor="black",
                             markeredgewidth=0.5, capsize=3, linewidth=1.6, zorder=4, label=fam)
             else:
-                ax.plot([], [], marker + "-", color=colour,
-                        label=f"{fam} (faint only: a level is not reached in every seed)")
+                ax.plot([], [], marker + "-", color=colour, label=f"{fam} *")
         safe = paths.get("safe_lora", {})
         if safe:
             ax.plot([], [], _MARKERS["safe_lora"], color=_COLOURS["safe_lora"], label="safe_lora (per seed)")
@@ -532,13 +539,16 @@ def plot_results(results: dict, path: Path) -> None:
                  f"best value at task accuracy ≥ {', '.join(f'{100 * T:g}%' for T in levels)} with 95% interval. "
                  f"Verdict: {results['verdict']['label']}", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.83, 0.95))
+    starred = any(label.endswith("*") for label in labels)
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False, title_fontsize=7,
+               title="* no bold mean: a level is\nnot reached in every seed" if starred else None)
+    fig.tight_layout(rect=(0, 0, 0.82, 0.95))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
         # fixed metadata: the PNG bytes depend only on the results
         fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
