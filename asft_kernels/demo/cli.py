@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import AsFTError
 
@@ -23,8 +24,9 @@ def register_cli(subparsers) -> None:
                         help="seeds of data, initialization and batch order (default: 0 1 2; --quick: 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the 64-wide matrices gain nothing from more)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds run in this many processes at once (same numbers for any value)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="seeds run in this many processes at once, 1 torch thread each unless --threads "
+                        "(default: 2, or 1 on a 1-core machine; the numbers are the same for any value)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_cli)
 
