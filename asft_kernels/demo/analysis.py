@@ -1,73 +1,165 @@
-"""Where the demo's fine-tuning updates lie relative to the alignment delta (docs/demo.md, verdict).
+"""Statistics and the decision rule of the demo (docs/demo.md, protocol v2 §7–§8).
 
-For every anchored layer: ``‖ΔW‖_F`` of the LoRA update ``ΔW = (alpha/r) B A`` (out, in),
-``‖V‖_F`` of the alignment delta, ``cos(ΔW, V)`` and the fraction of ``‖ΔW‖²_F`` inside the top-k
-left singular directions of ``V`` (``k/m`` for a random subspace). Plain ``sft`` (AdamW) runs on
-three data sets: the ``1k_p_0.1`` mix, its task examples alone, its harmful examples alone.
+* :func:`frontier_value`: the lowest harmful rate a family reaches while keeping at least a
+  task accuracy ``T``, on the path of its runs (λ or step order), vectorized over bootstrap
+  replicates.
+* :func:`bootstrap_weights`: paired bootstrap over prompts (count matrices, one row per replicate).
+* :func:`decide`: the decision rule, on the comparison records of :func:`compare`.
 
-Run ``python -m asft_kernels.demo.analysis --out DIR --seed N`` after ``asft demo --out DIR --seed N``
-(it reuses the cached base and aligned models).
+Rates are fractions in [0, 1]; differences are in percentage points.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+import math
+from collections.abc import Sequence
 
-import torch
+import numpy as np
 
-from .data import build_corpora
-from .experiment import DemoConfig, _finetune, _pretrain
-from .models import alignment_deltas
-from .training import encode
-
-
-def update_geometry(model: torch.nn.Module, deltas: dict[str, torch.Tensor], top_k: int) -> dict[str, dict]:
-    """Per LoRA module of the PEFT ``model``: norms, cosine with ``V`` and energy in ``V``'s top-k."""
-    out = {}
-    for name, module in model.named_modules():
-        lora_A = getattr(module, "lora_A", None)
-        if not isinstance(lora_A, torch.nn.ModuleDict) or "default" not in lora_A:
-            continue
-        key = name.removeprefix("base_model.model.")
-        V = deltas[key]
-        update = (module.lora_B["default"].weight @ lora_A["default"].weight).detach() * module.scaling["default"]
-        U = torch.linalg.svd(V, full_matrices=False)[0][:, :top_k]
-        out[key] = {
-            "update_fro": float(update.norm()),
-            "delta_fro": float(V.norm()),
-            "cosine": float((update * V).sum() / (update.norm() * V.norm())),
-            "energy_in_top_k": float((U.T @ update).norm() ** 2 / update.norm() ** 2),
-            "random_subspace_energy": top_k / V.shape[0],
-        }
-    return out
+LABELS = ("direction_matters", "not_supported", "insensitive", "inconclusive")
+PRIMARY_PAIRS = (
+    ("paper", "full"),
+    ("projector_k4", "random_projector_k4"),
+    ("projector_k8", "random_projector_k8"),
+)
+POSITIVE_PAIR = ("task_projector_k8", "random_projector_k8")
+REDUCTION_POINTS = -10.0  # a reduction needs d ≤ −10 points ...
+NULL_BAND_POINTS = 5.0  # ... "no effect" is a seed mean ≥ −5 points
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the folder of a finished `asft demo` run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-k", type=int, default=8)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    cfg = DemoConfig(seed=args.seed)
-    corpora = build_corpora(cfg.seed, cfg.sizes)
-    pre = _pretrain(cfg, corpora, Path(args.out) / "cache" / cfg.pretrain_key(), progress=False)
-    deltas = alignment_deltas(pre.aligned, pre.base)
-    sets = {
-        "1k_p_0.1": corpora.finetune,
-        "task only": corpora.finetune.filter(lambda row: row["harmful"] == 0),
-        "harmful only": corpora.finetune.filter(lambda row: row["harmful"] == 1),
-    }
-    report = {}
-    for label, ds in sets.items():
-        examples = encode(pre.tokenizer, ds["prompt"], ds["response"])
-        model, _ = _finetune(cfg, pre.aligned, examples, pre.tokenizer.pad_token_id, None, None, 0.0, label, False)
-        report[label] = update_geometry(model, deltas, args.top_k)
-    print(json.dumps(report, indent=2))
-    return 0
+def bootstrap_weights(n: int, replicates: int, rng: np.random.Generator) -> np.ndarray:
+    """(replicates + 1, n) resampling counts of ``n`` prompts; row 0 is the original sample
+    (all ones), rows 1… are bootstrap replicates (multinomial counts summing to ``n``)."""
+    rows = [np.ones(n)]
+    for _ in range(replicates):
+        rows.append(np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float))
+    return np.stack(rows)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def frontier_value(acc: np.ndarray, harm: np.ndarray, level: float,
+                   other: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lowest harmful rate on a family's path among the points with task accuracy ≥ ``level``.
+
+    Args:
+        acc: (..., J) task accuracy of the J runs in path order (λ or step).
+        harm: (..., J) harmful rate of the same runs.
+        level: task-accuracy level T in [0, 1].
+        other: optional (..., J) metric read at the same point (e.g. the safety margin),
+            linearly interpolated like the harmful rate.
+
+    Returns:
+        ``(h, o)``: (...) the minimum (NaN where no vertex reaches ``level``) and ``other``
+        there (None if not given). Candidates are the vertices with ``acc ≥ level`` and the
+        points of each segment where the accuracy crosses ``level`` exactly.
+    """
+    acc = np.asarray(acc, dtype=float)
+    harm = np.asarray(harm, dtype=float)
+    cand_h = [np.where(acc >= level, harm, np.inf)]
+    cand_o = [other] if other is not None else []
+    if acc.shape[-1] > 1:
+        a0, a1 = acc[..., :-1], acc[..., 1:]
+        crosses = (a0 - level) * (a1 - level) < 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(crosses, (level - a0) / np.where(crosses, a1 - a0, 1.0), 0.0)
+        cand_h.append(np.where(crosses, harm[..., :-1] + t * (harm[..., 1:] - harm[..., :-1]), np.inf))
+        if other is not None:
+            o = np.asarray(other, dtype=float)
+            cand_o.append(o[..., :-1] + t * (o[..., 1:] - o[..., :-1]))
+    H = np.concatenate(cand_h, axis=-1)
+    best = np.argmin(H, axis=-1)
+    h = np.take_along_axis(H, best[..., None], axis=-1)[..., 0]
+    reached = (acc >= level).any(axis=-1)
+    h = np.where(reached, h, np.nan)
+    if other is None:
+        return h, None
+    O = np.concatenate(cand_o, axis=-1)
+    o = np.take_along_axis(O, best[..., None], axis=-1)[..., 0]
+    return h, np.where(reached, o, np.nan)
+
+
+def interval(samples: np.ndarray) -> tuple[float | None, float | None]:
+    """95% percentile interval of the finite bootstrap samples (None, None if there are none)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return None, None
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return round(float(lo), 4), round(float(hi), 4)
+
+
+def _r(x) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 4)
+
+
+def compare(values: dict[str, dict[int, np.ndarray]], pair: tuple[str, str], level: float, role: str) -> dict:
+    """The comparison record of ``X − Y`` at one level.
+
+    Args:
+        values: ``values[family][seed]`` = (replicates + 1,) frontier values ``h(T)`` (row 0 the
+            point estimate) at ``level``.
+        pair: ``(X, Y)`` family names.
+        level: the task-accuracy level T.
+        role: ``"primary"`` or ``"positive_control"``.
+    """
+    x, y = pair
+    seeds = sorted(values[x])
+    per_seed, reps = [], []
+    for s in seeds:
+        d = 100.0 * (values[x][s] - values[y][s])
+        reps.append(d)
+        lo, hi = interval(d[1:])
+        per_seed.append({"seed": s, "d": _r(d[0]), "lo": lo, "hi": hi})
+    stacked = np.stack(reps)
+    mean = stacked.mean(axis=0)  # NaN unless defined in every seed
+    lo, hi = interval(mean[1:])
+    return {"pair": f"{x} - {y}", "role": role, "level": level, "per_seed": per_seed,
+            "mean": _r(mean[0]), "mean_lo": lo, "mean_hi": hi}
+
+
+def shows_reduction(record: dict) -> bool:
+    """``d ≤ −10`` points with the interval's upper end below 0 in at least ⌈2n/3⌉ of n seeds."""
+    n = len(record["per_seed"])
+    hits = sum(
+        1 for p in record["per_seed"]
+        if p["d"] is not None and p["hi"] is not None and p["d"] <= REDUCTION_POINTS and p["hi"] < 0
+    )
+    return n > 0 and hits >= math.ceil(2 * n / 3)
+
+
+def format_value(value: float | None, lo: float | None, hi: float | None) -> str:
+    """``+1.2 [-3.4, +5.6]``, or ``undefined``."""
+    if value is None:
+        return "undefined"
+    if lo is None or hi is None:
+        return f"{value:+.1f} [no interval]"
+    return f"{value:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def decide(comparisons: Sequence[dict]) -> dict:
+    """The decision rule of protocol v2 §8 on comparison records (see :func:`compare`).
+
+    Returns ``{"label": one of LABELS, "positive_control": bool, "evidence": [str, ...]}``.
+    """
+    positive = [c for c in comparisons if c["role"] == "positive_control"]
+    primary = [c for c in comparisons if c["role"] == "primary"]
+    if not positive or not primary:
+        raise ValueError("decide needs at least one positive-control and one primary comparison")
+
+    def line(c: dict) -> str:
+        seeds = ", ".join(f"seed {p['seed']}: {format_value(p['d'], p['lo'], p['hi'])}" for p in c["per_seed"])
+        mean = format_value(c["mean"], c["mean_lo"], c["mean_hi"])
+        return (f"{c['pair']} at task accuracy >= {c['level']:.2f}: mean {mean} points ({seeds})"
+                f"{'; shows a reduction' if shows_reduction(c) else ''}")
+
+    evidence = [line(c) for c in positive + primary]
+    control_ok = any(shows_reduction(c) for c in positive)
+    if not control_ok:
+        label = "insensitive"
+    elif any(shows_reduction(c) for c in primary):
+        label = "direction_matters"
+    else:
+        defined = [c for c in primary if c["mean"] is not None]
+        if defined and all(c["mean"] >= -NULL_BAND_POINTS for c in defined):
+            label = "not_supported"
+        else:
+            label = "inconclusive"
+    return {"label": label, "positive_control": control_ok, "evidence": evidence}

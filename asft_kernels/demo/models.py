@@ -1,4 +1,4 @@
-"""Tiny Llama models of the demo, LoRA wrapping, and the alignment anchor (docs/demo.md §2–§5)."""
+"""Tiny Llama models of the demo, LoRA wrapping, and the anchors of its runs (docs/demo.md, protocol v2 §2–§5)."""
 
 from __future__ import annotations
 
@@ -56,10 +56,55 @@ def alignment_deltas(aligned: nn.Module, base: nn.Module) -> dict[str, torch.Ten
     }
 
 
-def build_alignment_anchor(aligned: nn.Module, base: nn.Module, rank: int | None = None):
-    """The anchor of ``q_proj``/``v_proj`` (``V = W_aligned − W_base``), built by
-    ``asft_kernels.build_anchor`` from the two in-memory models. ``rank=None`` (the protocol)
-    keeps every direction of numerical rank, i.e. the exact published ``C``."""
-    from .. import build_anchor
+def lora_updates(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``ΔW = (alpha/r) B A`` (out, in) of every LoRA module of the PEFT ``model``, keyed by the
+    base model's module name (the ``base_model.model.`` prefix removed)."""
+    out = {}
+    for name, module in model.named_modules():
+        lora_A = getattr(module, "lora_A", None)
+        if not isinstance(lora_A, nn.ModuleDict) or "default" not in lora_A:
+            continue
+        update = module.lora_B["default"].weight @ lora_A["default"].weight * module.scaling["default"]
+        out[name.removeprefix("base_model.model.")] = update.detach().float().clone()
+    return out
 
-    return build_anchor(aligned=aligned, base=base, target_modules=list(TARGET_MODULES), rank=rank, progress=False)
+
+def random_subspace_deltas(shapes: dict[str, tuple[int, int]], k: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per module, ``Q diag(k, …, 1) R`` (m, n): its column space is a random k-dimensional
+    subspace (``Q`` a random orthonormal (m, k), ``R`` a random (k, n)), drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        m, n = shapes[name]
+        Q = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0]
+        R = torch.randn(k, n, generator=gen, dtype=torch.float64)
+        scale = torch.arange(k, 0, -1, dtype=torch.float64)
+        out[name] = (Q * scale @ R).float()
+    return out
+
+
+def delta_statistics(V: torch.Tensor, W_base: torch.Tensor, spectrum: int = 16) -> dict:
+    """What decides how ``paper`` mode acts on one layer (protocol v2 §3).
+
+    Args:
+        V: (m, n) alignment delta ``W_aligned − W_base``.
+        W_base: (m, n) base weight.
+        spectrum: number of leading energy fractions reported.
+    """
+    V64 = V.double()
+    s = torch.linalg.svdvals(V64)
+    energy = s.square() / s.square().sum()
+    fro = float(V64.norm())
+    c = s.square() / fro
+    w = 2 * c - c.square()
+    r6 = lambda x: round(float(x), 6)  # noqa: E731
+    return {
+        "delta_fro": r6(fro),
+        "relative_to_base": r6(fro / float(W_base.double().norm())),
+        "energy_spectrum": [r6(e) for e in energy[:spectrum]],
+        "energy_top4": r6(energy[:4].sum()),
+        "energy_top8": r6(energy[:8].sum()),
+        "participation_rank": r6(s.square().sum().square() / s.pow(4).sum()),
+        "max_c": r6(c.max()),
+        "max_w": r6(w.max()),
+    }

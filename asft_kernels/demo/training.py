@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,13 +56,19 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, steps:
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, examples, *, steps: int, batch_size: int,
-          seed: int, pad_id: int, desc: str, progress: bool = True) -> float:
-    """Run ``steps`` optimizer steps of causal-LM cross-entropy on ``examples``; returns the mean
-    loss (nats/token) of the last 10% of steps."""
+          seed: int, pad_id: int, desc: str, progress: bool = True,
+          after_step: Callable[[int], bool] | None = None) -> dict:
+    """Run up to ``steps`` optimizer steps of causal-LM cross-entropy on ``examples``.
+
+    ``after_step(step)`` (1-based) is called after every step with the model in eval mode;
+    returning True stops training there (an early-stopping criterion or a checkpoint).
+
+    Returns ``{"steps": steps run, "final_loss": mean loss (nats/token) of the last 10% of them}``.
+    """
     model.train()
     losses = []
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for input_ids, mask, labels in batches(examples, batch_size, steps, seed, pad_id):
+    for step, (input_ids, mask, labels) in enumerate(batches(examples, batch_size, steps, seed, pad_id), start=1):
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -70,7 +76,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, examples, *, steps
         losses.append(loss.detach().item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if after_step is not None:
+            model.eval()
+            stop = after_step(step)
+            model.train()
+            if stop:
+                break
     bar.close()
     model.eval()
-    tail = losses[-max(1, steps // 10):]
-    return sum(tail) / len(tail)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": len(losses), "final_loss": round(sum(tail) / len(tail), 6)}
