@@ -123,3 +123,20 @@ def lockstep(m1, o1, m2, o2, b2, step, lam=1.0):
     (odd_task_loss(m2, step, torch.float64) + paper_regularizer(b2, lam)).backward()
     o1.step()
     o2.step()
+
+
+def swap_parameters(model, opt):
+    """Replace every parameter object of ``model`` by a copy, in the modules and in the
+    optimizer's ``param_groups`` and state, as accelerate and FSDP2 do."""
+    mapping = {}
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            new = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            setattr(mod, name, new)
+            mapping[id(p)] = new
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            new = mapping[id(p)]
+            if p in opt.state:
+                opt.state[new] = opt.state.pop(p)
+            group["params"][i] = new

@@ -18,6 +18,7 @@ from helpers import (
     odd_task_loss,
     run_asft,
     run_reference,
+    swap_parameters,
     trainable,
 )
 
@@ -324,17 +325,7 @@ def test_pairing_survives_parameter_swap():
     m1, o1, m2, o2, b2 = asft_and_reference()
     for s in range(4):
         if s == 2:  # swap every parameter object of m1 for a copy, in module and optimizer
-            mapping = {}
-            for mod in m1.modules():
-                for name, p in list(mod.named_parameters(recurse=False)):
-                    new = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                    setattr(mod, name, new)
-                    mapping[id(p)] = new
-            for group in o1.param_groups:
-                for i, p in enumerate(group["params"]):
-                    new = mapping[id(p)]
-                    o1.state[new] = o1.state.pop(p)
-                    group["params"][i] = new
+            swap_parameters(m1, o1)
         lockstep(m1, o1, m2, o2, b2, s)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 

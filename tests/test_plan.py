@@ -7,7 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import available_backends
-from helpers import asft_and_reference, lockstep, max_rel_err, odd_anchor, odd_lora, odd_task_loss, trainable
+from helpers import (
+    asft_and_reference,
+    lockstep,
+    max_rel_err,
+    odd_anchor,
+    odd_lora,
+    odd_task_loss,
+    swap_parameters,
+    trainable,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import asft_kernels as asft
@@ -124,16 +133,7 @@ def test_rebuilt_after_load_state_dict():
 
 def test_rebuilt_after_parameter_swap():
     def event(m1, o1, m2, o2):
-        mapping = {}
-        for mod in m1.modules():
-            for name, p in list(mod.named_parameters(recurse=False)):
-                new = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                setattr(mod, name, new)
-                mapping[id(p)] = new
-        for group in o1.param_groups:
-            for i, p in enumerate(group["params"]):
-                o1.state[mapping[id(p)]] = o1.state.pop(p)
-                group["params"][i] = mapping[id(p)]
+        swap_parameters(m1, o1)
         return 1.0
 
     err, builds = _ground_truth_after(event)

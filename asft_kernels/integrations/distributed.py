@@ -1,34 +1,15 @@
-"""AsFTAdamW under torch.distributed: DDP, FSDP2, and the bytes each step communicates.
+"""AsFTAdamW under torch.distributed: user-facing helpers and the bytes each step communicates.
 
-**DDP** replicates every parameter and all-reduces the gradients before ``step()``, so
-each rank runs the anchored step on identical full tensors; nothing here is involved.
+DDP needs nothing: every rank runs the anchored step on identical full tensors. Under FSDP2
+the step itself (statistics on local shards, one all-reduce of the small sums, A gathered
+when its rows are split) lives in the core, :mod:`asft_kernels.sharding`; its names are
+re-exported here. This module adds what users call:
 
-**FSDP2** (``torch.distributed.fsdp.fully_shard``) hands the optimizer DTensor
-parameters, by default sharded on dim 0: rank ``q`` holds rows ``b_q`` of ``B`` (m, r) and
-rows ``a_q`` of ``A`` (r, n) (``torch.chunk`` layout). Symbols as in docs/method.md:
-
-* ``P = Uᵀ B = Σ_q U[b_q]ᵀ B[b_q]`` (k, r) and ``G = Bᵀ B = Σ_q B[b_q]ᵀ B[b_q]`` (r, r)
-  are sums over B's rows: each rank's backend computes its partial sums from its rows of B
-  and the matching rows of U, then one all-reduce of the k·r + r² numbers per pair. The B
-  update is row-local (``Q_B``, ``R_B`` are global r × r / k × r matrices).
-* ``M = A Aᵀ`` (r, r) and the anchoring gradient of A, ``(H A)[a_q] = H[a_q, :] A``,
-  need every row of A: A (r × n, tiny) is all-gathered once per step, right after the
-  update; the gathered copy gives this step's ``M`` and is the next step's A. The backend
-  updates a full-size (r, n) copy of A whose other ranks' rows carry zero gradient and
-  moments; only this rank's rows are copied back into the shards.
-* With ``lora_A`` sharded on dim 1 instead (``fully_shard(...,
-  shard_placement_fn=lora_A_column_sharding(model))``), ``M`` is a sum over columns and
-  ``H A`` is column-local: nothing is gathered, one all-reduce of k·r + 2r² per pair.
-
-The statistics carried to the next step are the all-reduced ones, so every rank holds
-the same ``P, G, M`` and computes the same anchoring terms. The fused step runs through
-whichever backend serves the local tensors.
-
-Per step and anchored pair the collectives move O(k·r + r² + r·n) numbers (O(k·r + r²)
-with column-sharded A); nothing of size m × n, m × m or m × r is ever communicated. All
-collectives go through :func:`all_reduce_sum` and :func:`all_gather_rows`, which report to
-every active :func:`record_collectives` log: that is how the documented volumes are
-measured (``asft comm-report``).
+* :func:`lora_A_column_sharding`: a ``shard_placement_fn`` sharding every ``lora_A`` on
+  columns, so that a step all-reduces k·r + 2r² numbers per pair and gathers nothing;
+* :func:`measure_step_communication` and ``asft comm-report``: the collectives of a step,
+  recorded through :func:`record_collectives` (per step and pair O(k·r + r² + r·n)
+  numbers, O(k·r + r²) with column-sharded A; nothing of size m × n, m × m or m × r).
 """
 
 from __future__ import annotations
