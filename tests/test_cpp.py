@@ -22,8 +22,10 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # max |cpp − eager| / max |eager| per parameter dtype: the two differ by summation order
 # (fp64/fp32 math), and low-precision params by at most one rounding step of the dtype.
 TOLERANCE = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-# (m, n, r, k): m of 1 and not a multiple of anything, r on both the compile-time (4, 8, 16)
-# and the runtime-rank paths, several row blocks (128) and column blocks (256)
+# (m, n, r, k): m of 1 and not a multiple of anything; r and k filling whole vectors, parts
+# of one and several (register tiles and their remainders, masked tails), r = 64 (the
+# largest rank the optimizer sends to the kernel) and one above it (the op still runs it);
+# several row blocks (256 rows, sub-tiles of 32) and column blocks (256)
 SHAPES = [
     (1, 1, 1, 1),
     (1, 37, 3, 5),
@@ -35,6 +37,11 @@ SHAPES = [
     (37, 64, 4, 33),
     (300, 257, 16, 64),
     (130, 40, 13, 9),
+    (300, 257, 64, 64),
+    (97, 130, 64, 257),
+    (45, 70, 33, 19),
+    (600, 20, 48, 40),
+    (40, 30, 80, 5),
 ]
 
 
@@ -202,7 +209,8 @@ _THREADS_CHILD = textwrap.dedent(
     assert cpp.is_available()
     out = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        cols = _pairs([(700, 1000, 8, 64), (300, 600, 5, 17), (129, 257, 16, 3)], dtype, seed=4)
+        cols = _pairs([(700, 1000, 8, 64), (300, 600, 5, 17), (129, 257, 16, 3), (530, 300, 64, 70)], dtype,
+                      seed=4)
         for step in (1.0, 2.0, 3.0):
             _fused(cpp.fused_step, cols, steps=step)
         stats = cpp.stats_pass(cols["U"], cols["B"], cols["A"])
