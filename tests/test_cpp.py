@@ -25,7 +25,7 @@ TOLERANCE = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 1e-2, to
 # (m, n, r, k): m of 1 and not a multiple of anything; r and k filling whole vectors, parts
 # of one and several (register tiles and their remainders, masked tails), r = 64 (the
 # largest rank the optimizer sends to the kernel) and one above it (the op still runs it);
-# several row blocks (256 rows, sub-tiles of 32) and column blocks (256)
+# several row blocks (240 rows, sub-tiles of 24) and column blocks (256)
 SHAPES = [
     (1, 1, 1, 1),
     (1, 37, 3, 5),

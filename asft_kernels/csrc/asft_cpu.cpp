@@ -58,8 +58,8 @@
 namespace asft {
 namespace {
 
-constexpr int64_t kRowBlock = 256;  // rows of B per task (multiple of kSubRows)
-constexpr int64_t kSubRows = 32;    // rows of B (and U) per sub-tile
+constexpr int64_t kSubRows = 24;             // rows of B (and U) per sub-tile: whole register tiles
+constexpr int64_t kRowBlock = 10 * kSubRows;  // rows of B per task
 constexpr int64_t kColBlock = 256;  // columns of A per task (multiple of kLanes and of 4 vectors)
 constexpr int64_t kLanes = 8;       // independent partial sums in the A Aᵀ dot products
 
@@ -73,8 +73,10 @@ constexpr int kRegisters = 16;
 #endif
 // gemm_tile: JT rows × NVC vectors of accumulators, NVC weights and one broadcast live
 constexpr int kMaxNVC = 4;
+// (the largest divisor of kSubRows that fits the registers)
 constexpr int rows_per_tile(int nvc) {
-  return std::max(1, std::min(8, (kRegisters - 3 - nvc) / nvc));
+  const int fit = (kRegisters - 2 - nvc) / nvc;
+  return fit >= 8 ? 8 : fit >= 6 ? 6 : fit >= 4 ? 4 : fit >= 3 ? 3 : fit >= 2 ? 2 : 1;
 }
 // panel_tile: CT × TT accumulators, TT loaded vectors and one broadcast live
 constexpr int kPanelCT = kRegisters >= 32 ? 4 : 3;
@@ -162,6 +164,17 @@ struct PairView {
 };
 
 // ------------------------------------------------------------------------- micro-kernels
+// The loops over a tile's rows and vectors are unrolled completely, so that the compiler
+// keeps every accumulator of the tile in a register (an array it cannot unroll lives on
+// the stack, and each multiply-add would load and store it).
+#define ASFT_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define ASFT_UNROLL ASFT_PRAGMA(unroll)
+#elif defined(__GNUC__)
+#define ASFT_UNROLL ASFT_PRAGMA(GCC unroll 16)
+#else
+#define ASFT_UNROLL
+#endif
 // C[j, 0 : NVC·V] = Σ_d X1[j, d] W1[d, 0 : NVC·V] + Σ_t X2[j, t] W2[t, 0 : NVC·V] for JT rows j:
 // the JT × NVC accumulators stay in registers, each X element is broadcast once, each row
 // of W is loaded once for all JT rows. Sums run over d, then t, in order.
@@ -172,25 +185,35 @@ inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, cons
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
   V acc[JT][NVC];
+  ASFT_UNROLL
   for (int j = 0; j < JT; ++j)
+    ASFT_UNROLL
     for (int v = 0; v < NVC; ++v) acc[j][v] = V(acc_t(0));
   for (int64_t d = 0; d < K1; ++d) {
     V w[NVC];
+    ASFT_UNROLL
     for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W1 + d * ldw + v * L);
+    ASFT_UNROLL
     for (int j = 0; j < JT; ++j) {
       const V x(X1[j * ldx1 + d]);
+      ASFT_UNROLL
       for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
   }
   for (int64_t t = 0; t < K2; ++t) {
     V w[NVC];
+    ASFT_UNROLL
     for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W2 + t * ldw + v * L);
+    ASFT_UNROLL
     for (int j = 0; j < JT; ++j) {
       const V x(X2[j * ldx2 + t]);
+      ASFT_UNROLL
       for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
   }
+  ASFT_UNROLL
   for (int j = 0; j < JT; ++j)
+    ASFT_UNROLL
     for (int v = 0; v < NVC; ++v) acc[j][v].store(C + j * ldc + v * L);
 }
 
@@ -225,27 +248,43 @@ void gemm_rows(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t* W1, const
 }
 
 // O[c, 0 : TT·V] += Σ_j X[j, c] Y[j, 0 : TT·V] for CT consecutive c, over `rows` rows j in
-// order; the last vector of each Y row is loaded with `last` lanes (the others read as 0).
-template <typename acc_t, int CT, int TT>
+// order; with kMask the last vector of each Y row is loaded with `last` lanes (the others
+// read as 0).
+template <typename acc_t, int CT, int TT, bool kMask>
 inline void panel_tile(const acc_t* __restrict X, int64_t ldx, const acc_t* __restrict Y, int64_t ldy, int64_t rows,
                        int64_t last, acc_t* __restrict O, int64_t ldo) {
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
   V acc[CT][TT];
+  ASFT_UNROLL
   for (int c = 0; c < CT; ++c)
+    ASFT_UNROLL
     for (int v = 0; v < TT; ++v) acc[c][v] = V::loadu(O + c * ldo + v * L);
   for (int64_t j = 0; j < rows; ++j) {
     const acc_t* y_row = Y + j * ldy;
     V y[TT];
-    for (int v = 0; v + 1 < TT; ++v) y[v] = V::loadu(y_row + v * L);
-    y[TT - 1] = V::loadu(y_row + (TT - 1) * L, last);
+    ASFT_UNROLL
+    for (int v = 0; v < TT; ++v) y[v] = (kMask && v == TT - 1) ? V::loadu(y_row + v * L, last) : V::loadu(y_row + v * L);
+    ASFT_UNROLL
     for (int c = 0; c < CT; ++c) {
       const V x(X[j * ldx + c]);
+      ASFT_UNROLL
       for (int v = 0; v < TT; ++v) acc[c][v] = at::vec::fmadd(x, y[v], acc[c][v]);
     }
   }
+  ASFT_UNROLL
   for (int c = 0; c < CT; ++c)
+    ASFT_UNROLL
     for (int v = 0; v < TT; ++v) acc[c][v].store(O + c * ldo + v * L);
+}
+
+template <typename acc_t, int CT, int TT>
+inline void panel_tile_any(const acc_t* X, int64_t ldx, const acc_t* Y, int64_t ldy, int64_t rows, int64_t last,
+                           acc_t* O, int64_t ldo) {
+  if (last == Vec<acc_t>::size())
+    panel_tile<acc_t, CT, TT, false>(X, ldx, Y, ldy, rows, last, O, ldo);
+  else
+    panel_tile<acc_t, CT, TT, true>(X, ldx, Y, ldy, rows, last, O, ldo);
 }
 
 template <typename acc_t, int CT>
@@ -254,12 +293,12 @@ inline void panel_cols(const acc_t* X, int64_t ldx, const acc_t* Y, int64_t ldy,
   constexpr int64_t L = Vec<acc_t>::size();
   for (int64_t y0 = 0; y0 < ny; y0 += kPanelTT * L) {
     const int64_t nv = std::min<int64_t>(kPanelTT, (ny - y0 + L - 1) / L);
-    const int64_t last = ny - y0 - (nv - 1) * L;
+    const int64_t last = std::min(L, ny - y0 - (nv - 1) * L);  // lanes of the chunk's last vector
     switch (nv) {
-      case 1: panel_tile<acc_t, CT, 1>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
-      case 2: panel_tile<acc_t, CT, 2>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
-      case 3: panel_tile<acc_t, CT, 3>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
-      default: panel_tile<acc_t, CT, kPanelTT>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      case 1: panel_tile_any<acc_t, CT, 1>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      case 2: panel_tile_any<acc_t, CT, 2>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      case 3: panel_tile_any<acc_t, CT, 3>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      default: panel_tile_any<acc_t, CT, kPanelTT>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
     }
   }
 }
