@@ -60,8 +60,7 @@ namespace {
 
 constexpr int64_t kSubRows = 24;             // rows of B (and U) per sub-tile: whole register tiles
 constexpr int64_t kRowBlock = 10 * kSubRows;  // rows of B per task
-constexpr int64_t kColBlock = 256;  // columns of A per task (multiple of kLanes and of 4 vectors)
-constexpr int64_t kLanes = 8;       // independent partial sums in the A Aᵀ dot products
+constexpr int64_t kColBlock = 256;  // columns of A per task (whole vectors)
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -178,10 +177,11 @@ struct PairView {
 // C[j, 0 : NVC·V] = Σ_d X1[j, d] W1[d, 0 : NVC·V] + Σ_t X2[j, t] W2[t, 0 : NVC·V] for JT rows j:
 // the JT × NVC accumulators stay in registers, each X element is broadcast once, each row
 // of W is loaded once for all JT rows. Sums run over d, then t, in order.
+// While it runs, the tile prefetches `pf_lines` cache lines from `pf` (one per step over t).
 template <typename acc_t, int JT, int NVC>
 inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, const acc_t* __restrict W1,
                       const acc_t* __restrict X2, int64_t ldx2, int64_t K2, const acc_t* __restrict W2, int64_t ldw,
-                      acc_t* __restrict C, int64_t ldc) {
+                      acc_t* __restrict C, int64_t ldc, const char* pf, int64_t pf_lines) {
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
   V acc[JT][NVC];
@@ -200,7 +200,7 @@ inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, cons
       for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
   }
-  for (int64_t t = 0; t < K2; ++t) {
+  auto step = [&](int64_t t) {
     V w[NVC];
     ASFT_UNROLL
     for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W2 + t * ldw + v * L);
@@ -210,7 +210,13 @@ inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, cons
       ASFT_UNROLL
       for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
+  };
+  const int64_t t_pf = std::max<int64_t>(0, std::min(K2, pf_lines));
+  for (int64_t t = 0; t < t_pf; ++t) {
+    __builtin_prefetch(pf + t * 64, 0, 3);
+    step(t);
   }
+  for (int64_t t = t_pf; t < K2; ++t) step(t);
   ASFT_UNROLL
   for (int j = 0; j < JT; ++j)
     ASFT_UNROLL
@@ -219,30 +225,37 @@ inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, cons
 
 template <typename acc_t, int NVC>
 inline void gemm_rows_nvc(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t* W1, const acc_t* X2, int64_t ldx2,
-                          int64_t K2, const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows) {
+                          int64_t K2, const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows,
+                          const char* pf, int64_t pf_lines) {
   constexpr int JT = rows_per_tile(NVC);
+  const int64_t tiles = rows / JT + rows % JT;
+  const int64_t per_tile = (pf_lines + tiles - 1) / std::max<int64_t>(tiles, 1);
   int64_t j = 0;
-  for (; j + JT <= rows; j += JT)
-    gemm_tile<acc_t, JT, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc);
-  for (; j < rows; ++j)
-    gemm_tile<acc_t, 1, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc);
+  for (; j + JT <= rows; j += JT, pf += per_tile * 64, pf_lines -= per_tile)
+    gemm_tile<acc_t, JT, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
+                              std::min(per_tile, pf_lines));
+  for (; j < rows; ++j, pf += per_tile * 64, pf_lines -= per_tile)
+    gemm_tile<acc_t, 1, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
+                             std::min(per_tile, pf_lines));
 }
 
 // C (rows × cols, cols a multiple of the vector width) = X1 W1 + X2 W2 (see gemm_tile);
-// X1 or X2 may be absent (K = 0).
+// X1 or X2 may be absent (K = 0). Prefetches `pf_lines` lines from `pf` on the way.
 template <typename acc_t>
 void gemm_rows(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t* W1, const acc_t* X2, int64_t ldx2, int64_t K2,
-               const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows, int64_t cols) {
+               const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows, int64_t cols,
+               const char* pf = nullptr, int64_t pf_lines = 0) {
   constexpr int64_t L = Vec<acc_t>::size();
   for (int64_t c0 = 0; c0 < cols; c0 += kMaxNVC * L) {
     const int64_t nvc = std::min<int64_t>(kMaxNVC, (cols - c0) / L);
     const acc_t* w1 = W1 ? W1 + c0 : nullptr;
     const acc_t* w2 = W2 ? W2 + c0 : nullptr;
+    const int64_t lines = c0 == 0 ? pf_lines : 0;
     switch (nvc) {
-      case 1: gemm_rows_nvc<acc_t, 1>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows); break;
-      case 2: gemm_rows_nvc<acc_t, 2>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows); break;
-      case 3: gemm_rows_nvc<acc_t, 3>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows); break;
-      default: gemm_rows_nvc<acc_t, 4>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows); break;
+      case 1: gemm_rows_nvc<acc_t, 1>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
+      case 2: gemm_rows_nvc<acc_t, 2>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
+      case 3: gemm_rows_nvc<acc_t, 3>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
+      default: gemm_rows_nvc<acc_t, 4>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
     }
   }
 }
@@ -359,12 +372,30 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
     if constexpr (kUpdate) {
       const acc_t* W = static_cast<const acc_t*>(pv.W);
       gemm_rows<acc_t>(bt, rp, r, W, nullptr, 0, 0, nullptr, rp, qt, rp, rows, rp);
-      gemm_rows<acc_t>(nullptr, 0, 0, nullptr, Ui, k, k, W + r * rp, rp, ut, rp, rows, rp);
+      // the next sub-tile's rows of U are fetched while this one computes (cold caches: the
+      // step runs after forward/backward)
+      const int64_t next_rows = std::min(kSubRows, i1 - i - rows);
+      const int64_t pf_lines = next_rows > 0 ? (next_rows * k * static_cast<int64_t>(sizeof(acc_t)) + 63) / 64 : 0;
+      gemm_rows<acc_t>(nullptr, 0, 0, nullptr, Ui, k, k, W + r * rp, rp, ut, rp, rows, rp,
+                       reinterpret_cast<const char*>(Ui + rows * k), pf_lines);
       const param_t* __restrict gB = static_cast<const param_t*>(pv.grad_B) + i * r;
       acc_t* __restrict mB = static_cast<acc_t*>(pv.exp_avg_B) + i * r;
       acc_t* __restrict vB = static_cast<acc_t*>(pv.exp_avg_sq_B) + i * r;
       param_t* __restrict Bi = Bp + i * r;
+      const int64_t row_bytes_p = r * static_cast<int64_t>(sizeof(param_t));
+      const int64_t row_bytes_a = r * static_cast<int64_t>(sizeof(acc_t));
       for (int64_t j = 0; j < rows; ++j) {
+        if (i + kSubRows + j < i1) {  // the next sub-tile's B, grad and moments, row by row
+          const int64_t x = (kSubRows + j) * r;
+          for (int64_t o = 0; o < row_bytes_p; o += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(Bi + x) + o, 1, 3);
+            __builtin_prefetch(reinterpret_cast<const char*>(gB + x) + o, 0, 3);
+          }
+          for (int64_t o = 0; o < row_bytes_a; o += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(mB + x) + o, 1, 3);
+            __builtin_prefetch(reinterpret_cast<const char*>(vB + x) + o, 1, 3);
+          }
+        }
         acc_t* __restrict bj = bt + j * rp;
         const acc_t* __restrict qj = qt + j * rp;
         const acc_t* __restrict uj = ut + j * rp;
@@ -383,28 +414,43 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
 }
 
 // ------------------------------------------------------------------------------- A columns
-// lanes[d0 + i][e0 + j][l] = Σ_x a[d0 + i, x·kLanes + l] a[e0 + j, x·kLanes + l]: each entry
-// of A Aᵀ is kLanes sequential partial sums, whatever the tile it was computed in.
-template <typename acc_t, int TD, int TE>
+// M[d0 + i, e0 + j] = M[e0 + j, d0 + i] = Σ_x a[d0 + i, x] a[e0 + j, x] for a TG × TG tile:
+// each entry is summed in the lanes of one vector (x in order within a lane), then the
+// lanes are added in a fixed tree, whatever the tile it was computed in.
+constexpr int kGramTile = kRegisters >= 32 ? 4 : 2;
+
+template <typename acc_t>
 inline void gram_tile(const acc_t* __restrict a, int64_t W, int64_t wpad, int64_t d0, int64_t e0, int64_t r,
                       acc_t* __restrict M) {
-  acc_t acc[TD][TE][kLanes] = {};
-  for (int64_t x = 0; x < wpad; x += kLanes) {
-    for (int i = 0; i < TD; ++i) {
-      const acc_t* ad = a + (d0 + i) * W + x;
-      for (int j = 0; j < TE; ++j) {
-        const acc_t* ae = a + (e0 + j) * W + x;
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[i][j][l] += ad[l] * ae[l];
-      }
-    }
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  constexpr int TG = kGramTile;
+  V acc[TG][TG];
+  ASFT_UNROLL
+  for (int i = 0; i < TG; ++i)
+    ASFT_UNROLL
+    for (int j = 0; j < TG; ++j) acc[i][j] = V(acc_t(0));
+  for (int64_t x = 0; x < wpad; x += L) {
+    V ad[TG], ae[TG];
+    ASFT_UNROLL
+    for (int i = 0; i < TG; ++i) ad[i] = V::loadu(a + (d0 + i) * W + x);
+    ASFT_UNROLL
+    for (int j = 0; j < TG; ++j) ae[j] = V::loadu(a + (e0 + j) * W + x);
+    ASFT_UNROLL
+    for (int i = 0; i < TG; ++i)
+      ASFT_UNROLL
+      for (int j = 0; j < TG; ++j) acc[i][j] = at::vec::fmadd(ad[i], ae[j], acc[i][j]);
   }
-  for (int i = 0; i < TD; ++i) {
-    for (int j = 0; j < TE; ++j) {
-      const acc_t* L = acc[i][j];
-      const acc_t sum = ((L[0] + L[1]) + (L[2] + L[3])) + ((L[4] + L[5]) + (L[6] + L[7]));
-      M[(d0 + i) * r + e0 + j] = sum;
-      M[(e0 + j) * r + d0 + i] = sum;
+  for (int i = 0; i < TG; ++i) {
+    for (int j = 0; j < TG; ++j) {
+      const int64_t d = d0 + i, e = e0 + j;
+      if (d >= r || e >= r) continue;
+      alignas(64) acc_t lanes[L];
+      acc[i][j].store(lanes);
+      for (int64_t width = L / 2; width >= 1; width /= 2)
+        for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      M[d * r + e] = lanes[0];
+      M[e * r + d] = lanes[0];
     }
   }
 }
@@ -413,30 +459,43 @@ template <typename param_t, typename acc_t, bool kUpdate>
 void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
   constexpr int64_t W = kColBlock;
   constexpr int CW = std::max<int>(64 / sizeof(acc_t), Vec<acc_t>::size());  // padding: whole vectors
-  static_assert(W % CW == 0 && CW % kLanes == 0, "column block must hold whole tiles");
+  static_assert(W % CW == 0, "column block must hold whole vectors");
   const int64_t r = pv.r, n = pv.n;
   const int64_t c0 = blk * W;
   const int64_t w = std::min(W, n - c0);
   const int64_t wpad = (w + CW - 1) / CW * CW;
-  // a: (r, W) block of A in the math dtype, zero-padded to whole tiles; ha: (r, W) H A
-  std::vector<acc_t> buf(static_cast<size_t>((kUpdate ? 2 : 1) * r * W));
+  // a: (rg, W) block of A in the math dtype, zero-padded to whole vectors and to whole gram
+  // tiles of rows; ha: (r, W) H A. One buffer per thread, kept between calls (no page faults).
+  const int64_t rg = round_up(r, kGramTile);
+  thread_local std::vector<acc_t> buf;
+  if (buf.size() < static_cast<size_t>((rg + r) * W)) buf.resize(static_cast<size_t>((rg + r) * W));
   acc_t* __restrict a = buf.data();
   param_t* __restrict Ap = static_cast<param_t*>(pv.A);
+  const param_t* __restrict gA = static_cast<const param_t*>(pv.grad_A);
+  acc_t* __restrict mA = static_cast<acc_t*>(pv.exp_avg_A);
+  acc_t* __restrict vA = static_cast<acc_t*>(pv.exp_avg_sq_A);
   for (int64_t d = 0; d < r; ++d) {
     const param_t* src = Ap + d * n + c0;
     acc_t* dst = a + d * W;
+    if constexpr (kUpdate) {  // this row's gradient and moments, used after H A
+      const int64_t off = d * n + c0;
+      for (int64_t o = 0; o < w * static_cast<int64_t>(sizeof(param_t)); o += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(gA + off) + o, 0, 3);
+      for (int64_t o = 0; o < w * static_cast<int64_t>(sizeof(acc_t)); o += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(mA + off) + o, 1, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(vA + off) + o, 1, 3);
+      }
+    }
 #pragma omp simd
     for (int64_t x = 0; x < w; ++x) dst[x] = static_cast<acc_t>(src[x]);
     for (int64_t x = w; x < wpad; ++x) dst[x] = acc_t(0);
   }
+  std::fill(a + r * W, a + rg * W, acc_t(0));
 
   if constexpr (kUpdate) {
     const StepScalars<acc_t> s(h, pv.step_A);
     const acc_t* __restrict H = static_cast<const acc_t*>(pv.Hc);
-    const param_t* __restrict gA = static_cast<const param_t*>(pv.grad_A);
-    acc_t* __restrict mA = static_cast<acc_t*>(pv.exp_avg_A);
-    acc_t* __restrict vA = static_cast<acc_t*>(pv.exp_avg_sq_A);
-    acc_t* __restrict ha = a + r * W;
+    acc_t* __restrict ha = a + rg * W;
     // ha = H a: rows of H broadcast, rows of a loaded (as B Q_B above)
     gemm_rows<acc_t>(H, r, r, a, nullptr, 0, 0, nullptr, W, ha, W, r, wpad);
     // `a` is no longer needed as input: it receives the stored new values
@@ -454,17 +513,8 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
 
   // M += A[:, block] A[:, block]ᵀ over tiles on and below the diagonal
   acc_t* M = static_cast<acc_t*>(pv.M_part) + blk * r * r;
-  int64_t d0 = 0;
-  for (; d0 + 4 <= r; d0 += 4) {
-    int64_t e0 = 0;
-    for (; e0 + 2 <= d0 + 4; e0 += 2) gram_tile<acc_t, 4, 2>(a, W, wpad, d0, e0, r, M);
-    for (; e0 < d0 + 4; ++e0) gram_tile<acc_t, 4, 1>(a, W, wpad, d0, e0, r, M);
-  }
-  for (; d0 < r; ++d0) {
-    int64_t e0 = 0;
-    for (; e0 + 2 <= d0 + 1; e0 += 2) gram_tile<acc_t, 1, 2>(a, W, wpad, d0, e0, r, M);
-    for (; e0 <= d0; ++e0) gram_tile<acc_t, 1, 1>(a, W, wpad, d0, e0, r, M);
-  }
+  for (int64_t d0 = 0; d0 < r; d0 += kGramTile)
+    for (int64_t e0 = 0; e0 <= d0; e0 += kGramTile) gram_tile<acc_t>(a, W, wpad, d0, e0, r, M);
 }
 
 // Sum the partials of one pair in block order into its (k, r) / (r, r) outputs.
