@@ -701,8 +701,21 @@ void fill_weights(const PairView& pv, const at::Tensor& Q, const at::Tensor& R, 
     for (int64_t e = 0; e < r; ++e) Hc[d * r + e] = hh[d * h0 + e * h1];
 }
 
-at::Tensor scratch_bytes(int64_t total) {
-  return at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+// The scratch of one call (64-byte aligned): the calling thread's buffer of its earlier
+// calls when the need is at most kKeepScratch bytes (a fresh allocation of that size is
+// page-faulted in on every call, which costs as much as a small step), else `fresh`, an
+// allocation released when the call returns.
+constexpr int64_t kKeepScratch = 32 << 20;
+
+uint8_t* call_scratch(int64_t total, at::Tensor& fresh) {
+  if (total > kKeepScratch) {
+    fresh = at::empty({total}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+    return fresh.data_ptr<uint8_t>();
+  }
+  thread_local std::vector<uint8_t> kept;
+  if (static_cast<int64_t>(kept.size()) < total + 64) kept.resize(static_cast<size_t>(total + 64));
+  const auto p = reinterpret_cast<uintptr_t>(kept.data());
+  return reinterpret_cast<uint8_t*>((p + 63) & ~static_cast<uintptr_t>(63));
 }
 
 // A step counter: a one-element fp32/fp64 CPU tensor (the optimizer's state["step"]), read
@@ -745,8 +758,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     offsets[j] = plan_scratch(pv, acc, false, total);
     bind_kernels<false>(pv, B[j].scalar_type());
   }
-  at::Tensor scratch = scratch_bytes(total);
-  for (size_t j = 0; j < npairs; ++j) place_scratch(pairs[j], offsets[j], scratch.data_ptr<uint8_t>());
+  at::Tensor fresh;
+  uint8_t* scratch = call_scratch(total, fresh);
+  for (size_t j = 0; j < npairs; ++j) place_scratch(pairs[j], offsets[j], scratch);
   run_pairs(pairs, Hyper{0, 0, 0, 0, 0, false});
   return {Ps, Gs, Ms};
 }
@@ -813,10 +827,11 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
     bind_kernels<true>(pv, pt);
   }
   // one allocation for every pair's weights and partial statistics
-  at::Tensor scratch = scratch_bytes(total);
+  at::Tensor fresh;
+  uint8_t* scratch = call_scratch(total, fresh);
   for (size_t j = 0; j < npairs; ++j) {
     PairView& pv = pairs[j];
-    place_scratch(pv, offsets[j], scratch.data_ptr<uint8_t>());
+    place_scratch(pv, offsets[j], scratch);
     if (acc_type(B[j].scalar_type()) == at::kDouble)
       fill_weights<double>(pv, Q_B[j], R_B[j], H[j]);
     else
