@@ -135,7 +135,7 @@ def fma_peak(threads: int, iters: int = 20_000_000, tries: int = 3) -> tuple[flo
     for _ in range(tries):
         rates = [0.0] * threads
 
-        def work(i):
+        def work(i, rates=rates):
             rates[i] = dll.asft_fma_rate(iters)  # ctypes releases the GIL
 
         pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
