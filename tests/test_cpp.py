@@ -139,6 +139,18 @@ def test_grouped_launch_matches_eager(dtype):
     _compare(SHAPES, dtype, maximize=True)
 
 
+def test_every_rank_up_to_64_runs_the_kernel():
+    """One kernel covers every rank up to FUSED_MAX_RANK = 64; only wider pairs go to eager."""
+    from asft_kernels.ops import route
+
+    backend = resolve_backend("cpp", torch.device("cpu"))
+    assert cpp.FUSED_MAX_RANK == 64
+    for dtype in DTYPES:
+        for r in (1, 8, 33, 64):
+            assert route(backend, dtype, r) is backend, (dtype, r)
+        assert route(backend, dtype, 65) is EAGER
+
+
 def test_basis_in_bf16_and_strided_small_inputs():
     cols = _pairs([(123, 70, 8, 17)], torch.float32, seed=3)
     cols["U"] = [cols["U"][0].to(torch.bfloat16)]
