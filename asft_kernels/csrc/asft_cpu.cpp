@@ -527,10 +527,20 @@ void reduce_pair(const PairView& pv) {
   std::fill(P, P + k * r, acc_t(0));
   std::fill(G, G + r * r, acc_t(0));
   std::fill(M, M + r * r, acc_t(0));
+  // the Pᵀ partials summed in their own layout (contiguous rows; from zero, in block order),
+  // then transposed once into P (k, r)
+  acc_t* Pt = static_cast<acc_t*>(pv.P_part);  // (row_blocks, r, kp)
+  if (pv.row_blocks > 0) {
+    std::vector<acc_t> sum(static_cast<size_t>(r * kp), acc_t(0));
+    for (int64_t b = 0; b < pv.row_blocks; ++b) {
+      const acc_t* src = Pt + b * r * kp;
+#pragma omp simd
+      for (int64_t x = 0; x < r * kp; ++x) sum[x] += src[x];
+    }
+    for (int64_t c = 0; c < r; ++c)
+      for (int64_t t = 0; t < k; ++t) P[t * r + c] = sum[c * kp + t];
+  }
   for (int64_t b = 0; b < pv.row_blocks; ++b) {
-    const acc_t* Pt = static_cast<const acc_t*>(pv.P_part) + b * r * kp;  // Pᵀ (r, kp)
-    for (int64_t t = 0; t < k; ++t)
-      for (int64_t c = 0; c < r; ++c) P[t * r + c] += Pt[c * kp + t];
     const acc_t* Gb = static_cast<const acc_t*>(pv.G_part) + b * r * rp;
     for (int64_t d = 0; d < r; ++d)
 #pragma omp simd
@@ -567,6 +577,12 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
 
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
+  // blocks of each pair still running: the worker that finishes a pair's last block sums its
+  // partials (in block order, whoever it is), in the same parallel region
+  std::vector<std::atomic<int64_t>> pending(pairs.size());
+  for (size_t j = 0; j < pairs.size(); ++j) pending[j].store(pairs[j].row_blocks + pairs[j].col_blocks);
+  for (size_t j = 0; j < pairs.size(); ++j)
+    if (pending[j].load() == 0) pairs[j].reduce(pairs[j]);  // an empty pair: zero statistics
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
@@ -576,10 +592,8 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
         pv.row_block(pv, h, task.blk);
       else
         pv.col_block(pv, h, task.blk);
+      if (pending[task.pair].fetch_sub(1, std::memory_order_acq_rel) == 1) pv.reduce(pv);
     }
-  });
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) pairs[j].reduce(pairs[j]);
   });
 }
 
