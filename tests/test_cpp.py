@@ -25,7 +25,7 @@ TOLERANCE = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 1e-2, to
 # (m, n, r, k): m of 1 and not a multiple of anything; r and k filling whole vectors, parts
 # of one and several (register tiles and their remainders, masked tails), r = 64 (the
 # largest rank the optimizer sends to the kernel) and one above it (the op still runs it);
-# several row blocks (240 rows, sub-tiles of 24) and column blocks (256)
+# several row blocks (240 rows, sub-tiles of 24) and column blocks (1024)
 SHAPES = [
     (1, 1, 1, 1),
     (1, 37, 3, 5),
@@ -42,6 +42,7 @@ SHAPES = [
     (45, 70, 33, 19),
     (600, 20, 48, 40),
     (40, 30, 80, 5),
+    (30, 2100, 6, 3),
 ]
 
 
@@ -221,7 +222,7 @@ _THREADS_CHILD = textwrap.dedent(
     assert cpp.is_available()
     out = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        cols = _pairs([(700, 1000, 8, 64), (300, 600, 5, 17), (129, 257, 16, 3), (530, 300, 64, 70)], dtype,
+        cols = _pairs([(700, 2100, 8, 64), (300, 600, 5, 17), (129, 257, 16, 3), (530, 300, 64, 70)], dtype,
                       seed=4)
         for step in (1.0, 2.0, 3.0):
             _fused(cpp.fused_step, cols, steps=step)

@@ -60,7 +60,7 @@ namespace {
 
 constexpr int64_t kSubRows = 24;             // rows of B (and U) per sub-tile: whole register tiles
 constexpr int64_t kRowBlock = 10 * kSubRows;  // rows of B per task
-constexpr int64_t kColBlock = 256;  // columns of A per task (whole vectors)
+constexpr int64_t kColBlock = 1024;  // columns of A per task (whole vectors; long rows for the prefetchers)
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
