@@ -16,14 +16,17 @@
 // blocks of A (kColBlock columns); the cut depends only on the shapes. All blocks of all
 // pairs form one task list, run by at::parallel_for workers that pull tasks from a shared
 // counter (dynamic load balance across pairs of different sizes: one grouped launch per
-// step). Each task writes its own partial statistics; a second pass sums the partials of
-// each pair in block order. Hence the results are bitwise identical for any thread count.
+// step). Each task writes its own partial statistics; the worker that finishes a pair's last
+// block sums that pair's partials in block order. Every sum runs in an order fixed by the
+// shapes, hence the results are bitwise identical for any thread count.
 //
 // Micro-kernels. A row block is processed in sub-tiles of kSubRows rows whose slice of U
 // (kSubRows × k) stays in L1 between its two uses:
-//   1. g-tile (kSubRows × r) = B_tile Q_B − U_tile R_B: register tiles of JT rows × NVC
-//      vectors of columns (gemm_tile), U[i, t] broadcast, rows of [Q_B; −R_B] loaded;
-//   2. AdamW on the tile (contiguous kSubRows·r elements of B and its moments);
+//   1. B_tile Q_B and −U_tile R_B (kSubRows × r each, kept apart so that g rounds as
+//      (grad + B Q_B) − U R_B): register tiles of JT rows × NVC vectors of columns
+//      (gemm_tile), B[i, d] / U[i, t] broadcast, rows of [Q_B; −R_B] loaded;
+//   2. AdamW on the tile (contiguous kSubRows·r elements of B and its moments), while the
+//      next sub-tile's rows of U, B, gradient and moments are prefetched;
 //   3. Pᵀ (r × k) += B'_tileᵀ U_tile and G += B'_tileᵀ B'_tile: register tiles of CT rows of
 //      the statistic × TT vectors along k (panel_tile), B'[i, c] broadcast, U rows loaded.
 // Vectors are ATen's at::vec::Vectorized<acc_t> at the width the compiler targets
