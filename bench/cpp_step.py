@@ -13,26 +13,77 @@ printed too; the ratios use medians). By default the caches are flushed before e
   p, g, m, v, write p, m, v; plus one read of every U) at the bandwidth of a ``copy_`` that
   moves the same number of bytes (half read, half written), timed in the same run.
 
-Usage: ``python bench/cpp_step.py [--repeats 50] [--threads 2]``; prints one table per
-configuration and the ratios. The garbage collector is off while timing (as in ``timeit``).
-Not part of the test suite.
+The kernel's multiply-adds (per pair ``m (2kr + 2r²) + n · 2r²``: ``U R_B``, ``Uᵀ B'``,
+``B Q_B``, ``B'ᵀ B'``, ``H A``, ``A' A'ᵀ``) per second are printed as a fraction of this
+CPU's peak, measured in the same run by a short loop of independent fp32 multiply-adds at
+the vector width the kernel is compiled for (``at::vec::Vectorized<float>`` with the
+kernel's ``-march=native`` flags), run on as many threads as the kernel uses.
+
+Usage: ``python bench/cpp_step.py [--repeats 50] [--threads 2] [--config I]``; prints one
+table per configuration and the ratios. The garbage collector is off while timing (as in
+``timeit``). Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import hashlib
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's asft_kernels
 
 FLUSH_BYTES = 64 << 20  # twice the L3 cache of the machine the figures were taken on
 CONFIGS = (
     # (label, m, n, r, k, layers)
     ("m=n=2048 r=16 k=64 x4", 2048, 2048, 16, 64, 4),
     ("m=n=4096 r=8 k=256 x1", 4096, 4096, 8, 256, 1),
+    ("m=n=2048 r=64 k=256 x2", 2048, 2048, 64, 256, 2),
 )
+
+# A loop of independent multiply-adds at the kernel's vector width: the capability macros
+# are those asft_kernels/csrc/asft_cpu.cpp sets from the compiler's -march=native flags.
+_PEAK_SOURCE = r"""
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#define CPU_CAPABILITY asft_bench
+#include <ATen/cpu/vec/vec.h>
+#include <chrono>
+using V = at::vec::Vectorized<float>;
+extern "C" int asft_vec_lanes() { return V::size(); }
+// multiply-adds (one per fp32 lane) per second of one thread
+extern "C" double asft_fma_rate(long iters) {
+  constexpr int kChains = 16;  // independent chains: more than FMA latency x ports
+  V acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = V(1e-3f * i);
+  const V a(0.999999f), b(1e-7f);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (long it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+    for (int i = 0; i < kChains; ++i) acc[i] = at::vec::fmadd(acc[i], a, b);  // registers, no memory
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  float sink[V::size()] = {};
+  for (int i = 0; i < kChains; ++i) acc[0] = acc[0] + acc[i];
+  acc[0].store(sink);
+  volatile float keep = sink[0];
+  (void)keep;
+  return double(iters) * kChains * V::size() / std::chrono::duration<double>(t1 - t0).count();
+}
+"""
 
 
 def _model(m: int, n: int, r: int, k: int, layers: int):
@@ -57,15 +108,54 @@ def _model(m: int, n: int, r: int, k: int, layers: int):
     return params, binding, pairs
 
 
+def _peak_library() -> ctypes.CDLL:
+    """The multiply-add loop above, compiled once (cached by source, compiler and torch)."""
+    cxx = os.environ.get("CXX", "c++")
+    include = Path(torch.__file__).parent / "include"
+    key = hashlib.sha256(f"{_PEAK_SOURCE}{cxx}{include}{torch.__version__}".encode()).hexdigest()[:16]
+    lib = Path(tempfile.gettempdir()) / f"asft_fma_peak_{key}.so"
+    if not lib.exists():
+        src = lib.with_suffix(".cpp")
+        src.write_text(_PEAK_SOURCE)
+        tmp = lib.with_suffix(f".{os.getpid()}.so")
+        subprocess.run([cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}", str(src),
+                        "-o", str(tmp)], check=True)
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(str(lib))
+    dll.asft_fma_rate.restype = ctypes.c_double
+    dll.asft_fma_rate.argtypes = [ctypes.c_long]
+    return dll
+
+
+def fma_peak(threads: int, iters: int = 20_000_000, tries: int = 3) -> tuple[float, int]:
+    """(multiply-adds per second on ``threads`` threads at once, fp32 lanes per vector):
+    the best of ``tries`` runs, each summing the rates of the threads run concurrently."""
+    dll = _peak_library()
+    best = 0.0
+    for _ in range(tries):
+        rates = [0.0] * threads
+
+        def work(i, rates=rates):
+            rates[i] = dll.asft_fma_rate(iters)  # ctypes releases the GIL
+
+        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        best = max(best, sum(rates))
+    return best, dll.asft_vec_lanes()
+
+
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def run(label, m, n, r, k, layers, repeats, warmup, flush=True):
+def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     import asft_kernels as asft
-    from asft_kernels.ops import cpp, eager
+    from asft_kernels.ops import AdamWHyper, AnchoredBatch, cpp, eager
 
     assert cpp.is_available(), "C++ backend unavailable"
     # every provider steps its own copy of the parameters: a step that sees another
@@ -103,11 +193,11 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True):
     kernel_cols = {"cpp": cols, "eager": {key: [t.clone() for t in ts] for key, ts in cols.items()}}
 
     def kernel(impl, cols):
-        def call():
-            impl(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"],
-                 cols["M"], cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [5.0] * npairs,
-                 [5.0] * npairs, 1e-4, 0.9, 0.999, 1e-8, 0.0, False)
-        return call
+        steps = [torch.tensor(5.0) for _ in range(npairs)]
+        batch = AnchoredBatch(*(cols[key] for key in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB",
+                                                      "U", "Q", "R", "H")), steps, steps)
+        hyper = AdamWHyper(1e-4, 0.9, 0.999, 1e-8, 0.0, False)
+        return lambda: impl(batch, hyper)
 
     lora_elems = sum(t.numel() for t in cols["A"] + cols["B"])
     floor_bytes = 7 * 4 * lora_elems + sum(u.numel() * u.element_size() for u in cols["U"])
@@ -116,7 +206,7 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True):
 
     providers = {
         "cpp kernel": kernel(cpp.fused_step, kernel_cols["cpp"]),
-        "eager kernel": kernel(eager.fused_step_impl, kernel_cols["eager"]),
+        "eager kernel": kernel(eager.fused_step, kernel_cols["eager"]),
         "cpp step": optimizers["cpp"].step,
         "eager step": optimizers["eager"].step,
         "adamw fused": opt_adamw.step,
@@ -153,6 +243,12 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True):
     print(f"  cpp kernel / floor           = {med['cpp kernel'] / med['floor (copy_)']:.3f}")
     print(f"  cpp step / adamw fused       = {med['cpp step'] / med['adamw fused']:.3f}")
     print(f"  cpp kernel / adamw fused     = {med['cpp kernel'] / med['adamw fused']:.3f}")
+    fmas = layers * (m * (2 * k * r + 2 * r * r) + n * 2 * r * r)
+    rate = fmas / med["cpp kernel"]
+    line = f"  cpp kernel multiply-adds     = {fmas / 1e6:.1f} M, {rate / 1e9:.1f} G/s"
+    if peak:
+        line += f" = {rate / peak:.3f} of peak ({peak / 1e9:.1f} G/s)"
+    print(line)
     return med
 
 
@@ -166,10 +262,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
+          f"1-minute load average {load:.2f} on {os.cpu_count()} CPUs")
+    peak, lanes = fma_peak(torch.get_num_threads())
+    print(f"fp32 multiply-add peak: {peak / 1e9:.1f} G/s on {torch.get_num_threads()} thread(s), "
+          f"{lanes} lanes per vector")
     for i, cfg in enumerate(CONFIGS):
         if args.config is None or args.config == i:
-            run(*cfg, repeats=args.repeats, warmup=args.warmup, flush=not args.warm)
+            run(*cfg, repeats=args.repeats, warmup=args.warmup, flush=not args.warm, peak=peak)
+    if hasattr(os, "getloadavg"):
+        print(f"\n1-minute load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

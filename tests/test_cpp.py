@@ -22,8 +22,10 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # max |cpp − eager| / max |eager| per parameter dtype: the two differ by summation order
 # (fp64/fp32 math), and low-precision params by at most one rounding step of the dtype.
 TOLERANCE = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-# (m, n, r, k): m of 1 and not a multiple of anything, r on both the compile-time (4, 8, 16)
-# and the runtime-rank paths, several row blocks (128) and column blocks (256)
+# (m, n, r, k): m of 1 and not a multiple of anything; r and k filling whole vectors, parts
+# of one and several (register tiles and their remainders, masked tails), r = 64 (the
+# largest rank the optimizer sends to the kernel) and one above it (the op still runs it);
+# several row blocks (240 rows, sub-tiles of 24) and column blocks (1024)
 SHAPES = [
     (1, 1, 1, 1),
     (1, 37, 3, 5),
@@ -35,6 +37,12 @@ SHAPES = [
     (37, 64, 4, 33),
     (300, 257, 16, 64),
     (130, 40, 13, 9),
+    (300, 257, 64, 64),
+    (97, 130, 64, 257),
+    (45, 70, 33, 19),
+    (600, 20, 48, 40),
+    (40, 30, 80, 5),
+    (30, 2100, 6, 3),
 ]
 
 
@@ -132,6 +140,18 @@ def test_grouped_launch_matches_eager(dtype):
     _compare(SHAPES, dtype, maximize=True)
 
 
+def test_every_rank_up_to_64_runs_the_kernel():
+    """One kernel covers every rank up to FUSED_MAX_RANK = 64; only wider pairs go to eager."""
+    from asft_kernels.ops import route
+
+    backend = resolve_backend("cpp", torch.device("cpu"))
+    assert cpp.FUSED_MAX_RANK == 64
+    for dtype in DTYPES:
+        for r in (1, 8, 33, 64):
+            assert route(backend, dtype, r) is backend, (dtype, r)
+        assert route(backend, dtype, 65) is EAGER
+
+
 def test_basis_in_bf16_and_strided_small_inputs():
     cols = _pairs([(123, 70, 8, 17)], torch.float32, seed=3)
     cols["U"] = [cols["U"][0].to(torch.bfloat16)]
@@ -202,7 +222,8 @@ _THREADS_CHILD = textwrap.dedent(
     assert cpp.is_available()
     out = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        cols = _pairs([(700, 1000, 8, 64), (300, 600, 5, 17), (129, 257, 16, 3)], dtype, seed=4)
+        cols = _pairs([(700, 2100, 8, 64), (300, 600, 5, 17), (129, 257, 16, 3), (530, 300, 64, 70)], dtype,
+                      seed=4)
         for step in (1.0, 2.0, 3.0):
             _fused(cpp.fused_step, cols, steps=step)
         stats = cpp.stats_pass(cols["U"], cols["B"], cols["A"])

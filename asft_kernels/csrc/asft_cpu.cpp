@@ -16,14 +16,37 @@
 // blocks of A (kColBlock columns); the cut depends only on the shapes. All blocks of all
 // pairs form one task list, run by at::parallel_for workers that pull tasks from a shared
 // counter (dynamic load balance across pairs of different sizes: one grouped launch per
-// step). Each task writes its own partial statistics; a second pass sums the partials of
-// each pair in block order. Hence the results are bitwise identical for any thread count.
+// step). Each task writes its own partial statistics; the worker that finishes a pair's last
+// block sums that pair's partials in block order. Every sum runs in an order fixed by the
+// shapes, hence the results are bitwise identical for any thread count.
+//
+// Micro-kernels. A row block is processed in sub-tiles of kSubRows rows whose slice of U
+// (kSubRows × k) stays in L1 between its two uses:
+//   1. B_tile Q_B and −U_tile R_B (kSubRows × r each, kept apart so that g rounds as
+//      (grad + B Q_B) − U R_B): register tiles of JT rows × NVC vectors of columns
+//      (gemm_tile), B[i, d] / U[i, t] broadcast, rows of [Q_B; −R_B] loaded;
+//   2. AdamW on the tile (contiguous kSubRows·r elements of B and its moments), while the
+//      next sub-tile's rows of U, B, gradient and moments are prefetched;
+//   3. Pᵀ (r × k) += B'_tileᵀ U_tile and G += B'_tileᵀ B'_tile: register tiles of CT rows of
+//      the statistic × TT vectors along k (panel_tile), B'[i, c] broadcast, U rows loaded.
+// Vectors are ATen's at::vec::Vectorized<acc_t> at the width the compiler targets
+// (-march=native: AVX-512 or AVX2); bf16/fp16 parameters are widened when a tile is loaded.
+
+// at::vec picks its vector width from these macros (ATen's own build sets them per
+// dispatch target); set them from what the compiler may emit, before any ATen header.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+// the inline namespace of at::vec: distinct from ATen's own (DEFAULT, AVX2, AVX512)
+#define CPU_CAPABILITY asft_native
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/util/SmallVector.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,9 +61,30 @@
 namespace asft {
 namespace {
 
-constexpr int64_t kRowBlock = 128;  // rows of B per task
-constexpr int64_t kColBlock = 256;  // columns of A per task (multiple of kLanes)
-constexpr int64_t kLanes = 8;       // independent partial sums in the A Aᵀ dot products
+constexpr int64_t kSubRows = 24;             // rows of B (and U) per sub-tile: whole register tiles
+constexpr int64_t kRowBlock = 10 * kSubRows;  // rows of B per task
+constexpr int64_t kColBlock = 1024;  // columns of A per task (whole vectors; long rows for the prefetchers)
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kRegisters = 32;  // vector registers the tiles may fill
+#else
+constexpr int kRegisters = 16;
+#endif
+// gemm_tile: JT rows × NVC vectors of accumulators, NVC weights and one broadcast live
+constexpr int kMaxNVC = 4;
+// (the largest divisor of kSubRows that fits the registers)
+constexpr int rows_per_tile(int nvc) {
+  const int fit = (kRegisters - 2 - nvc) / nvc;
+  return fit >= 8 ? 8 : fit >= 6 ? 6 : fit >= 4 ? 4 : fit >= 3 ? 3 : fit >= 2 ? 2 : 1;
+}
+// panel_tile: CT × TT accumulators, TT loaded vectors and one broadcast live
+constexpr int kPanelCT = kRegisters >= 32 ? 4 : 3;
+constexpr int kPanelTT = kRegisters >= 32 ? 4 : 3;
+
+constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 // AdamW hyperparameters, as torch.optim.AdamW derives them (double, then the math dtype).
 struct Hyper {
@@ -103,13 +147,14 @@ struct PairView {
   void* exp_avg_B;
   void* exp_avg_sq_B;
   const void* U;
-  const void* Q_B;
-  const void* R_B;
-  const void* H;
   int64_t m, n, r, k;
+  int64_t rp, kp;  // r and k rounded up to whole vectors
   double step_A, step_B;
-  void* P_part;  // (row_blocks, k, r)
-  void* G_part;  // (row_blocks, r, r)
+  // scratch (math dtype), carved from one allocation per call:
+  void* W;       // (r + k, rp): rows of Q_B, then rows of −R_B, zero-padded columns
+  void* Hc;      // (r, r) H, contiguous
+  void* P_part;  // (row_blocks, r, kp): Pᵀ partials
+  void* G_part;  // (row_blocks, r, rp)
   void* M_part;  // (col_blocks, r, r)
   void* P_out;   // (k, r)
   void* G_out;   // (r, r)
@@ -120,154 +165,295 @@ struct PairView {
   void (*reduce)(const PairView&);
 };
 
-// ---------------------------------------------------------------------------------- B rows
-// A tile of T consecutive rows of B. R > 0: the rank is a compile-time constant (the inner
-// loops over r become whole SIMD registers); R == 0: runtime rank.
-template <typename param_t, typename acc_t, int R, int T, bool kUpdate>
-inline void b_row_tile(const PairView& pv, const StepScalars<acc_t>* s, int64_t i, acc_t* __restrict b,
-                       acc_t* __restrict bq, acc_t* __restrict ur, acc_t* __restrict P, acc_t* __restrict G) {
-  const int64_t r = R > 0 ? R : pv.r;
-  const int64_t k = pv.k;
-  param_t* __restrict Bp = static_cast<param_t*>(pv.B) + i * r;
-  const acc_t* __restrict U = static_cast<const acc_t*>(pv.U) + i * k;
-
-  for (int j = 0; j < T; ++j) {
-#pragma omp simd
-    for (int64_t c = 0; c < r; ++c) b[j * r + c] = static_cast<acc_t>(Bp[j * r + c]);
-  }
-
-  if constexpr (kUpdate) {
-    const acc_t* __restrict Q = static_cast<const acc_t*>(pv.Q_B);
-    const acc_t* __restrict RB = static_cast<const acc_t*>(pv.R_B);
-    // bq = B[i] Q_B
-    for (int64_t x = 0; x < T * r; ++x) bq[x] = acc_t(0);
-    for (int64_t d = 0; d < r; ++d) {
-      for (int j = 0; j < T; ++j) {
-        const acc_t bd = b[j * r + d];
-#pragma omp simd
-        for (int64_t c = 0; c < r; ++c) bq[j * r + c] += bd * Q[d * r + c];
-      }
-    }
-    // ur = U[i] R_B
-    for (int64_t x = 0; x < T * r; ++x) ur[x] = acc_t(0);
-    for (int64_t t = 0; t < k; ++t) {
-      for (int j = 0; j < T; ++j) {
-        const acc_t u = U[j * k + t];
-#pragma omp simd
-        for (int64_t c = 0; c < r; ++c) ur[j * r + c] += u * RB[t * r + c];
-      }
-    }
-    const param_t* __restrict gB = static_cast<const param_t*>(pv.grad_B) + i * r;
-    acc_t* __restrict mB = static_cast<acc_t*>(pv.exp_avg_B) + i * r;
-    acc_t* __restrict vB = static_cast<acc_t*>(pv.exp_avg_sq_B) + i * r;
-#pragma omp simd
-    for (int64_t x = 0; x < T * r; ++x) {
-      const acc_t g = s->sign * ((static_cast<acc_t>(gB[x]) + bq[x]) - ur[x]);
-      b[x] = adamw_element<param_t, acc_t>(Bp[x], mB[x], vB[x], g, *s);
+// ------------------------------------------------------------------------- micro-kernels
+// The loops over a tile's rows and vectors are unrolled completely, so that the compiler
+// keeps every accumulator of the tile in a register (an array it cannot unroll lives on
+// the stack, and each multiply-add would load and store it).
+#define ASFT_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define ASFT_UNROLL ASFT_PRAGMA(unroll)
+#elif defined(__GNUC__)
+#define ASFT_UNROLL ASFT_PRAGMA(GCC unroll 16)
+#else
+#define ASFT_UNROLL
+#endif
+// C[j, 0 : NVC·V] = Σ_d X1[j, d] W1[d, 0 : NVC·V] + Σ_t X2[j, t] W2[t, 0 : NVC·V] for JT rows j:
+// the JT × NVC accumulators stay in registers, each X element is broadcast once, each row
+// of W is loaded once for all JT rows. Sums run over d, then t, in order.
+// While it runs, the tile prefetches `pf_lines` cache lines from `pf` (one per step over t).
+template <typename acc_t, int JT, int NVC>
+inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, const acc_t* __restrict W1,
+                      const acc_t* __restrict X2, int64_t ldx2, int64_t K2, const acc_t* __restrict W2, int64_t ldw,
+                      acc_t* __restrict C, int64_t ldc, const char* pf, int64_t pf_lines) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  V acc[JT][NVC];
+  ASFT_UNROLL
+  for (int j = 0; j < JT; ++j)
+    ASFT_UNROLL
+    for (int v = 0; v < NVC; ++v) acc[j][v] = V(acc_t(0));
+  for (int64_t d = 0; d < K1; ++d) {
+    V w[NVC];
+    ASFT_UNROLL
+    for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W1 + d * ldw + v * L);
+    ASFT_UNROLL
+    for (int j = 0; j < JT; ++j) {
+      const V x(X1[j * ldx1 + d]);
+      ASFT_UNROLL
+      for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
   }
-
-  // P += U[i]ᵀ B[i], rows of the tile added in order
-  for (int64_t t = 0; t < k; ++t) {
-    acc_t* __restrict Pt = P + t * r;
-    for (int j = 0; j < T; ++j) {
-      const acc_t u = U[j * k + t];
-#pragma omp simd
-      for (int64_t c = 0; c < r; ++c) Pt[c] += u * b[j * r + c];
+  auto step = [&](int64_t t) {
+    V w[NVC];
+    ASFT_UNROLL
+    for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W2 + t * ldw + v * L);
+    ASFT_UNROLL
+    for (int j = 0; j < JT; ++j) {
+      const V x(X2[j * ldx2 + t]);
+      ASFT_UNROLL
+      for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
+  };
+  const int64_t t_pf = std::max<int64_t>(0, std::min(K2, pf_lines));
+  for (int64_t t = 0; t < t_pf; ++t) {
+    __builtin_prefetch(pf + t * 64, 0, 3);
+    step(t);
   }
-  // G += B[i]ᵀ B[i]
-  for (int64_t d = 0; d < r; ++d) {
-    for (int j = 0; j < T; ++j) {
-      const acc_t bd = b[j * r + d];
-#pragma omp simd
-      for (int64_t c = 0; c < r; ++c) G[d * r + c] += bd * b[j * r + c];
+  for (int64_t t = t_pf; t < K2; ++t) step(t);
+  ASFT_UNROLL
+  for (int j = 0; j < JT; ++j)
+    ASFT_UNROLL
+    for (int v = 0; v < NVC; ++v) acc[j][v].store(C + j * ldc + v * L);
+}
+
+template <typename acc_t, int NVC>
+inline void gemm_rows_nvc(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t* W1, const acc_t* X2, int64_t ldx2,
+                          int64_t K2, const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows,
+                          const char* pf, int64_t pf_lines) {
+  constexpr int JT = rows_per_tile(NVC);
+  const int64_t tiles = rows / JT + rows % JT;
+  const int64_t per_tile = (pf_lines + tiles - 1) / std::max<int64_t>(tiles, 1);
+  int64_t j = 0;
+  for (; j + JT <= rows; j += JT, pf += per_tile * 64, pf_lines -= per_tile)
+    gemm_tile<acc_t, JT, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
+                              std::min(per_tile, pf_lines));
+  for (; j < rows; ++j, pf += per_tile * 64, pf_lines -= per_tile)
+    gemm_tile<acc_t, 1, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
+                             std::min(per_tile, pf_lines));
+}
+
+// C (rows × cols, cols a multiple of the vector width) = X1 W1 + X2 W2 (see gemm_tile);
+// X1 or X2 may be absent (K = 0). Prefetches `pf_lines` lines from `pf` on the way.
+template <typename acc_t>
+void gemm_rows(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t* W1, const acc_t* X2, int64_t ldx2, int64_t K2,
+               const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows, int64_t cols,
+               const char* pf = nullptr, int64_t pf_lines = 0) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  for (int64_t c0 = 0; c0 < cols; c0 += kMaxNVC * L) {
+    const int64_t nvc = std::min<int64_t>(kMaxNVC, (cols - c0) / L);
+    const acc_t* w1 = W1 ? W1 + c0 : nullptr;
+    const acc_t* w2 = W2 ? W2 + c0 : nullptr;
+    const int64_t lines = c0 == 0 ? pf_lines : 0;
+    switch (nvc) {
+      case 1: gemm_rows_nvc<acc_t, 1>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
+      case 2: gemm_rows_nvc<acc_t, 2>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
+      case 3: gemm_rows_nvc<acc_t, 3>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
+      default: gemm_rows_nvc<acc_t, 4>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
     }
   }
 }
 
-template <typename param_t, typename acc_t, int R, bool kUpdate>
+// O[c, 0 : TT·V] += Σ_j X[j, c] Y[j, 0 : TT·V] for CT consecutive c, over `rows` rows j in
+// order; with kMask the last vector of each Y row is loaded with `last` lanes (the others
+// read as 0).
+template <typename acc_t, int CT, int TT, bool kMask>
+inline void panel_tile(const acc_t* __restrict X, int64_t ldx, const acc_t* __restrict Y, int64_t ldy, int64_t rows,
+                       int64_t last, acc_t* __restrict O, int64_t ldo) {
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  V acc[CT][TT];
+  ASFT_UNROLL
+  for (int c = 0; c < CT; ++c)
+    ASFT_UNROLL
+    for (int v = 0; v < TT; ++v) acc[c][v] = V::loadu(O + c * ldo + v * L);
+  for (int64_t j = 0; j < rows; ++j) {
+    const acc_t* y_row = Y + j * ldy;
+    V y[TT];
+    ASFT_UNROLL
+    for (int v = 0; v < TT; ++v) y[v] = (kMask && v == TT - 1) ? V::loadu(y_row + v * L, last) : V::loadu(y_row + v * L);
+    ASFT_UNROLL
+    for (int c = 0; c < CT; ++c) {
+      const V x(X[j * ldx + c]);
+      ASFT_UNROLL
+      for (int v = 0; v < TT; ++v) acc[c][v] = at::vec::fmadd(x, y[v], acc[c][v]);
+    }
+  }
+  ASFT_UNROLL
+  for (int c = 0; c < CT; ++c)
+    ASFT_UNROLL
+    for (int v = 0; v < TT; ++v) acc[c][v].store(O + c * ldo + v * L);
+}
+
+template <typename acc_t, int CT, int TT>
+inline void panel_tile_any(const acc_t* X, int64_t ldx, const acc_t* Y, int64_t ldy, int64_t rows, int64_t last,
+                           acc_t* O, int64_t ldo) {
+  if (last == Vec<acc_t>::size())
+    panel_tile<acc_t, CT, TT, false>(X, ldx, Y, ldy, rows, last, O, ldo);
+  else
+    panel_tile<acc_t, CT, TT, true>(X, ldx, Y, ldy, rows, last, O, ldo);
+}
+
+template <typename acc_t, int CT>
+inline void panel_cols(const acc_t* X, int64_t ldx, const acc_t* Y, int64_t ldy, int64_t ny, int64_t rows, acc_t* O,
+                       int64_t ldo) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  for (int64_t y0 = 0; y0 < ny; y0 += kPanelTT * L) {
+    const int64_t nv = std::min<int64_t>(kPanelTT, (ny - y0 + L - 1) / L);
+    const int64_t last = std::min(L, ny - y0 - (nv - 1) * L);  // lanes of the chunk's last vector
+    switch (nv) {
+      case 1: panel_tile_any<acc_t, CT, 1>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      case 2: panel_tile_any<acc_t, CT, 2>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      case 3: panel_tile_any<acc_t, CT, 3>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+      default: panel_tile_any<acc_t, CT, kPanelTT>(X, ldx, Y + y0, ldy, rows, last, O + y0, ldo); break;
+    }
+  }
+}
+
+// O (nc × ldo) += Xᵀ Y over `rows` rows: X (rows × ldx, columns 0..nc-1 used), Y (rows ×
+// ldy, columns 0..ny-1 used); every entry is summed over j in order.
+template <typename acc_t>
+void panel(const acc_t* X, int64_t ldx, int64_t nc, const acc_t* Y, int64_t ldy, int64_t ny, int64_t rows, acc_t* O,
+           int64_t ldo) {
+  int64_t c = 0;
+  for (; c + kPanelCT <= nc; c += kPanelCT) panel_cols<acc_t, kPanelCT>(X + c, ldx, Y, ldy, ny, rows, O + c * ldo, ldo);
+  switch (nc - c) {
+    case 0: break;
+    case 1: panel_cols<acc_t, 1>(X + c, ldx, Y, ldy, ny, rows, O + c * ldo, ldo); break;
+    case 2: panel_cols<acc_t, 2>(X + c, ldx, Y, ldy, ny, rows, O + c * ldo, ldo); break;
+    default: panel_cols<acc_t, 3>(X + c, ldx, Y, ldy, ny, rows, O + c * ldo, ldo); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------- B rows
+template <typename param_t, typename acc_t, bool kUpdate>
 void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
-  constexpr int T = R == 0 ? 4 : R <= 8 ? 8 : R <= 16 ? 4 : 2;  // rows per tile: T·R accumulators fit the registers
-  const int64_t r = R > 0 ? R : pv.r;
-  const int64_t k = pv.k;
+  const int64_t r = pv.r, k = pv.k, rp = pv.rp, kp = pv.kp;
   const int64_t i0 = blk * kRowBlock;
   const int64_t i1 = std::min(pv.m, i0 + kRowBlock);
-  acc_t* P = static_cast<acc_t*>(pv.P_part) + blk * k * r;
-  acc_t* G = static_cast<acc_t*>(pv.G_part) + blk * r * r;
-  std::fill(P, P + k * r, acc_t(0));
-  std::fill(G, G + r * r, acc_t(0));
+  acc_t* P = static_cast<acc_t*>(pv.P_part) + blk * r * kp;
+  acc_t* G = static_cast<acc_t*>(pv.G_part) + blk * r * rp;
+  std::fill(P, P + r * kp, acc_t(0));
+  std::fill(G, G + r * rp, acc_t(0));
   std::optional<StepScalars<acc_t>> s;
   if constexpr (kUpdate) s.emplace(h, pv.step_B);
 
-  constexpr int64_t kStatic = R > 0 ? T * R : 1;
-  alignas(64) acc_t b_s[kStatic], bq_s[kStatic], ur_s[kStatic];
-  c10::SmallVector<acc_t, 1> heap;
-  acc_t *b = b_s, *bq = bq_s, *ur = ur_s;
-  if constexpr (R == 0) {
-    heap.resize(3 * T * r);
-    b = heap.data();
-    bq = b + T * r;
-    ur = bq + T * r;
+  // bt: the sub-tile of B in the math dtype (kSubRows × rp, zero-padded columns); qt, ut:
+  // its B Q_B and −U R_B (same layout), kept apart so that g rounds as (grad + B Q_B) − U R_B
+  constexpr int64_t kStackRank = 64;  // ranks up to 64 keep the tiles on the stack
+  alignas(64) acc_t stack[3 * kSubRows * kStackRank];
+  std::vector<acc_t> heap;
+  acc_t* bt = stack;
+  if (rp > kStackRank) {
+    heap.resize(3 * kSubRows * rp);
+    bt = heap.data();
   }
-  // U dominates the bytes of a block; ask for the next tile's rows while this tile computes
-  // (hardware prefetchers follow one stream, a tile reads T)
+  acc_t* qt = bt + kSubRows * rp;
+  acc_t* ut = qt + kSubRows * rp;
+  param_t* Bp = static_cast<param_t*>(pv.B);
   const acc_t* U = static_cast<const acc_t*>(pv.U);
-  constexpr int64_t kLine = 64 / sizeof(acc_t);
-  auto prefetch_rows = [&](int64_t row, int64_t rows) {
-    const acc_t* begin = U + row * k;
-    for (int64_t x = 0; x < rows * k; x += kLine) __builtin_prefetch(begin + x, 0, 3);
-  };
-  int64_t i = i0;
-  prefetch_rows(i, std::min<int64_t>(T, i1 - i));
-  for (; i + T <= i1; i += T) {
-    if (i + 2 * T <= i1) prefetch_rows(i + T, T);
-    b_row_tile<param_t, acc_t, R, T, kUpdate>(pv, s ? &*s : nullptr, i, b, bq, ur, P, G);
+
+  for (int64_t i = i0; i < i1; i += kSubRows) {
+    const int64_t rows = std::min(kSubRows, i1 - i);
+    const acc_t* Ui = U + i * k;
+    for (int64_t j = 0; j < rows; ++j) {
+      const param_t* src = Bp + (i + j) * r;
+      acc_t* dst = bt + j * rp;
+#pragma omp simd
+      for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<acc_t>(src[c]);
+      for (int64_t c = r; c < rp; ++c) dst[c] = acc_t(0);
+    }
+    if constexpr (kUpdate) {
+      const acc_t* W = static_cast<const acc_t*>(pv.W);
+      gemm_rows<acc_t>(bt, rp, r, W, nullptr, 0, 0, nullptr, rp, qt, rp, rows, rp);
+      // the next sub-tile's rows of U are fetched while this one computes (cold caches: the
+      // step runs after forward/backward)
+      const int64_t next_rows = std::min(kSubRows, i1 - i - rows);
+      const int64_t pf_lines = next_rows > 0 ? (next_rows * k * static_cast<int64_t>(sizeof(acc_t)) + 63) / 64 : 0;
+      gemm_rows<acc_t>(nullptr, 0, 0, nullptr, Ui, k, k, W + r * rp, rp, ut, rp, rows, rp,
+                       reinterpret_cast<const char*>(Ui + rows * k), pf_lines);
+      const param_t* __restrict gB = static_cast<const param_t*>(pv.grad_B) + i * r;
+      acc_t* __restrict mB = static_cast<acc_t*>(pv.exp_avg_B) + i * r;
+      acc_t* __restrict vB = static_cast<acc_t*>(pv.exp_avg_sq_B) + i * r;
+      param_t* __restrict Bi = Bp + i * r;
+      const int64_t row_bytes_p = r * static_cast<int64_t>(sizeof(param_t));
+      const int64_t row_bytes_a = r * static_cast<int64_t>(sizeof(acc_t));
+      for (int64_t j = 0; j < rows; ++j) {
+        if (i + kSubRows + j < i1) {  // the next sub-tile's B, grad and moments, row by row
+          const int64_t x = (kSubRows + j) * r;
+          for (int64_t o = 0; o < row_bytes_p; o += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(Bi + x) + o, 1, 3);
+            __builtin_prefetch(reinterpret_cast<const char*>(gB + x) + o, 0, 3);
+          }
+          for (int64_t o = 0; o < row_bytes_a; o += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(mB + x) + o, 1, 3);
+            __builtin_prefetch(reinterpret_cast<const char*>(vB + x) + o, 1, 3);
+          }
+        }
+        acc_t* __restrict bj = bt + j * rp;
+        const acc_t* __restrict qj = qt + j * rp;
+        const acc_t* __restrict uj = ut + j * rp;
+#pragma omp simd
+        for (int64_t c = 0; c < r; ++c) {
+          const int64_t x = j * r + c;
+          const acc_t g = s->sign * ((static_cast<acc_t>(gB[x]) + qj[c]) + uj[c]);
+          bj[c] = adamw_element<param_t, acc_t>(Bi[x], mB[x], vB[x], g, *s);
+        }
+      }
+    }
+    // Pᵀ += B'ᵀ U, G += B'ᵀ B' (rows of the sub-tile in order; U is still in L1)
+    panel<acc_t>(bt, rp, r, Ui, k, k, rows, P, kp);
+    panel<acc_t>(bt, rp, r, bt, rp, r, rows, G, rp);
   }
-  for (; i < i1; ++i) b_row_tile<param_t, acc_t, R, 1, kUpdate>(pv, s ? &*s : nullptr, i, b, bq, ur, P, G);
 }
 
 // ------------------------------------------------------------------------------- A columns
-// ha[d0 + i, x0 : x0 + CW] = Σ_e H[d0 + i, e] a[e, x0 : x0 + CW] for TD rows at once: the TD×CW
-// accumulators stay in registers while the rows of `a` stream through once.
-template <typename acc_t, int TD, int CW>
-inline void ha_tile(const acc_t* __restrict H, const acc_t* __restrict a, acc_t* __restrict ha, int64_t r,
-                    int64_t W, int64_t d0, int64_t x0) {
-  acc_t acc[TD][CW] = {};
-  for (int64_t e = 0; e < r; ++e) {
-    const acc_t* ae = a + e * W + x0;
-    for (int i = 0; i < TD; ++i) {
-      const acc_t hde = H[(d0 + i) * r + e];
-#pragma omp simd
-      for (int x = 0; x < CW; ++x) acc[i][x] += hde * ae[x];
-    }
-  }
-  for (int i = 0; i < TD; ++i)
-    for (int x = 0; x < CW; ++x) ha[(d0 + i) * W + x0 + x] = acc[i][x];
-}
+// M[d0 + i, e0 + j] = M[e0 + j, d0 + i] = Σ_x a[d0 + i, x] a[e0 + j, x] for a TG × TG tile:
+// each entry is summed in the lanes of one vector (x in order within a lane), then the
+// lanes are added in a fixed tree, whatever the tile it was computed in.
+constexpr int kGramTile = kRegisters >= 32 ? 4 : 2;
 
-// lanes[d0 + i][e0 + j][l] = Σ_x a[d0 + i, x·kLanes + l] a[e0 + j, x·kLanes + l]: each entry
-// of A Aᵀ is kLanes sequential partial sums, whatever the tile it was computed in.
-template <typename acc_t, int TD, int TE>
+template <typename acc_t>
 inline void gram_tile(const acc_t* __restrict a, int64_t W, int64_t wpad, int64_t d0, int64_t e0, int64_t r,
                       acc_t* __restrict M) {
-  acc_t acc[TD][TE][kLanes] = {};
-  for (int64_t x = 0; x < wpad; x += kLanes) {
-    for (int i = 0; i < TD; ++i) {
-      const acc_t* ad = a + (d0 + i) * W + x;
-      for (int j = 0; j < TE; ++j) {
-        const acc_t* ae = a + (e0 + j) * W + x;
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[i][j][l] += ad[l] * ae[l];
-      }
-    }
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  constexpr int TG = kGramTile;
+  V acc[TG][TG];
+  ASFT_UNROLL
+  for (int i = 0; i < TG; ++i)
+    ASFT_UNROLL
+    for (int j = 0; j < TG; ++j) acc[i][j] = V(acc_t(0));
+  for (int64_t x = 0; x < wpad; x += L) {
+    V ad[TG], ae[TG];
+    ASFT_UNROLL
+    for (int i = 0; i < TG; ++i) ad[i] = V::loadu(a + (d0 + i) * W + x);
+    ASFT_UNROLL
+    for (int j = 0; j < TG; ++j) ae[j] = V::loadu(a + (e0 + j) * W + x);
+    ASFT_UNROLL
+    for (int i = 0; i < TG; ++i)
+      ASFT_UNROLL
+      for (int j = 0; j < TG; ++j) acc[i][j] = at::vec::fmadd(ad[i], ae[j], acc[i][j]);
   }
-  for (int i = 0; i < TD; ++i) {
-    for (int j = 0; j < TE; ++j) {
-      const acc_t* L = acc[i][j];
-      const acc_t sum = ((L[0] + L[1]) + (L[2] + L[3])) + ((L[4] + L[5]) + (L[6] + L[7]));
-      M[(d0 + i) * r + e0 + j] = sum;
-      M[(e0 + j) * r + d0 + i] = sum;
+  for (int i = 0; i < TG; ++i) {
+    for (int j = 0; j < TG; ++j) {
+      const int64_t d = d0 + i, e = e0 + j;
+      if (d >= r || e >= r) continue;
+      alignas(64) acc_t lanes[L];
+      acc[i][j].store(lanes);
+      for (int64_t width = L / 2; width >= 1; width /= 2)
+        for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      M[d * r + e] = lanes[0];
+      M[e * r + d] = lanes[0];
     }
   }
 }
@@ -275,36 +461,46 @@ inline void gram_tile(const acc_t* __restrict a, int64_t W, int64_t wpad, int64_
 template <typename param_t, typename acc_t, bool kUpdate>
 void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
   constexpr int64_t W = kColBlock;
-  constexpr int CW = 64 / sizeof(acc_t);  // columns per register tile (two AVX2 registers)
-  static_assert(W % CW == 0 && CW % kLanes == 0, "column block must hold whole tiles");
+  constexpr int CW = std::max<int>(64 / sizeof(acc_t), Vec<acc_t>::size());  // padding: whole vectors
+  static_assert(W % CW == 0, "column block must hold whole vectors");
   const int64_t r = pv.r, n = pv.n;
   const int64_t c0 = blk * W;
   const int64_t w = std::min(W, n - c0);
   const int64_t wpad = (w + CW - 1) / CW * CW;
-  // a: (r, W) block of A in the math dtype, zero-padded to whole tiles; ha: (r, W) H A
-  std::vector<acc_t> buf(static_cast<size_t>((kUpdate ? 2 : 1) * r * W));
+  // a: (rg, W) block of A in the math dtype, zero-padded to whole vectors and to whole gram
+  // tiles of rows; ha: (r, W) H A. One buffer per thread, kept between calls (no page faults).
+  const int64_t rg = round_up(r, kGramTile);
+  thread_local std::vector<acc_t> buf;
+  if (buf.size() < static_cast<size_t>((rg + r) * W)) buf.resize(static_cast<size_t>((rg + r) * W));
   acc_t* __restrict a = buf.data();
   param_t* __restrict Ap = static_cast<param_t*>(pv.A);
+  const param_t* __restrict gA = static_cast<const param_t*>(pv.grad_A);
+  acc_t* __restrict mA = static_cast<acc_t*>(pv.exp_avg_A);
+  acc_t* __restrict vA = static_cast<acc_t*>(pv.exp_avg_sq_A);
   for (int64_t d = 0; d < r; ++d) {
     const param_t* src = Ap + d * n + c0;
     acc_t* dst = a + d * W;
+    if constexpr (kUpdate) {  // this row's gradient and moments, used after H A
+      const int64_t off = d * n + c0;
+      for (int64_t o = 0; o < w * static_cast<int64_t>(sizeof(param_t)); o += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(gA + off) + o, 0, 3);
+      for (int64_t o = 0; o < w * static_cast<int64_t>(sizeof(acc_t)); o += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(mA + off) + o, 1, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(vA + off) + o, 1, 3);
+      }
+    }
 #pragma omp simd
     for (int64_t x = 0; x < w; ++x) dst[x] = static_cast<acc_t>(src[x]);
     for (int64_t x = w; x < wpad; ++x) dst[x] = acc_t(0);
   }
+  std::fill(a + r * W, a + rg * W, acc_t(0));
 
   if constexpr (kUpdate) {
     const StepScalars<acc_t> s(h, pv.step_A);
-    const acc_t* __restrict H = static_cast<const acc_t*>(pv.H);
-    const param_t* __restrict gA = static_cast<const param_t*>(pv.grad_A);
-    acc_t* __restrict mA = static_cast<acc_t*>(pv.exp_avg_A);
-    acc_t* __restrict vA = static_cast<acc_t*>(pv.exp_avg_sq_A);
-    acc_t* __restrict ha = a + r * W;
-    for (int64_t x0 = 0; x0 < wpad; x0 += CW) {
-      int64_t d0 = 0;
-      for (; d0 + 4 <= r; d0 += 4) ha_tile<acc_t, 4, CW>(H, a, ha, r, W, d0, x0);
-      for (; d0 < r; ++d0) ha_tile<acc_t, 1, CW>(H, a, ha, r, W, d0, x0);
-    }
+    const acc_t* __restrict H = static_cast<const acc_t*>(pv.Hc);
+    acc_t* __restrict ha = a + rg * W;
+    // ha = H a: rows of H broadcast, rows of a loaded (as B Q_B above)
+    gemm_rows<acc_t>(H, r, r, a, nullptr, 0, 0, nullptr, W, ha, W, r, wpad);
     // `a` is no longer needed as input: it receives the stored new values
     for (int64_t d = 0; d < r; ++d) {
       const int64_t off = d * n + c0;
@@ -320,46 +516,50 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
 
   // M += A[:, block] A[:, block]ᵀ over tiles on and below the diagonal
   acc_t* M = static_cast<acc_t*>(pv.M_part) + blk * r * r;
-  int64_t d0 = 0;
-  for (; d0 + 4 <= r; d0 += 4) {
-    int64_t e0 = 0;
-    for (; e0 + 2 <= d0 + 4; e0 += 2) gram_tile<acc_t, 4, 2>(a, W, wpad, d0, e0, r, M);
-    for (; e0 < d0 + 4; ++e0) gram_tile<acc_t, 4, 1>(a, W, wpad, d0, e0, r, M);
-  }
-  for (; d0 < r; ++d0) {
-    int64_t e0 = 0;
-    for (; e0 + 2 <= d0 + 1; e0 += 2) gram_tile<acc_t, 1, 2>(a, W, wpad, d0, e0, r, M);
-    for (; e0 <= d0; ++e0) gram_tile<acc_t, 1, 1>(a, W, wpad, d0, e0, r, M);
-  }
+  for (int64_t d0 = 0; d0 < r; d0 += kGramTile)
+    for (int64_t e0 = 0; e0 <= d0; e0 += kGramTile) gram_tile<acc_t>(a, W, wpad, d0, e0, r, M);
 }
 
 // Sum the partials of one pair in block order into its (k, r) / (r, r) outputs.
 template <typename acc_t>
 void reduce_pair(const PairView& pv) {
-  auto sum_blocks = [](const acc_t* part, int64_t blocks, int64_t size, acc_t* out) {
-    std::fill(out, out + size, acc_t(0));
-    for (int64_t b = 0; b < blocks; ++b) {
-      const acc_t* src = part + b * size;
+  const int64_t k = pv.k, r = pv.r, rp = pv.rp, kp = pv.kp;
+  acc_t* P = static_cast<acc_t*>(pv.P_out);
+  acc_t* G = static_cast<acc_t*>(pv.G_out);
+  acc_t* M = static_cast<acc_t*>(pv.M_out);
+  std::fill(P, P + k * r, acc_t(0));
+  std::fill(G, G + r * r, acc_t(0));
+  std::fill(M, M + r * r, acc_t(0));
+  // the Pᵀ partials summed in their own layout (contiguous rows; from zero, in block order),
+  // then transposed once into P (k, r)
+  acc_t* Pt = static_cast<acc_t*>(pv.P_part);  // (row_blocks, r, kp)
+  if (pv.row_blocks > 0) {
+    std::vector<acc_t> sum(static_cast<size_t>(r * kp), acc_t(0));
+    for (int64_t b = 0; b < pv.row_blocks; ++b) {
+      const acc_t* src = Pt + b * r * kp;
 #pragma omp simd
-      for (int64_t x = 0; x < size; ++x) out[x] += src[x];
+      for (int64_t x = 0; x < r * kp; ++x) sum[x] += src[x];
     }
-  };
-  const int64_t k = pv.k, r = pv.r;
-  sum_blocks(static_cast<const acc_t*>(pv.P_part), pv.row_blocks, k * r, static_cast<acc_t*>(pv.P_out));
-  sum_blocks(static_cast<const acc_t*>(pv.G_part), pv.row_blocks, r * r, static_cast<acc_t*>(pv.G_out));
-  sum_blocks(static_cast<const acc_t*>(pv.M_part), pv.col_blocks, r * r, static_cast<acc_t*>(pv.M_out));
+    for (int64_t c = 0; c < r; ++c)
+      for (int64_t t = 0; t < k; ++t) P[t * r + c] = sum[c * kp + t];
+  }
+  for (int64_t b = 0; b < pv.row_blocks; ++b) {
+    const acc_t* Gb = static_cast<const acc_t*>(pv.G_part) + b * r * rp;
+    for (int64_t d = 0; d < r; ++d)
+#pragma omp simd
+      for (int64_t c = 0; c < r; ++c) G[d * r + c] += Gb[d * rp + c];
+  }
+  for (int64_t b = 0; b < pv.col_blocks; ++b) {
+    const acc_t* Mb = static_cast<const acc_t*>(pv.M_part) + b * r * r;
+#pragma omp simd
+    for (int64_t x = 0; x < r * r; ++x) M[x] += Mb[x];
+  }
 }
 
 template <typename param_t, bool kUpdate>
 void select_kernels(PairView& pv) {
   using acc_t = at::opmath_type<param_t>;
-  switch (pv.r) {
-    case 4: pv.row_block = &b_row_block<param_t, acc_t, 4, kUpdate>; break;
-    case 8: pv.row_block = &b_row_block<param_t, acc_t, 8, kUpdate>; break;
-    case 16: pv.row_block = &b_row_block<param_t, acc_t, 16, kUpdate>; break;
-    case 32: pv.row_block = &b_row_block<param_t, acc_t, 32, kUpdate>; break;
-    default: pv.row_block = &b_row_block<param_t, acc_t, 0, kUpdate>; break;
-  }
+  pv.row_block = &b_row_block<param_t, acc_t, kUpdate>;
   pv.col_block = &a_col_block<param_t, acc_t, kUpdate>;
   pv.reduce = &reduce_pair<acc_t>;
 }
@@ -380,6 +580,12 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
 
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
+  // blocks of each pair still running: the worker that finishes a pair's last block sums its
+  // partials (in block order, whoever it is), in the same parallel region
+  std::vector<std::atomic<int64_t>> pending(pairs.size());
+  for (size_t j = 0; j < pairs.size(); ++j) pending[j].store(pairs[j].row_blocks + pairs[j].col_blocks);
+  for (size_t j = 0; j < pairs.size(); ++j)
+    if (pending[j].load() == 0) pairs[j].reduce(pairs[j]);  // an empty pair: zero statistics
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
@@ -389,10 +595,8 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
         pv.row_block(pv, h, task.blk);
       else
         pv.col_block(pv, h, task.blk);
+      if (pending[task.pair].fetch_sub(1, std::memory_order_acq_rel) == 1) pv.reduce(pv);
     }
-  });
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) pairs[j].reduce(pairs[j]);
   });
 }
 
@@ -442,8 +646,13 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_pair(const at::Tensor& U, c
   return {m, n, r, k};
 }
 
-// U in the math dtype, contiguous (a copy only for a bf16 basis or a strided view).
-at::Tensor basis_in(const at::Tensor& U, at::ScalarType acc) { return U.to(acc).contiguous(); }
+// U in the math dtype, contiguous: the tensor itself when it already is (no dispatched op),
+// else a converted copy (bf16 basis, strided view) kept alive in `keep`.
+const void* basis_in(const at::Tensor& U, at::ScalarType acc, std::vector<at::Tensor>& keep) {
+  if (U.scalar_type() == acc && U.is_contiguous()) return U.const_data_ptr();
+  keep.push_back(U.to(acc).contiguous());
+  return keep.back().const_data_ptr();
+}
 
 template <bool kUpdate>
 void bind_kernels(PairView& pv, at::ScalarType dtype) {
@@ -452,16 +661,78 @@ void bind_kernels(PairView& pv, at::ScalarType dtype) {
   });
 }
 
-void alloc_partials(PairView& pv, at::ScalarType acc, std::vector<at::Tensor>& keep) {
+// Byte offsets of one pair's scratch regions in the call's single scratch allocation.
+struct ScratchOffsets {
+  int64_t W = -1, Hc = -1, P = 0, G = 0, M = 0;
+};
+
+// Block counts, padded sizes and scratch regions of pair `pv` (m, n, r, k set); `total`
+// (bytes) grows by what the pair needs, each region 64-byte aligned.
+ScratchOffsets plan_scratch(PairView& pv, at::ScalarType acc, bool update, int64_t& total) {
+  const int64_t elem = acc == at::kDouble ? 8 : 4;
+  const int64_t lanes = acc == at::kDouble ? Vec<double>::size() : Vec<float>::size();
+  pv.rp = round_up(pv.r, lanes);
+  pv.kp = round_up(pv.k, lanes);
   pv.row_blocks = (pv.m + kRowBlock - 1) / kRowBlock;
   pv.col_blocks = (pv.n + kColBlock - 1) / kColBlock;
-  auto opts = at::TensorOptions().dtype(acc).device(at::kCPU);
-  keep.push_back(at::empty({pv.row_blocks * pv.k * pv.r}, opts));
-  pv.P_part = keep.back().data_ptr();
-  keep.push_back(at::empty({pv.row_blocks * pv.r * pv.r}, opts));
-  pv.G_part = keep.back().data_ptr();
-  keep.push_back(at::empty({pv.col_blocks * pv.r * pv.r}, opts));
-  pv.M_part = keep.back().data_ptr();
+  auto take = [&](int64_t elems) {
+    const int64_t off = total;
+    total += round_up(elems * elem, 64);
+    return off;
+  };
+  ScratchOffsets o;
+  if (update) {
+    o.W = take((pv.r + pv.k) * pv.rp);
+    o.Hc = take(pv.r * pv.r);
+  }
+  o.P = take(pv.row_blocks * pv.r * pv.kp);
+  o.G = take(pv.row_blocks * pv.r * pv.rp);
+  o.M = take(pv.col_blocks * pv.r * pv.r);
+  return o;
+}
+
+void place_scratch(PairView& pv, const ScratchOffsets& o, uint8_t* base) {
+  pv.W = o.W >= 0 ? base + o.W : nullptr;
+  pv.Hc = o.Hc >= 0 ? base + o.Hc : nullptr;
+  pv.P_part = base + o.P;
+  pv.G_part = base + o.G;
+  pv.M_part = base + o.M;
+}
+
+// W = [Q_B; −R_B] with zero-padded columns, Hc = H (any strides in, contiguous out).
+template <typename acc_t>
+void fill_weights(const PairView& pv, const at::Tensor& Q, const at::Tensor& R, const at::Tensor& H) {
+  const int64_t r = pv.r, k = pv.k, rp = pv.rp;
+  acc_t* W = static_cast<acc_t*>(pv.W);
+  const acc_t* q = Q.const_data_ptr<acc_t>();
+  const acc_t* rb = R.const_data_ptr<acc_t>();
+  const acc_t* hh = H.const_data_ptr<acc_t>();
+  const int64_t q0 = Q.stride(0), q1 = Q.stride(1), r0 = R.stride(0), r1 = R.stride(1);
+  const int64_t h0 = H.stride(0), h1 = H.stride(1);
+  for (int64_t d = 0; d < r; ++d)
+    for (int64_t c = 0; c < rp; ++c) W[d * rp + c] = c < r ? q[d * q0 + c * q1] : acc_t(0);
+  for (int64_t t = 0; t < k; ++t)
+    for (int64_t c = 0; c < rp; ++c) W[(r + t) * rp + c] = c < r ? -rb[t * r0 + c * r1] : acc_t(0);
+  acc_t* Hc = static_cast<acc_t*>(pv.Hc);
+  for (int64_t d = 0; d < r; ++d)
+    for (int64_t e = 0; e < r; ++e) Hc[d * r + e] = hh[d * h0 + e * h1];
+}
+
+// The scratch of one call (64-byte aligned): the calling thread's buffer of its earlier
+// calls when the need is at most kKeepScratch bytes (a fresh allocation of that size is
+// page-faulted in on every call, which costs as much as a small step), else `fresh`, an
+// allocation released when the call returns.
+constexpr int64_t kKeepScratch = 32 << 20;
+
+uint8_t* call_scratch(int64_t total, at::Tensor& fresh) {
+  if (total > kKeepScratch) {
+    fresh = at::empty({total}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+    return fresh.data_ptr<uint8_t>();
+  }
+  thread_local std::vector<uint8_t> kept;
+  if (static_cast<int64_t>(kept.size()) < total + 64) kept.resize(static_cast<size_t>(total + 64));
+  const auto p = reinterpret_cast<uintptr_t>(kept.data());
+  return reinterpret_cast<uint8_t*>((p + 63) & ~static_cast<uintptr_t>(63));
 }
 
 // A step counter: a one-element fp32/fp64 CPU tensor (the optimizer's state["step"]), read
@@ -483,6 +754,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   const size_t npairs = B.size();
   std::vector<at::Tensor> Ps, Gs, Ms, keep;
   std::vector<PairView> pairs(npairs);
+  std::vector<ScratchOffsets> offsets(npairs);
+  int64_t total = 0;
   for (size_t j = 0; j < npairs; ++j) {
     auto [m, n, r, k] = check_pair(U[j], B[j], A[j], j);
     const auto acc = acc_type(B[j].scalar_type());
@@ -490,19 +763,21 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     Ps.push_back(at::empty({k, r}, opts));
     Gs.push_back(at::empty({r, r}, opts));
     Ms.push_back(at::empty({r, r}, opts));
-    keep.push_back(basis_in(U[j], acc));
     PairView& pv = pairs[j];
     pv = PairView{};
     pv.A = A[j].data_ptr();
     pv.B = B[j].data_ptr();
-    pv.U = keep.back().data_ptr();
+    pv.U = basis_in(U[j], acc, keep);
     pv.m = m, pv.n = n, pv.r = r, pv.k = k;
     pv.P_out = Ps.back().data_ptr();
     pv.G_out = Gs.back().data_ptr();
     pv.M_out = Ms.back().data_ptr();
-    alloc_partials(pv, acc, keep);
+    offsets[j] = plan_scratch(pv, acc, false, total);
     bind_kernels<false>(pv, B[j].scalar_type());
   }
+  at::Tensor fresh;
+  uint8_t* scratch = call_scratch(total, fresh);
+  for (size_t j = 0; j < npairs; ++j) place_scratch(pairs[j], offsets[j], scratch);
   run_pairs(pairs, Hyper{0, 0, 0, 0, 0, false});
   return {Ps, Gs, Ms};
 }
@@ -525,6 +800,8 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
   // Validate everything before anything is written.
   std::vector<at::Tensor> keep;
   std::vector<PairView> pairs(npairs);
+  std::vector<ScratchOffsets> offsets(npairs);
+  int64_t total = 0;
   for (size_t j = 0; j < npairs; ++j) {
     auto [m, n, r, k] = check_pair(U[j], B[j], A[j], j);
     const auto pt = B[j].scalar_type();
@@ -556,22 +833,26 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
     pv.exp_avg_sq_A = exp_avg_sq_A[j].data_ptr();
     pv.exp_avg_B = exp_avg_B[j].data_ptr();
     pv.exp_avg_sq_B = exp_avg_sq_B[j].data_ptr();
-    keep.push_back(basis_in(U[j], acc));
-    pv.U = keep.back().data_ptr();
-    keep.push_back(Q_B[j].contiguous());
-    pv.Q_B = keep.back().data_ptr();
-    keep.push_back(R_B[j].contiguous());
-    pv.R_B = keep.back().data_ptr();
-    keep.push_back(H[j].contiguous());
-    pv.H = keep.back().data_ptr();
+    pv.U = basis_in(U[j], acc, keep);
     pv.m = m, pv.n = n, pv.r = r, pv.k = k;
     pv.step_A = t_A;
     pv.step_B = t_B;
     pv.P_out = P[j].data_ptr();
     pv.G_out = G[j].data_ptr();
     pv.M_out = M[j].data_ptr();
-    alloc_partials(pv, acc, keep);
+    offsets[j] = plan_scratch(pv, acc, true, total);
     bind_kernels<true>(pv, pt);
+  }
+  // one allocation for every pair's weights and partial statistics
+  at::Tensor fresh;
+  uint8_t* scratch = call_scratch(total, fresh);
+  for (size_t j = 0; j < npairs; ++j) {
+    PairView& pv = pairs[j];
+    place_scratch(pv, offsets[j], scratch);
+    if (acc_type(B[j].scalar_type()) == at::kDouble)
+      fill_weights<double>(pv, Q_B[j], R_B[j], H[j]);
+    else
+      fill_weights<float>(pv, Q_B[j], R_B[j], H[j]);
   }
   run_pairs(pairs, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
   // The kernels write through raw pointers; bump the version counters as in-place torch ops

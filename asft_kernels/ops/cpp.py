@@ -37,8 +37,8 @@ from .cpp_build import (  # noqa: F401  (re-exported: the backend contract and `
 )
 from .schema import AdamWHyper, AnchoredBatch  # importing schema declares the ops before the kernels load
 
-#: pairs of larger LoRA rank run the eager (BLAS) implementation inside :func:`fused_step`
-FUSED_MAX_RANK = 32
+#: pairs of larger LoRA rank are routed to the eager implementation (:func:`asft_kernels.ops.route`)
+FUSED_MAX_RANK = 64
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -71,8 +71,8 @@ def stats_pass(U: Sequence[Tensor], B: Sequence[Tensor], A: Sequence[Tensor]) ->
 
 def supports(dtype: torch.dtype, rank: int) -> bool:
     """Pairs the C++ kernel runs: fp64/fp32/bf16/fp16 parameters of LoRA rank up to
-    :data:`FUSED_MAX_RANK` (wider ranks are routed to eager, whose BLAS products are faster
-    there: measured in bench/results/cpu.md at r = 64)."""
+    :data:`FUSED_MAX_RANK` (64; its register tiles cover every rank up to there, the row
+    tiles of B stay on the stack). Wider ranks are routed to eager."""
     return dtype in _DTYPES and rank <= FUSED_MAX_RANK
 
 
