@@ -43,7 +43,8 @@ def _top_level_imports(path: Path, name: str) -> set[str]:
             else:
                 target = node.module or ""
             if target.startswith("asft_kernels"):
-                out.add(target)
+                if node.module:  # `from . import x` needs the submodule x, not the package
+                    out.add(target)
                 out.update(f"{target}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("asft_kernels"))
