@@ -32,8 +32,7 @@ from torch.optim.adam import adam as _functional_adam
 from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair
 from .errors import OptimizerInputError
 from .functional import anchoring_terms
-from .ops import BACKENDS, AdamWHyper, AnchoredBatch, Backend, check_device, math_dtype, resolve_backend, route
-from .ops.eager import _adamw_update_
+from .ops import BACKENDS, AdamWHyper, AnchoredBatch, Backend, check_device, eager, math_dtype, resolve_backend, route
 from .sharding import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -716,24 +715,21 @@ class AsFTAdamW(torch.optim.AdamW):
 
     def _partial_gradient(self, pp: _PartialPair) -> tuple[Tensor, Tensor, Tensor]:
         """``(factor, g, R)``: the trainable factor, its gradient of task + R with the frozen
-        factor held constant (math dtype), and R (0-d)."""
+        factor held constant (math dtype), and R (0-d); the terms of
+        :func:`~asft_kernels.functional.anchoring_terms` for one pair."""
         lam = float(self.param_groups[pp.group_index]["anchor_lambda"]) * float(pp.pair.coef)
         A, B = pp.A.detach(), pp.B.detach()
-        md = math_dtype(B.dtype)
-        a, b, U, w = A.to(md), B.to(md), pp.U.to(md), pp.w
-        P, G, M = U.T @ b, b.T @ b, a @ a.T
-        PwP = P.T @ (w[:, None] * P)
-        loss = lam * ((G * M).sum() - (PwP * M).sum())
-        if pp.train_A:
-            g = 2 * lam * (G - PwP) @ a
-            task = pp.A.grad
-            param = pp.A
-        else:
-            g = 2 * lam * (b @ M - U @ ((w[:, None] * P) @ M))
-            task = pp.B.grad
-            param = pp.B
-        if task is not None:
-            g = g + task.to(md)
+        (P,), (G,), (M,) = eager.stats_pass([pp.U], [B], [A])
+        k, r = P.shape
+        Q_B, R_B, H = P.new_empty((1, r, r)), P.new_empty((1, k, r)), P.new_empty((1, r, r))
+        loss = anchoring_terms(P[None], G[None], M[None], pp.w[None, :, None], 2.0 * lam, Q_B, R_B, H)
+        md = P.dtype
+        if pp.train_A:  # g_A = grad_A + H A
+            param, g = pp.A, H[0] @ A.to(md)
+        else:  # g_B = grad_B + B Q_B − U R_B
+            param, g = pp.B, B.to(md) @ Q_B[0] - pp.U.to(md) @ R_B[0]
+        if param.grad is not None:
+            g = g + param.grad.to(md)
         return param, g, loss
 
     def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
@@ -742,13 +738,12 @@ class AsFTAdamW(torch.optim.AdamW):
         state = self._state_for(p)
         if not stepped:
             state["step"] += 1
-        md = state["exp_avg"].dtype
-        g = grad.to(md)
+        g = grad.to(state["exp_avg"].dtype)
         if group["maximize"]:
             g = -g
         beta1, beta2 = group["betas"]
-        _adamw_update_(p, g, state["exp_avg"], state["exp_avg_sq"], float(state["step"]), float(group["lr"]),
-                       beta1, beta2, group["eps"], group["weight_decay"])
+        eager.adamw_foreach_([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [float(state["step"])],
+                             float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
 
     def _plain_adamw(self, group: dict, params: list[Tensor]) -> None:
         """``torch.optim.AdamW``'s own update for the group's unanchored params."""

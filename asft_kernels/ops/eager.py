@@ -44,37 +44,49 @@ def stats_pass(
     return Ps, Gs, Ms
 
 
-def _adamw_update_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: float,
+def adamw_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-) -> Tensor:
-    """One AdamW update in the math dtype, written back into ``param``.
+    work: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """AdamW on lists of tensors of one dtype, in the math dtype of the moments, written
+    back into ``params``; ``grads`` are in the math dtype, ``steps`` already incremented.
+    ``work``: fresh math-dtype copies of low-precision ``params`` to update (made here if
+    not given; unused when the parameters are in the math dtype already).
 
-    Mirrors ``torch.optim.AdamW`` (single-tensor path) operation by operation. Returns the
-    value as stored (rounded to ``param.dtype``) in the math dtype, for the statistics.
+    Mirrors ``torch.optim.AdamW``'s foreach implementation (decoupled weight decay)
+    operation by operation. Returns the values as stored (rounded to the parameter dtype),
+    in the math dtype, for the statistics.
     """
-    dt = exp_avg.dtype
-    p = param.to(dt)
-    p.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
-    if p is param:  # same dtype: updated in place already
-        return param
-    param.copy_(p)
-    return param.to(dt)
+    dt = exp_avgs[0].dtype
+    same = params[0].dtype == dt
+    if same:
+        work = params
+    elif work is None:
+        work = [t.to(dt) for t in params]
+    if weight_decay != 0:
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_size = [-(lr / (1 - beta1**t)) for t in steps]
+    bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(work, exp_avgs, denom, step_size)
+    if same:
+        return params
+    torch._foreach_copy_(params, work)
+    return [t.to(dt) for t in params]
 
 
 def supports(dtype: torch.dtype, rank: int) -> bool:
@@ -101,9 +113,10 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     b = batch
     L = len(b)
     dt = b.exp_avg_B[0].dtype
-    same = b.B[0].dtype == dt
-    B_old = b.B if same else [t.to(dt) for t in b.B]
-    A_old = b.A if same else [t.to(dt) for t in b.A]
+    # the factors in the math dtype: the parameters themselves, or fresh copies that the
+    # AdamW update below works on after they served the anchoring gradients
+    B_old = [t.to(dt) for t in b.B]
+    A_old = [t.to(dt) for t in b.A]
     # Anchoring gradients from the cached statistics (before any update):
     # g_B = grad_B + B Q_B − U R_B,  g_A = grad_A + H A
     grads = []
@@ -114,28 +127,10 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
         grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], A_old[j]))
     if maximize:
         torch._foreach_neg_(grads)
-    params = list(b.B) + list(b.A)
-    work = params if same else B_old + A_old  # fresh math-dtype copies, written back below
-    exp_avgs = list(b.exp_avg_B) + list(b.exp_avg_A)
-    exp_avg_sqs = list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A)
     steps = torch.stack(list(b.step_B) + list(b.step_A)).tolist()
-    # torch.optim.AdamW (foreach, decoupled weight decay), operation by operation
-    if weight_decay != 0:
-        torch._foreach_mul_(work, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    step_size = [-(lr / (1 - beta1**t)) for t in steps]
-    bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(work, exp_avgs, denom, step_size)
-    if not same:
-        torch._foreach_copy_(params, work)
-        stored = [t.to(dt) for t in params]  # the values as stored (rounded), in the math dtype
-    else:
-        stored = params
+    stored = adamw_foreach_(list(b.B) + list(b.A), grads, list(b.exp_avg_B) + list(b.exp_avg_A),
+                            list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A), steps, lr, beta1, beta2, eps, weight_decay,
+                            work=B_old + A_old)
     # Next step's statistics, from the values as stored.
     for j in range(L):
         b_new, a_new = stored[j], stored[L + j]
