@@ -32,7 +32,18 @@ from torch.optim.adam import adam as _functional_adam
 from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair
 from .errors import OptimizerInputError
 from .functional import anchoring_terms
-from .ops import BACKENDS, AdamWHyper, AnchoredBatch, Backend, check_device, eager, math_dtype, resolve_backend, route
+from .ops import (
+    BACKENDS,
+    BATCH_FIELDS,
+    AdamWHyper,
+    AnchoredBatch,
+    Backend,
+    check_device,
+    eager,
+    math_dtype,
+    resolve_backend,
+    route,
+)
 from .sharding import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -102,6 +113,12 @@ class _Bucket:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def current_versions(self) -> list[int]:
+        """Version counters of A then B of every pair (of the local shards for DTensors,
+        whose local tensors are looked up again: FSDP2 may replace them)."""
+        watch = self.watch if self.shards is None else [local_tensor(t) for t in self.A + self.B]
+        return list(map(_version, watch))
 
 
 @dataclass
@@ -358,8 +375,8 @@ class AsFTAdamW(torch.optim.AdamW):
         params = [p for g in groups for p in g["params"]]
         saved_ids = [i for g in saved_groups for i in g["params"]]
         keep_fp32: dict[int, dict[str, Tensor]] = {}
-        if len(params) == len(saved_ids):
-            by_id = dict(zip(saved_ids, params))
+        by_id = dict(zip(saved_ids, params)) if len(params) == len(saved_ids) else {}
+        if by_id:
             for pid, value in state_dict.get("state", {}).items():
                 p = by_id.get(pid)
                 if p is None or not isinstance(value, dict):
@@ -380,7 +397,6 @@ class AsFTAdamW(torch.optim.AdamW):
             if "anchor_lambda" in group:
                 _check_lambda(group["anchor_lambda"])
         super().load_state_dict(state_dict)
-        by_id = dict(zip(saved_ids, params))
         for pid, moments in keep_fp32.items():
             p = by_id[pid]
             for key, t in moments.items():
@@ -452,14 +468,15 @@ class AsFTAdamW(torch.optim.AdamW):
         grads = [self._bucket_grads(b) for b in plan.buckets]
         for bucket in plan.buckets:
             self._refresh_statistics(bucket)
-        total = None
+        losses = []
         for bucket in plan.buckets:
-            lam = float(self.param_groups[bucket.group_index]["anchor_lambda"])
-            two_lam = bucket.coef * (2.0 * lam)
-            loss = anchoring_terms(bucket.P, bucket.G, bucket.M, bucket.w, two_lam, bucket.Q_B, bucket.R_B, bucket.H)
-            total = loss if total is None else total + loss.to(total.device, total.dtype)
+            two_lam = bucket.coef * (2.0 * float(self.param_groups[bucket.group_index]["anchor_lambda"]))
+            losses.append(anchoring_terms(bucket.P, bucket.G, bucket.M, bucket.w, two_lam,
+                                          bucket.Q_B, bucket.R_B, bucket.H))
         partial_updates = [self._partial_gradient(pp) for pp in plan.partial]
-        for _, _, loss in partial_updates:
+        losses.extend(loss for _, _, loss in partial_updates)
+        total = None
+        for loss in losses:
             total = loss if total is None else total + loss.to(total.device, total.dtype)
         # ---- writes
         for gi, group in enumerate(self.param_groups):
@@ -480,8 +497,7 @@ class AsFTAdamW(torch.optim.AdamW):
                 bucket.backend.fused_step(batch, hyper)
             else:
                 self._sharded_fused_step(bucket, hyper)
-            bucket.versions = list(map(_version, bucket.watch)) if bucket.shards is None else \
-                list(map(_version, [local_tensor(t) for t in bucket.A + bucket.B]))
+            bucket.versions = bucket.current_versions()
         for pp, (param, grad, _) in zip(plan.partial, partial_updates):
             self._eager_adamw(self.param_groups[pp.group_index], param, grad, stepped=True)
         self._anchor_loss = total
@@ -671,10 +687,7 @@ class AsFTAdamW(torch.optim.AdamW):
 
     def _refresh_statistics(self, bucket: _Bucket) -> None:
         """Recompute ``P, G, M`` of the pairs edited outside the optimizer (or all, first)."""
-        if bucket.shards is None:
-            now = list(map(_version, bucket.watch))
-        else:
-            now = list(map(_version, [local_tensor(t) for t in bucket.A + bucket.B]))
+        now = bucket.current_versions()
         if now == bucket.versions:
             return
         L = len(bucket)
@@ -702,13 +715,11 @@ class AsFTAdamW(torch.optim.AdamW):
         """FSDP2: the backend writes local shards and partial sums; complete them
         (:mod:`asft_kernels.sharding`)."""
         b = bucket.batch
-        names = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "grad_A",
-                 "grad_B", "U", "Q_B", "R_B", "H", "step_A", "step_B")
         local = []
         for j, shard in enumerate(bucket.shards):
-            item = {name: getattr(b, name)[j] for name in names}
+            item = {name: getattr(b, name)[j] for name in BATCH_FIELDS}
             local.append(shard.localize(item, bucket.gathered_A[j]))
-        batch = AnchoredBatch(*([it[name] for it in local] for name in names))
+        batch = AnchoredBatch(*([it[name] for it in local] for name in BATCH_FIELDS))
         bucket.backend.fused_step(batch, hyper)
         gathered = complete_sharded_step(bucket.shards, b.P, b.G, b.M)
         bucket.gathered_A = list(gathered)

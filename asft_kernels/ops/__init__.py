@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import eager
-from .schema import LIBRARY_NAME, AdamWHyper, AnchoredBatch, _lib, math_dtype, op_kernel
+from .schema import BATCH_FIELDS, LIBRARY_NAME, AdamWHyper, AnchoredBatch, _lib, math_dtype, op_kernel
 
 BACKENDS = ("auto", "eager", "cpp", "triton")
 
@@ -113,6 +113,6 @@ def route(backend: Backend, dtype: torch.dtype, rank: int) -> Backend:
 
 
 __all__ = [
-    "BACKENDS", "EAGER", "LIBRARY_NAME", "AdamWHyper", "AnchoredBatch", "Backend", "check_device", "math_dtype",
-    "resolve_backend", "route",
+    "BACKENDS", "BATCH_FIELDS", "EAGER", "LIBRARY_NAME", "AdamWHyper", "AnchoredBatch", "Backend", "check_device",
+    "math_dtype", "resolve_backend", "route",
 ]
