@@ -190,13 +190,7 @@ def test_resume_from_a_plain_adamw_checkpoint_keeps_lambda(lam):
     ref.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
     b2 = anchor.bind(m2)
     for s in range(2, 4):
-        for m, o, extra in ((m1, ours, False), (m2, ref, True)):
-            o.zero_grad()
-            loss = odd_task_loss(m, s, torch.float64)
-            if extra:
-                loss = loss + paper_regularizer(b2, lam)
-            loss.backward()
-            o.step()
+        lockstep(m1, ours, m2, ref, b2, s, lam=lam)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 
 
