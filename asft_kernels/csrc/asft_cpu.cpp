@@ -24,7 +24,10 @@
 // (kSubRows × k) stays in L1 between its two uses:
 //   1. B_tile Q_B and −U_tile R_B (kSubRows × r each, kept apart so that g rounds as
 //      (grad + B Q_B) − U R_B): register tiles of JT rows × NVC vectors of columns
-//      (gemm_tile), B[i, d] / U[i, t] broadcast, rows of [Q_B; −R_B] loaded;
+//      (gemm_tile), B[i, d] / U[i, t] broadcast, rows of [Q_B; −R_B] loaded; for ranks of at
+//      most half a vector (r ≤ 8 in fp32 with AVX-512), where a row of the result would
+//      leave most lanes idle, −U_tile R_B runs as dot products along t instead (dot_rows:
+//      rows of U and of −R_Bᵀ loaded as whole vectors, lanes reduced by a fixed tree);
 //   2. AdamW on the tile (contiguous kSubRows·r elements of B and its moments), while the
 //      next sub-tile's rows of U, B, gradient and moments are prefetched;
 //   3. Pᵀ (r × k) += B'_tileᵀ U_tile and G += B'_tileᵀ B'_tile: register tiles of CT rows of
@@ -152,6 +155,7 @@ struct PairView {
   double step_A, step_B;
   // scratch (math dtype), carved from one allocation per call:
   void* W;       // (r + k, rp): rows of Q_B, then rows of −R_B, zero-padded columns
+  void* Rt;      // narrow ranks (dot_columns(r) = RC > 0): (RC, kp) −R_Bᵀ, zero-padded; else null
   void* Hc;      // (r, r) H, contiguous
   void* P_part;  // (row_blocks, r, kp): Pᵀ partials
   void* G_part;  // (row_blocks, r, rp)
@@ -260,6 +264,97 @@ void gemm_rows(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t* W1, const
       case 3: gemm_rows_nvc<acc_t, 3>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
       default: gemm_rows_nvc<acc_t, 4>(X1, ldx1, K1, w1, X2, ldx2, K2, w2, ldw, C + c0, ldc, rows, pf, lines); break;
     }
+  }
+}
+
+// Narrow ranks (r ≤ V/2, where a row of C would leave at least half of a vector's lanes
+// idle): C[j, c] = Σ_t X[j, t] Wt[c, t] as dot products along t. JD = V / RC rows × RC
+// columns of accumulators, each a vector of partial sums over t ≡ lane (mod V), are reduced
+// together by a fixed tree of deinterleaves (lane q of the result: row q / RC, column q % RC).
+// Wt: (RC, ldw) rows zero-padded to whole vectors (and zero rows beyond r).
+template <typename acc_t, int RC>
+void dot_rows(const acc_t* __restrict X, int64_t ldx, int64_t K, const acc_t* __restrict Wt, int64_t ldw,
+              acc_t* __restrict C, int64_t ldc, int64_t r, int64_t rows, const char* pf, int64_t pf_lines) {
+  using V = Vec<acc_t>;
+  constexpr int L = V::size();
+  constexpr int JD = L / RC;
+  const int64_t kfull = K / L * L;
+  const int64_t tail = K - kfull;
+  const int64_t groups = (rows + JD - 1) / JD;
+  const int64_t per_group = (pf_lines + groups - 1) / std::max<int64_t>(groups, 1);
+  for (int64_t j0 = 0; j0 < rows; j0 += JD) {
+    const acc_t* x[JD];
+    ASFT_UNROLL
+    for (int j = 0; j < JD; ++j) x[j] = X + std::min<int64_t>(j0 + j, rows - 1) * ldx;  // a short group repeats its last row
+    V acc[L];
+    ASFT_UNROLL
+    for (int q = 0; q < L; ++q) acc[q] = V(acc_t(0));
+    const int64_t lines = std::min(per_group, pf_lines);
+    const int64_t steps = std::max<int64_t>(1, kfull / L);
+    const int64_t per_step = (lines + steps - 1) / steps;  // spread over the loop: a burst stalls on the fill buffers
+    int64_t issued = 0;
+    for (int64_t t = 0; t < kfull; t += L) {
+      for (int64_t i = 0; i < per_step && issued < lines; ++i, ++issued) __builtin_prefetch(pf + issued * 64, 0, 3);
+      V w[RC];
+      ASFT_UNROLL
+      for (int c = 0; c < RC; ++c) w[c] = V::loadu(Wt + c * ldw + t);
+      ASFT_UNROLL
+      for (int j = 0; j < JD; ++j) {
+        const V xv = V::loadu(x[j] + t);
+        ASFT_UNROLL
+        for (int c = 0; c < RC; ++c) acc[j * RC + c] = at::vec::fmadd(xv, w[c], acc[j * RC + c]);
+      }
+    }
+    for (; issued < lines; ++issued) __builtin_prefetch(pf + issued * 64, 0, 3);
+    pf += lines * 64;
+    pf_lines -= lines;
+    if (tail > 0) {
+      V w[RC];
+      ASFT_UNROLL
+      for (int c = 0; c < RC; ++c) w[c] = V::loadu(Wt + c * ldw + kfull);
+      ASFT_UNROLL
+      for (int j = 0; j < JD; ++j) {
+        const V xv = V::loadu(x[j] + kfull, tail);
+        ASFT_UNROLL
+        for (int c = 0; c < RC; ++c) acc[j * RC + c] = at::vec::fmadd(xv, w[c], acc[j * RC + c]);
+      }
+    }
+    ASFT_UNROLL
+    for (int n = L; n > 1; n /= 2) {
+      ASFT_UNROLL
+      for (int q = 0; q < n / 2; ++q) {
+        const auto eo = at::vec::deinterleave2(acc[2 * q], acc[2 * q + 1]);
+        acc[q] = eo.first + eo.second;
+      }
+    }
+    alignas(64) acc_t out[L];
+    acc[0].store(out);
+    const int64_t jn = std::min<int64_t>(JD, rows - j0);
+    for (int64_t j = 0; j < jn; ++j)
+      for (int64_t c = 0; c < r; ++c) C[(j0 + j) * ldc + c] = out[j * RC + c];
+  }
+}
+
+// the dot form's column count for rank r: the power of two ≥ r, or 0 when r > V/2 (the
+// outer-product tiles use at least half of every vector there)
+template <typename acc_t>
+constexpr int64_t dot_columns(int64_t r) {
+  constexpr int64_t half = Vec<acc_t>::size() / 2;
+  if (r > half) return 0;
+  int64_t rc = 1;
+  while (rc < r) rc *= 2;
+  return rc;
+}
+
+template <typename acc_t>
+void dot_rows_any(const acc_t* X, int64_t ldx, int64_t K, const acc_t* Wt, int64_t ldw, acc_t* C, int64_t ldc,
+                  int64_t r, int64_t rows, const char* pf, int64_t pf_lines) {
+  switch (dot_columns<acc_t>(r)) {
+    case 1: dot_rows<acc_t, 1>(X, ldx, K, Wt, ldw, C, ldc, r, rows, pf, pf_lines); break;
+    case 2: dot_rows<acc_t, 2>(X, ldx, K, Wt, ldw, C, ldc, r, rows, pf, pf_lines); break;
+    case 4: if constexpr (Vec<acc_t>::size() >= 8) dot_rows<acc_t, 4>(X, ldx, K, Wt, ldw, C, ldc, r, rows, pf, pf_lines); break;
+    case 8: if constexpr (Vec<acc_t>::size() >= 16) dot_rows<acc_t, 8>(X, ldx, K, Wt, ldw, C, ldc, r, rows, pf, pf_lines); break;
+    default: break;
   }
 }
 
@@ -379,8 +474,12 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
       // step runs after forward/backward)
       const int64_t next_rows = std::min(kSubRows, i1 - i - rows);
       const int64_t pf_lines = next_rows > 0 ? (next_rows * k * static_cast<int64_t>(sizeof(acc_t)) + 63) / 64 : 0;
-      gemm_rows<acc_t>(nullptr, 0, 0, nullptr, Ui, k, k, W + r * rp, rp, ut, rp, rows, rp,
-                       reinterpret_cast<const char*>(Ui + rows * k), pf_lines);
+      if (pv.Rt != nullptr)
+        dot_rows_any<acc_t>(Ui, k, k, static_cast<const acc_t*>(pv.Rt), kp, ut, rp, r, rows,
+                            reinterpret_cast<const char*>(Ui + rows * k), pf_lines);
+      else
+        gemm_rows<acc_t>(nullptr, 0, 0, nullptr, Ui, k, k, W + r * rp, rp, ut, rp, rows, rp,
+                         reinterpret_cast<const char*>(Ui + rows * k), pf_lines);
       const param_t* __restrict gB = static_cast<const param_t*>(pv.grad_B) + i * r;
       acc_t* __restrict mB = static_cast<acc_t*>(pv.exp_avg_B) + i * r;
       acc_t* __restrict vB = static_cast<acc_t*>(pv.exp_avg_sq_B) + i * r;
@@ -663,7 +762,7 @@ void bind_kernels(PairView& pv, at::ScalarType dtype) {
 
 // Byte offsets of one pair's scratch regions in the call's single scratch allocation.
 struct ScratchOffsets {
-  int64_t W = -1, Hc = -1, P = 0, G = 0, M = 0;
+  int64_t W = -1, Rt = -1, Hc = -1, P = 0, G = 0, M = 0;
 };
 
 // Block counts, padded sizes and scratch regions of pair `pv` (m, n, r, k set); `total`
@@ -683,6 +782,8 @@ ScratchOffsets plan_scratch(PairView& pv, at::ScalarType acc, bool update, int64
   ScratchOffsets o;
   if (update) {
     o.W = take((pv.r + pv.k) * pv.rp);
+    const int64_t rc = acc == at::kDouble ? dot_columns<double>(pv.r) : dot_columns<float>(pv.r);
+    if (rc > 0) o.Rt = take(rc * pv.kp);
     o.Hc = take(pv.r * pv.r);
   }
   o.P = take(pv.row_blocks * pv.r * pv.kp);
@@ -693,6 +794,7 @@ ScratchOffsets plan_scratch(PairView& pv, at::ScalarType acc, bool update, int64
 
 void place_scratch(PairView& pv, const ScratchOffsets& o, uint8_t* base) {
   pv.W = o.W >= 0 ? base + o.W : nullptr;
+  pv.Rt = o.Rt >= 0 ? base + o.Rt : nullptr;
   pv.Hc = o.Hc >= 0 ? base + o.Hc : nullptr;
   pv.P_part = base + o.P;
   pv.G_part = base + o.G;
@@ -713,6 +815,12 @@ void fill_weights(const PairView& pv, const at::Tensor& Q, const at::Tensor& R, 
     for (int64_t c = 0; c < rp; ++c) W[d * rp + c] = c < r ? q[d * q0 + c * q1] : acc_t(0);
   for (int64_t t = 0; t < k; ++t)
     for (int64_t c = 0; c < rp; ++c) W[(r + t) * rp + c] = c < r ? -rb[t * r0 + c * r1] : acc_t(0);
+  if (pv.Rt != nullptr) {
+    const int64_t rc = dot_columns<acc_t>(r), kp = pv.kp;
+    acc_t* Rt = static_cast<acc_t*>(pv.Rt);
+    for (int64_t c = 0; c < rc; ++c)
+      for (int64_t t = 0; t < kp; ++t) Rt[c * kp + t] = (c < r && t < k) ? -rb[t * r0 + c * r1] : acc_t(0);
+  }
   acc_t* Hc = static_cast<acc_t*>(pv.Hc);
   for (int64_t d = 0; d < r; ++d)
     for (int64_t e = 0; e < r; ++e) Hc[d * r + e] = hh[d * h0 + e * h1];
