@@ -471,8 +471,8 @@ class AsFTAdamW(torch.optim.AdamW):
         losses = []
         for bucket in plan.buckets:
             two_lam = bucket.coef * (2.0 * float(self.param_groups[bucket.group_index]["anchor_lambda"]))
-            losses.append(anchoring_terms(bucket.P, bucket.G, bucket.M, bucket.w, two_lam,
-                                          bucket.Q_B, bucket.R_B, bucket.H))
+            losses.append(bucket.backend.terms(bucket.P, bucket.G, bucket.M, bucket.w, two_lam,
+                                               bucket.Q_B, bucket.R_B, bucket.H))
         partial_updates = [self._partial_gradient(pp) for pp in plan.partial]
         losses.extend(loss for _, _, loss in partial_updates)
         total = None

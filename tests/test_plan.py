@@ -71,6 +71,9 @@ def test_cpp_step_dispatches_the_same_ops_at_14_and_224_pairs():
         assert opt.plan_builds == 1
     assert counts[14] == counts[224], (len(counts[14]), len(counts[224]))
     assert any("fused_anchored_adamw_" in op for op in counts[14])
+    # the anchoring terms of the bucket are one C++ op, not a chain of small matmuls
+    assert sum("anchoring_terms_" in op for op in counts[14]) == 1
+    assert not any(name in op for op in counts[14] for name in ("bmm", "vdot", "aten.mul")), counts[14]
 
 
 def test_eager_step_ops_grow_only_with_the_anchoring_products():

@@ -969,11 +969,106 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// -------------------------------------------------------------------------- anchoring terms
+// anchoring_terms_(P, G, M, w, coef, two_lam, Q_B, R_B, H) -> R, per pair j of a bucket with
+// s = two_lam · coef[j] (coef absent: 1), Pw = diag(w) P:
+//   H = s (G − Pᵀ Pw) (r, r),  Q_B = s M (r, r),  R_B = Pw Q_B (k, r),  R = ½ Σ_j ⟨H_j, M_j⟩.
+// The matrices are tiny (r, k ≤ a few dozen): plain loops, one thread, every sum in a fixed
+// order, replacing the ~7 dispatched torch ops per bucket of the eager math.
+void check_terms_arg(const at::Tensor& t, const char* name, at::IntArrayRef shape, const char* symbols,
+                     at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "asft::cpp: anchoring_terms_: ", name, " must be a CPU tensor, found ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "asft::cpp: anchoring_terms_: ", name, " must have shape ", symbols, " = ",
+                    dims_str(shape), ", found ", shape_str(t));
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "asft::cpp: anchoring_terms_: ", name, " must be ", dtype,
+                    " like P, found ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "asft::cpp: anchoring_terms_: ", name, " must be contiguous");
+}
+
+template <typename acc_t>
+double anchoring_terms_kernel(int64_t L, int64_t k, int64_t r, const acc_t* P, const acc_t* G, const acc_t* M,
+                              const acc_t* w, const acc_t* coef, int64_t coef_stride, double two_lam, acc_t* Q_B,
+                              acc_t* R_B, acc_t* H) {
+  std::vector<acc_t> Pw(static_cast<size_t>(k * r));
+  double loss = 0;  // ½ Σ ⟨H, M⟩, accumulated in fp64 in pair order
+  for (int64_t j = 0; j < L; ++j) {
+    const acc_t* Pj = P + j * k * r;
+    const acc_t* Gj = G + j * r * r;
+    const acc_t* Mj = M + j * r * r;
+    const acc_t* wj = w + j * k;
+    acc_t* Qj = Q_B + j * r * r;
+    acc_t* Rj = R_B + j * k * r;
+    acc_t* Hj = H + j * r * r;
+    const acc_t s = coef ? static_cast<acc_t>(two_lam) * coef[j * coef_stride] : static_cast<acc_t>(two_lam);
+    for (int64_t t = 0; t < k; ++t)
+      for (int64_t c = 0; c < r; ++c) Pw[t * r + c] = Pj[t * r + c] * wj[t];
+    for (int64_t a = 0; a < r; ++a) {
+      for (int64_t b = 0; b < r; ++b) {
+        acc_t dot = 0;
+        for (int64_t t = 0; t < k; ++t) dot += Pj[t * r + a] * Pw[t * r + b];
+        Hj[a * r + b] = s * (Gj[a * r + b] - dot);
+      }
+    }
+    for (int64_t i = 0; i < r * r; ++i) Qj[i] = s * Mj[i];
+    for (int64_t t = 0; t < k; ++t) {
+      for (int64_t b = 0; b < r; ++b) {
+        acc_t acc = 0;
+        for (int64_t c = 0; c < r; ++c) acc += Pw[t * r + c] * Qj[c * r + b];
+        Rj[t * r + b] = acc;
+      }
+    }
+    for (int64_t i = 0; i < r * r; ++i) loss += static_cast<double>(Hj[i]) * static_cast<double>(Mj[i]);
+  }
+  return 0.5 * loss;
+}
+
+at::Tensor anchoring_terms_cpu(const at::Tensor& P, const at::Tensor& G, const at::Tensor& M, const at::Tensor& w,
+                               const std::optional<at::Tensor>& coef, double two_lam, const at::Tensor& Q_B,
+                               const at::Tensor& R_B, const at::Tensor& H) {
+  // Validate everything before anything is written.
+  TORCH_CHECK_VALUE(P.dim() == 3, "asft::cpp: anchoring_terms_: P must be 3-d (L, k, r), found ", shape_str(P));
+  const auto dt = P.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble, "asft::cpp: anchoring_terms_: P must be fp32/fp64, found ",
+                    dt);
+  const int64_t L = P.size(0), k = P.size(1), r = P.size(2);
+  check_terms_arg(P, "P", {L, k, r}, "(L, k, r)", dt);
+  check_terms_arg(G, "G", {L, r, r}, "(L, r, r)", dt);
+  check_terms_arg(M, "M", {L, r, r}, "(L, r, r)", dt);
+  check_terms_arg(w, "w", {L, k, 1}, "(L, k, 1)", dt);
+  if (coef.has_value()) {
+    const at::Tensor& c = *coef;
+    TORCH_CHECK_VALUE(c.device().is_cpu(), "asft::cpp: anchoring_terms_: coef must be a CPU tensor, found ",
+                      c.device());
+    TORCH_CHECK_VALUE(c.sizes() == at::IntArrayRef({L, 1, 1}), "asft::cpp: anchoring_terms_: coef must have shape ",
+                      "(L, 1, 1) = ", dims_str({L, 1, 1}), ", found ", shape_str(c));
+    TORCH_CHECK_VALUE(c.scalar_type() == dt, "asft::cpp: anchoring_terms_: coef must be ", dt, " like P, found ",
+                      c.scalar_type());
+  }
+  check_terms_arg(Q_B, "Q_B", {L, r, r}, "(L, r, r)", dt);
+  check_terms_arg(R_B, "R_B", {L, k, r}, "(L, k, r)", dt);
+  check_terms_arg(H, "H", {L, r, r}, "(L, r, r)", dt);
+  at::Tensor loss = at::empty({}, P.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "asft_anchoring_terms", [&] {
+    const scalar_t* cp = coef.has_value() ? coef->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t cs = coef.has_value() ? coef->stride(0) : 0;
+    const double R = anchoring_terms_kernel<scalar_t>(
+        L, k, r, P.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(),
+        w.const_data_ptr<scalar_t>(), cp, cs, two_lam, Q_B.data_ptr<scalar_t>(), R_B.data_ptr<scalar_t>(),
+        H.data_ptr<scalar_t>());
+    *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(R);
+  });
+  // written through raw pointers: bump the version counters as in-place torch ops would
+  for (const at::Tensor* t : {&Q_B, &R_B, &H}) t->unsafeGetTensorImpl()->bump_version();
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(asft, CPU, m) {
   m.impl("stats_pass", &stats_pass_cpu);
   m.impl("fused_anchored_adamw_", &fused_anchored_adamw_cpu);
+  m.impl("anchoring_terms_", &anchoring_terms_cpu);
 }
 
 }  // namespace asft

@@ -5,7 +5,11 @@ All backends implement the contract of :mod:`asft_kernels.ops.schema`: a module 
 * ``is_available() -> bool``;
 * ``supports(dtype, rank) -> bool``: which pairs it runs (parameter dtype, LoRA rank r);
 * ``stats_pass(U, B, A) -> (P, G, M)`` on lists of pairs;
-* ``fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None``.
+* ``fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None``;
+* optionally ``terms(P, G, M, w, two_lam, Q_B, R_B, H) -> R``: the anchoring terms of a
+  bucket (:func:`.eager.anchoring_terms`'s signature; ``two_lam`` a number or an (L, 1, 1)
+  tensor). ``cpp`` runs them as one ``asft::anchoring_terms_`` call; a backend without
+  ``terms`` (eager, triton) gets the eager math.
 
 A backend is given only pairs it supports; it never falls back by itself. The one place
 that decides which backend runs a pair is :func:`route`:
@@ -40,13 +44,16 @@ class Backend:
     supports: Callable[[torch.dtype, int], bool]
     stats_pass: Callable
     fused_step: Callable[[AnchoredBatch, AdamWHyper], None]
+    #: ``(P, G, M, w, two_lam, Q_B, R_B, H) -> R``: the anchoring terms of a bucket
+    terms: Callable = eager.anchoring_terms
 
 
-EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step)
+EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step, eager.anchoring_terms)
 
 # The eager implementation is the ops' default on every device.
 _lib.impl("stats_pass", eager.stats_pass, "CompositeExplicitAutograd")
 _lib.impl("fused_anchored_adamw_", op_kernel(eager.fused_step), "CompositeExplicitAutograd")
+_lib.impl("anchoring_terms_", eager.anchoring_terms_op, "CompositeExplicitAutograd")
 
 
 def _compiled_backend(name: str) -> Backend | None:
@@ -57,7 +64,7 @@ def _compiled_backend(name: str) -> Backend | None:
         return None
     if not mod.is_available():
         return None
-    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step)
+    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, getattr(mod, "terms", eager.anchoring_terms))
 
 
 def _triton_interpreting() -> bool:

@@ -1,10 +1,10 @@
 """C++ backend: the ``asft::`` ops for CPU tensors, compiled just in time from
 ``asft_kernels/csrc/``.
 
-The sources register CPU kernels (``TORCH_LIBRARY_IMPL(asft, CPU, m)``) for the two ops
+The sources register CPU kernels (``TORCH_LIBRARY_IMPL(asft, CPU, m)``) for the three ops
 that :mod:`asft_kernels.ops.schema` declares, so once the library is loaded every call of
-``torch.ops.asft.stats_pass`` / ``torch.ops.asft.fused_anchored_adamw_`` on CPU tensors
-runs the C++ kernel; other devices keep their own implementations.
+``torch.ops.asft.stats_pass`` / ``fused_anchored_adamw_`` / ``anchoring_terms_`` on CPU
+tensors runs the C++ kernel; other devices keep their own implementations.
 
 Building, the build cache and ``asft build-ext`` live in :mod:`asft_kernels.ops.cpp_build`;
 its public names (:func:`is_available`, :func:`build`, :func:`cache_key`,
@@ -89,5 +89,32 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     _require()
     try:
         torch.ops.asft.fused_anchored_adamw_(*batch.op_args(), *hyper.op_args())
+    except ValueError as exc:
+        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+
+
+def terms(
+    P: Tensor, G: Tensor, M: Tensor, w: Tensor, two_lam: float | Tensor,
+    Q_B: Tensor, R_B: Tensor, H: Tensor,
+) -> Tensor:
+    """The anchoring terms of a bucket in one C++ call (``asft::anchoring_terms_``).
+
+    Same signature and results as :func:`asft_kernels.ops.eager.anchoring_terms`:
+    ``H = 2λ (G − Pᵀ diag(w) P)``, ``Q_B = 2λ M``, ``R_B = diag(w) P Q_B`` written in place,
+    ``R = ½ Σ_j ⟨H_j, M_j⟩`` returned (0-d, math dtype).
+
+    Args:
+        P: (L, k, r), G, M: (L, r, r), w: (L, k, 1); fp32/fp64 CPU, contiguous.
+        two_lam: 2λ, a number, or an (L, 1, 1) tensor in the math dtype (per-pair λ·coef).
+        Q_B (L, r, r), R_B (L, k, r), H (L, r, r): outputs, contiguous, written in place.
+
+    Raises:
+        OptimizerInputError: a shape, dtype, device or layout the op does not allow
+            (nothing is written).
+    """
+    _require()
+    coef, scale = (two_lam, 1.0) if isinstance(two_lam, Tensor) else (None, float(two_lam))
+    try:
+        return torch.ops.asft.anchoring_terms_(P, G, M, w, coef, scale, Q_B, R_B, H)
     except ValueError as exc:
         raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None

@@ -89,6 +89,48 @@ def adamw_foreach_(
     return [t.to(dt) for t in params]
 
 
+def anchoring_terms(
+    P: Tensor, G: Tensor, M: Tensor, w: Tensor, two_lam: float | Tensor,
+    Q_B: Tensor, R_B: Tensor, H: Tensor,
+) -> Tensor:
+    """The r×r / k×r terms of the anchoring gradient for a bucket, as batched matmuls::
+
+        Pw  = diag(w) P              (L, k, r)
+        H   = 2λ (G − Pᵀ Pw)         (L, r, r)      g_A = grad_A + H A
+        Q_B = 2λ M                   (L, r, r)      g_B = grad_B + B Q_B − U R_B
+        R_B = 2λ Pw M                (L, k, r)
+        R   = λ ⟨G − Pᵀ Pw, M⟩ = ½ Σ_j ⟨H_j, M_j⟩
+
+    The eager math of ``asft::anchoring_terms_`` (:mod:`asft_kernels.ops.schema`) and the
+    ``terms`` of the eager and triton backends.
+
+    Args:
+        P: (L, k, r), G: (L, r, r), M: (L, r, r) statistics in the math dtype.
+        w: (L, k, 1) per-direction weights ``w = 2c − c²``.
+        two_lam: 2λ, a Python number or an (L, 1, 1) tensor (per-pair λ·coef).
+        Q_B, R_B, H: preallocated outputs of the shapes above, written in place.
+
+    Returns:
+        ``R`` summed over the bucket, a 0-d tensor in the math dtype.
+    """
+    Pw = P * w
+    torch.baddbmm(G, P.mT, Pw, beta=1.0, alpha=-1.0, out=H)
+    H.mul_(two_lam)
+    torch.mul(M, two_lam, out=Q_B)
+    torch.bmm(Pw, Q_B, out=R_B)
+    return torch.vdot(H.reshape(-1), M.reshape(-1)) * 0.5
+
+
+def anchoring_terms_op(
+    P: Tensor, G: Tensor, M: Tensor, w: Tensor, coef: Tensor | None, two_lam: float,
+    Q_B: Tensor, R_B: Tensor, H: Tensor,
+) -> Tensor:
+    """``asft::anchoring_terms_`` in the op's argument order: :func:`anchoring_terms` with
+    ``2λ = two_lam · coef`` (``coef`` None or (L, 1, 1))."""
+    scale = two_lam if coef is None else coef if two_lam == 1.0 else coef * two_lam
+    return anchoring_terms(P, G, M, w, scale, Q_B, R_B, H)
+
+
 def supports(dtype: torch.dtype, rank: int) -> bool:
     """Every float dtype and rank: the eager backend runs any pair (the routing fallback)."""
     return True

@@ -1,8 +1,8 @@
-"""The backend contract: two ``torch.library`` ops declared once, implemented per device.
+"""The backend contract: three ``torch.library`` ops declared once, implemented per device.
 
 Every backend (``eager`` in plain torch, ``cpp`` for CPU tensors, ``triton`` for CUDA
-tensors) implements the same two operations on a *batch* of anchored LoRA pairs. The
-optimizer never knows which backend ran.
+tensors) implements the same operations on a *batch* of anchored LoRA pairs (``triton``
+runs the anchoring terms with the eager math). The optimizer never knows which backend ran.
 
 Symbols (docs/method.md), per pair ``j``:
 
@@ -39,6 +39,19 @@ weight_decay, maximize)``
     parameter's dtype and shape (a missing gradient is passed as zeros). Reductions are
     deterministic: the same inputs give bitwise the same outputs for any thread count.
 
+``asft::anchoring_terms_(P, G, M, w, coef, two_lam, Q_B, R_B, H) -> R``
+    The r×r / k×r terms of the anchoring gradient for the L pairs of a bucket, stacked:
+    ``P`` (L, k, r), ``G``, ``M`` (L, r, r), ``w`` (L, k, 1) per-direction weights
+    ``w = 2c − c²``, ``coef`` None or (L, 1, 1) per-pair multiplier, all in the math dtype
+    (fp32/fp64), contiguous. With ``s_j = two_lam · coef[j]`` (``two_lam`` alone without
+    ``coef``; ``two_lam = 2λ``) and ``Pw = diag(w) P``, written in place::
+
+        H   = s (G − Pᵀ Pw)    (L, r, r)
+        Q_B = s M              (L, r, r)
+        R_B = Pw Q_B           (L, k, r)
+
+    and returned: ``R = ½ Σ_j ⟨H_j, M_j⟩``, a new 0-d tensor in the math dtype.
+
 The default implementation (any device) is the eager one; ``cpp`` registers the CPU
 kernel and ``triton`` the CUDA kernel under these names.
 """
@@ -67,9 +80,15 @@ FUSED_STEP_SCHEMA = (
     ") -> ()"
 )
 
+ANCHORING_TERMS_SCHEMA = (
+    "anchoring_terms_(Tensor P, Tensor G, Tensor M, Tensor w, Tensor? coef, float two_lam, "
+    "Tensor(a!) Q_B, Tensor(b!) R_B, Tensor(c!) H) -> Tensor"
+)
+
 _lib = torch.library.Library(LIBRARY_NAME, "FRAGMENT")
 _lib.define(STATS_PASS_SCHEMA)
 _lib.define(FUSED_STEP_SCHEMA)
+_lib.define(ANCHORING_TERMS_SCHEMA)
 
 
 def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -164,3 +183,8 @@ def _stats_pass_fake(U, B, A):
 @torch.library.register_fake(f"{LIBRARY_NAME}::fused_anchored_adamw_")
 def _fused_fake(*args, **kwargs):
     return None
+
+
+@torch.library.register_fake(f"{LIBRARY_NAME}::anchoring_terms_")
+def _anchoring_terms_fake(P, G, M, w, coef, two_lam, Q_B, R_B, H):
+    return P.new_empty(())
