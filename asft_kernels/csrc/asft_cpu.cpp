@@ -990,7 +990,20 @@ template <typename acc_t>
 double anchoring_terms_kernel(int64_t L, int64_t k, int64_t r, const acc_t* P, const acc_t* G, const acc_t* M,
                               const acc_t* w, const acc_t* coef, int64_t coef_stride, double two_lam, acc_t* Q_B,
                               acc_t* R_B, acc_t* H) {
-  std::vector<acc_t> Pw(static_cast<size_t>(k * r));
+  // Both products by the register-tiled micro-kernels of the fused step (every entry summed
+  // over its inner index in order), into rows padded to whole vectors:
+  //   Pᵀ Pw = Σ_t P[t]ᵀ Pw[t]      (panel: X = P, Y = Pw, over the k rows)
+  //   R_B   = Pw Q_B               (gemm_rows: rows of Pw broadcast, rows of Q_B loaded)
+  constexpr int64_t lanes = Vec<acc_t>::size();
+  const int64_t rp = round_up(r, lanes);
+  // one buffer per thread, kept between calls (a fresh one would be page-faulted in each step)
+  thread_local std::vector<acc_t> buf;
+  const size_t need = static_cast<size_t>(k * r + 2 * r * rp + k * rp);
+  if (buf.size() < need) buf.resize(need);
+  acc_t* Pw = buf.data();     // (k, r)
+  acc_t* PtPw = Pw + k * r;   // (r, rp)
+  acc_t* Qp = PtPw + r * rp;  // (r, rp) Q_B, zero-padded columns
+  acc_t* Rp = Qp + r * rp;    // (k, rp)
   double loss = 0;  // ½ Σ ⟨H, M⟩, accumulated in fp64 in pair order
   for (int64_t j = 0; j < L; ++j) {
     const acc_t* Pj = P + j * k * r;
@@ -1003,21 +1016,19 @@ double anchoring_terms_kernel(int64_t L, int64_t k, int64_t r, const acc_t* P, c
     const acc_t s = coef ? static_cast<acc_t>(two_lam) * coef[j * coef_stride] : static_cast<acc_t>(two_lam);
     for (int64_t t = 0; t < k; ++t)
       for (int64_t c = 0; c < r; ++c) Pw[t * r + c] = Pj[t * r + c] * wj[t];
-    for (int64_t a = 0; a < r; ++a) {
-      for (int64_t b = 0; b < r; ++b) {
-        acc_t dot = 0;
-        for (int64_t t = 0; t < k; ++t) dot += Pj[t * r + a] * Pw[t * r + b];
-        Hj[a * r + b] = s * (Gj[a * r + b] - dot);
+    std::fill(PtPw, PtPw + r * rp, acc_t(0));
+    panel<acc_t>(Pj, r, r, Pw, r, r, k, PtPw, rp);
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t b = 0; b < r; ++b) Hj[a * r + b] = s * (Gj[a * r + b] - PtPw[a * rp + b]);
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t b = 0; b < rp; ++b) {
+        const acc_t q = b < r ? s * Mj[a * r + b] : acc_t(0);
+        Qp[a * rp + b] = q;
+        if (b < r) Qj[a * r + b] = q;
       }
-    }
-    for (int64_t i = 0; i < r * r; ++i) Qj[i] = s * Mj[i];
-    for (int64_t t = 0; t < k; ++t) {
-      for (int64_t b = 0; b < r; ++b) {
-        acc_t acc = 0;
-        for (int64_t c = 0; c < r; ++c) acc += Pw[t * r + c] * Qj[c * r + b];
-        Rj[t * r + b] = acc;
-      }
-    }
+    gemm_rows<acc_t>(Pw, r, r, Qp, nullptr, 0, 0, nullptr, rp, Rp, rp, k, rp);
+    for (int64_t t = 0; t < k; ++t)
+      for (int64_t b = 0; b < r; ++b) Rj[t * r + b] = Rp[t * rp + b];
     for (int64_t i = 0; i < r * r; ++i) loss += static_cast<double>(Hj[i]) * static_cast<double>(Mj[i]);
   }
   return 0.5 * loss;
