@@ -250,6 +250,38 @@ def test_scheduler_closure_and_param_groups():
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 
 
+@pytest.mark.parametrize("anchored", [True, False], ids=["anchored", "anchor_none"])
+def test_step_hooks_run_once_and_the_profiler_sees_the_step(anchored):
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # torch wraps AdamW.step once one exists
+    anchor = odd_anchor(rank=3)
+    model = odd_lora(r=2)
+    opt = asft.AsFTAdamW(trainable(model), lr=1e-2, anchor=anchor.bind(model) if anchored else None,
+                         anchor_lambda=0.3)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", o, len(a)))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", o, len(a)))),
+        opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o, len(a)))),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o, len(a)))),
+    ]
+    try:
+        odd_task_loss(model, 0, torch.float64).backward()
+        opt.step()
+        # the order and arguments of torch.optim (args: the optimizer itself, no closure)
+        assert calls == [("global pre", opt, 1), ("pre", opt, 1), ("post", opt, 1), ("global post", opt, 1)]
+        # a pre-hook may replace the arguments: here it adds a closure, whose loss step() returns
+        opt.register_step_pre_hook(lambda o, a, k: ((o,), {"closure": lambda: torch.tensor(7.0)}))
+        assert float(opt.step()) == 7.0
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#AsFTAdamW.step" in [e.name for e in prof.events()]
+
+
 def test_gradient_accumulation_applies_regularizer_once_per_step():
     m1, o1, m2, o2, b2 = asft_and_reference()
     for s in range(3):

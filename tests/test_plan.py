@@ -74,6 +74,9 @@ def test_cpp_step_dispatches_the_same_ops_at_14_and_224_pairs():
     # the anchoring terms of the bucket are one C++ op, not a chain of small matmuls
     assert sum("anchoring_terms_" in op for op in counts[14]) == 1
     assert not any(name in op for op in counts[14] for name in ("bmm", "vdot", "aten.mul")), counts[14]
+    # outside a profiler the step enters no record_function (two dispatched ops otherwise)
+    assert not any("profiler" in op for op in counts[14]), counts[14]
+    assert len(counts[14]) == 3, counts[14]  # anchoring terms, the step counters' add_, the fused step
 
 
 def test_eager_step_ops_grow_only_with_the_anchoring_products():
