@@ -157,6 +157,16 @@ class _Bucket:
     shards: list[ShardedPair] | None = None  # FSDP2 DTensor pairs (see asft_kernels.sharding)
     gathered_A: list[Tensor | None] = field(default_factory=list)
     versions: list[int] | None = None  # None: statistics must be recomputed
+    coefs: list[float] = field(default_factory=list)  # λ multiplier per pair (the floats of coef)
+    w_list: list[Tensor] = field(default_factory=list)  # per-pair (k, 1) views of w
+    steps: Tensor | None = None  # (2L,) view of the plan's counters: A's, then B's
+    scale_lam: float | None = None  # the λ that `scale` was computed for
+    scale: list[float] = field(default_factory=list)  # 2λ·coef per pair
+
+    @property
+    def one_call(self) -> bool:
+        """The whole step of this bucket is one backend call (``anchored_step``)."""
+        return self.shards is None and self.backend.anchored_step is not None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -206,6 +216,7 @@ class _StepPlan:
     plain: list[list[Tensor]]  # per group: params stepped by torch's AdamW
     plain_fp32_state: list[list[Tensor]]  # per group: λ = 0 low-precision factors with fp32 moments
     steps: Tensor | None  # (N,) every anchored step counter; each state["step"] is a 0-d view of it
+    partial_steps: Tensor | None = None  # the view of `steps` holding the frozen-factor pairs' counters
 
     def still_valid(self, opt: AsFTAdamW) -> bool:
         if self.generation != opt._generation:
@@ -516,38 +527,53 @@ class AsFTAdamW(torch.optim.AdamW):
         grads = [self._bucket_grads(b) for b in plan.buckets]
         for bucket in plan.buckets:
             self._refresh_statistics(bucket)
-        losses = []
+        losses: list[Tensor | None] = []
         for bucket in plan.buckets:
-            two_lam = bucket.coef * (2.0 * float(self.param_groups[bucket.group_index]["anchor_lambda"]))
-            losses.append(bucket.backend.terms(bucket.P, bucket.G, bucket.M, bucket.w, two_lam,
+            lam = float(self.param_groups[bucket.group_index]["anchor_lambda"])
+            if bucket.one_call:  # terms, counters and step in one call below
+                if bucket.scale_lam != lam:
+                    bucket.scale = [2.0 * lam * c for c in bucket.coefs]
+                    bucket.scale_lam = lam
+                losses.append(None)
+                continue
+            losses.append(bucket.backend.terms(bucket.P, bucket.G, bucket.M, bucket.w, bucket.coef * (2.0 * lam),
                                                bucket.Q_B, bucket.R_B, bucket.H))
         partial_updates = [self._partial_gradient(pp) for pp in plan.partial]
-        losses.extend(loss for _, _, loss in partial_updates)
-        total = None
-        for loss in losses:
-            total = loss if total is None else total + loss.to(total.device, total.dtype)
         # ---- writes
         for gi, group in enumerate(self.param_groups):
             self._plain_adamw(group, plan.plain[gi])
             for p in plan.plain_fp32_state[gi]:
                 if p.grad is not None:
                     self._eager_adamw(group, p, p.grad)
-        if plan.steps is not None:
-            plan.steps.add_(1)
-        for bucket, (grad_A, grad_B) in zip(plan.buckets, grads):
+        if plan.steps is not None:  # the counters no one-call bucket advances itself
+            if not any(b.one_call for b in plan.buckets):
+                plan.steps.add_(1)
+            else:
+                for bucket in plan.buckets:
+                    if not bucket.one_call:
+                        bucket.steps.add_(1)
+                if plan.partial_steps is not None:
+                    plan.partial_steps.add_(1)
+        for i, (bucket, (grad_A, grad_B)) in enumerate(zip(plan.buckets, grads)):
             group = self.param_groups[bucket.group_index]
             batch = bucket.batch
             batch.grad_A, batch.grad_B = grad_A, grad_B
             beta1, beta2 = group["betas"]
             hyper = AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                                float(group["weight_decay"]), bool(group["maximize"]))
-            if bucket.shards is None:
+            if bucket.one_call:
+                losses[i] = bucket.backend.anchored_step(batch, bucket.w_list, bucket.scale, hyper)
+            elif bucket.shards is None:
                 bucket.backend.fused_step(batch, hyper)
             else:
                 self._sharded_fused_step(bucket, hyper)
             bucket.versions = bucket.current_versions()
         for pp, (param, grad, _) in zip(plan.partial, partial_updates):
             self._eager_adamw(self.param_groups[pp.group_index], param, grad, stepped=True)
+        losses.extend(loss for _, _, loss in partial_updates)
+        total = None
+        for loss in losses:
+            total = loss if total is None else total + loss.to(total.device, total.dtype)
         self._anchor_loss = total
 
     # ------------------------------------------------------------------ building the plan
@@ -613,6 +639,11 @@ class AsFTAdamW(torch.optim.AdamW):
             partial.append(_PartialPair(pair, A, B, gi, train_A, pair.basis(B.device, basis_dtype),
                                         pair.weights(B.device, md)))
         steps = _gather_steps(step_states)
+        off = 0  # step_states: each bucket's A then B states, in bucket order, then the partial pairs'
+        for bucket in out_buckets:
+            bucket.steps = steps[off:off + 2 * len(bucket)]
+            off += 2 * len(bucket)
+        partial_steps = steps[off:] if partial else None
         for bucket in out_buckets:
             bucket.batch.step_A = [self.state[a]["step"] for a in bucket.A]
             bucket.batch.step_B = [self.state[b]["step"] for b in bucket.B]
@@ -647,6 +678,7 @@ class AsFTAdamW(torch.optim.AdamW):
             plain=plain,
             plain_fp32_state=plain_fp32,
             steps=steps,
+            partial_steps=partial_steps,
         )
 
     def _make_bucket(self, backend: Backend, gi: int, items: list, step_states: list[dict]) -> _Bucket:
@@ -691,7 +723,7 @@ class AsFTAdamW(torch.optim.AdamW):
             backend=backend, group_index=gi, pairs=pairs, A=As, B=Bs, batch=batch, P=P, G=G, M=M,
             Q_B=Q_B, R_B=R_B, H=H, w=w, coef=coef, watch=[local_tensor(t) for t in As + Bs],
             missing_A=missing_A, missing_B=missing_B, zeros_A=zeros_A, zeros_B=zeros_B,
-            shards=shards if sharded else None, gathered_A=[None] * L,
+            shards=shards if sharded else None, gathered_A=[None] * L, coefs=coefs, w_list=list(w.unbind(0)),
         )
 
     def _state_for(self, p: Tensor) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from asft_kernels.errors import OptimizerInputError
-from asft_kernels.ops import EAGER, AdamWHyper, AnchoredBatch, cpp, eager, resolve_backend
+from asft_kernels.ops import BATCH_FIELDS, EAGER, AdamWHyper, AnchoredBatch, cpp, eager, resolve_backend
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # max |cpp − eager| / max |eager| per parameter dtype: the two differ by summation order
@@ -413,3 +413,83 @@ def test_unforeseen_rebuild_still_prints_the_line(monkeypatch, tmp_path, capsys)
     cpp.build()
     err = capsys.readouterr().err
     assert len(calls) == 1 and len(err.strip().splitlines()) == 1 and "compiling" in err
+
+
+# ---------------------------------------------------------------------------------------
+# asft::anchored_adamw_step_: counters, anchoring terms and fused step of a bucket in one op
+
+
+def _step_args(cols, steps=3.0, seed=5):
+    """A batch with contiguous Q_B/R_B/H outputs, per-pair w (k, 1) and 2λ·coef."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(cols["A"])
+    md = cols["P"][0].dtype
+    for j in range(n):  # statistics of the current parameters, as the optimizer carries them
+        U, B, A = cols["U"][j], cols["B"][j].to(md), cols["A"][j].to(md)
+        cols["P"][j].copy_(U.mT @ B)
+        cols["G"][j].copy_(B.mT @ B)
+        cols["M"][j].copy_(A @ A.mT)
+        cols["Q"][j] = torch.full_like(cols["Q"][j], float("nan"))
+        cols["R"][j] = torch.full_like(cols["R"][j], float("nan"))
+        cols["H"][j] = torch.full_like(cols["H"][j], float("nan"))
+    batch = AnchoredBatch(
+        cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"], cols["M"],
+        cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"],
+        [torch.tensor(float(steps)) for _ in range(n)], [torch.tensor(float(steps) + 1) for _ in range(n)])
+    c = [torch.rand(u.shape[1], 1, generator=g, dtype=torch.float64).to(md) for u in cols["U"]]
+    w = [2 * x - x * x for x in c]
+    scale = [0.3 * (1 + j) for j in range(n)]
+    return batch, w, scale, AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_anchored_step_is_terms_counters_and_fused_step(dtype):
+    """One call equals the three steps it replaces: bitwise against the C++ terms + counter
+    increment + C++ fused step, and within the usual tolerance against the eager op."""
+    shapes = [(37, 50, 3, 5), (123, 300, 8, 17), (300, 257, 16, 64), (45, 70, 33, 19)]
+    cols = _pairs(shapes, dtype, seed=3)
+    one, w, scale, hyper = _step_args(_clone(cols))
+    three, _, _, _ = _step_args(_clone(cols))
+    ref, _, _, _ = _step_args(_clone(cols))
+    R_one = cpp.anchored_step(one, w, scale, hyper)
+    # the same work in three calls
+    R_three = 0.0
+    for j in range(len(shapes)):
+        R_three += float(cpp.terms(three.P[j][None], three.G[j][None], three.M[j][None], w[j][None], scale[j],
+                                   three.Q_B[j][None], three.R_B[j][None], three.H[j][None]))
+    torch._foreach_add_(three.step_A + three.step_B, 1.0)
+    cpp.fused_step(three, hyper)
+    R_ref = eager.anchored_step(ref, w, scale, hyper)
+    md = torch.float64 if dtype == torch.float64 else torch.float32
+    assert R_one.shape == () and R_one.dtype == md == R_ref.dtype
+    assert abs(float(R_one) - R_three) <= 1e-6 * abs(R_three)
+    _assert_close("R", R_one, R_ref, md)
+    for name in BATCH_FIELDS:
+        if name in ("grad_A", "grad_B", "U"):
+            continue
+        for j, (a, b, c) in enumerate(zip(getattr(one, name), getattr(three, name), getattr(ref, name))):
+            assert torch.equal(a, b), f"{name}[{j}]"
+            _assert_close(f"{name}[{j}] vs eager", a, c, dtype if name in ("A", "B") else md)
+    assert [float(t) for t in one.step_A] == [4.0] * len(shapes)
+    assert [float(t) for t in one.step_B] == [5.0] * len(shapes)
+
+
+def test_anchored_step_opcheck_and_bad_input_changes_nothing():
+    cols = _pairs([(37, 50, 3, 5), (1, 7, 2, 1)], torch.float32, seed=1)
+    batch, w, scale, hyper = _step_args(cols)
+    torch.library.opcheck(torch.ops.asft.anchored_adamw_step_.default,
+                          (*batch.op_args(), w, scale, *hyper.op_args()))
+    batch, w, scale, hyper = _step_args(_pairs([(37, 50, 3, 5), (20, 9, 2, 4)], torch.float32, seed=2))
+    before = {name: [t.clone() for t in getattr(batch, name)] for name in BATCH_FIELDS}
+    bad = [w[0], torch.zeros(5, 1)]  # pair 1 has k = 4
+    with pytest.raises(OptimizerInputError, match=r"w\[1\].*\(4, 1\).*\(5, 1\)"):
+        cpp.anchored_step(batch, bad, scale, hyper)
+    with pytest.raises(OptimizerInputError, match="one w and one scale per pair"):
+        cpp.anchored_step(batch, w, scale[:1], hyper)
+    batch.R_B[1] = torch.zeros(2, 4).T  # an output must be contiguous here
+    with pytest.raises(OptimizerInputError, match=r"R_B\[1\] must be contiguous"):
+        cpp.anchored_step(batch, w, scale, hyper)
+    batch.R_B[1] = before["R_B"][1].clone()
+    for name in BATCH_FIELDS:  # counters included: nothing was written
+        for j, (a, b) in enumerate(zip(getattr(batch, name), before[name])):
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), f"{name}[{j}]"

@@ -890,83 +890,112 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   return {Ps, Gs, Ms};
 }
 
+// The lists of one fused call, in the op schema's order.
+struct FusedArgs {
+  at::TensorList A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B, H,
+      step_A, step_B;
+};
+
+// Pairs of a validated fused call, ready to run.
+struct FusedCall {
+  std::vector<at::Tensor> keep;  // converted bases
+  std::vector<PairView> pairs;
+  std::vector<ScratchOffsets> offsets;
+  int64_t total = 0;
+};
+
+// Validates every list entry of a fused call (nothing is written) and sets up its pairs.
+// `step_increment`: added to every step counter before it is used (the counters are
+// written by the caller only after this returns), so it is checked as t + increment ≥ 1.
+// `terms_out`: Q_B, R_B, H are outputs (contiguous), else inputs of any strides.
+FusedCall prepare_fused(const FusedArgs& a, double step_increment, bool terms_out) {
+  const size_t npairs = a.A.size();
+  const size_t sizes[] = {a.B.size(),      a.exp_avg_A.size(), a.exp_avg_sq_A.size(), a.exp_avg_B.size(),
+                          a.exp_avg_sq_B.size(), a.P.size(),   a.G.size(),            a.M.size(),
+                          a.grad_A.size(), a.grad_B.size(),    a.U.size(),            a.Q_B.size(),
+                          a.R_B.size(),    a.H.size(),         a.step_A.size(),       a.step_B.size()};
+  for (size_t s : sizes)
+    TORCH_CHECK_VALUE(s == npairs, "asft::cpp: fused_anchored_adamw_ needs one entry per pair in every list; A has ",
+                      npairs, ", another list has ", s);
+  FusedCall call;
+  call.pairs.resize(npairs);
+  call.offsets.resize(npairs);
+  for (size_t j = 0; j < npairs; ++j) {
+    auto [m, n, r, k] = check_pair(a.U[j], a.B[j], a.A[j], j);
+    const auto pt = a.B[j].scalar_type();
+    const auto acc = acc_type(pt);
+    check_tensor(a.grad_A[j], "grad_A", j, {r, n}, pt, true);
+    check_tensor(a.grad_B[j], "grad_B", j, {m, r}, pt, true);
+    check_tensor(a.exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
+    check_tensor(a.exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
+    check_tensor(a.exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
+    check_tensor(a.exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
+    check_tensor(a.P[j], "P", j, {k, r}, acc, true);
+    check_tensor(a.G[j], "G", j, {r, r}, acc, true);
+    check_tensor(a.M[j], "M", j, {r, r}, acc, true);
+    check_tensor(a.Q_B[j], "Q_B", j, {r, r}, acc, terms_out);
+    check_tensor(a.R_B[j], "R_B", j, {k, r}, acc, terms_out);
+    check_tensor(a.H[j], "H", j, {r, r}, acc, terms_out);
+    const double t_A = step_value(a.step_A[j], "step_A", j) + step_increment;
+    const double t_B = step_value(a.step_B[j], "step_B", j) + step_increment;
+    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: step_A[", j, "] and step_B[", j, "] must be >= ",
+                      1 - step_increment, step_increment > 0 ? " (incremented by this op)" : " (already incremented)",
+                      ", found ", t_A - step_increment, " and ", t_B - step_increment);
+
+    PairView& pv = call.pairs[j];
+    pv = PairView{};
+    pv.A = a.A[j].data_ptr();
+    pv.B = a.B[j].data_ptr();
+    pv.grad_A = a.grad_A[j].data_ptr();
+    pv.grad_B = a.grad_B[j].data_ptr();
+    pv.exp_avg_A = a.exp_avg_A[j].data_ptr();
+    pv.exp_avg_sq_A = a.exp_avg_sq_A[j].data_ptr();
+    pv.exp_avg_B = a.exp_avg_B[j].data_ptr();
+    pv.exp_avg_sq_B = a.exp_avg_sq_B[j].data_ptr();
+    pv.U = basis_in(a.U[j], acc, call.keep);
+    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
+    pv.step_A = t_A;
+    pv.step_B = t_B;
+    pv.P_out = a.P[j].data_ptr();
+    pv.G_out = a.G[j].data_ptr();
+    pv.M_out = a.M[j].data_ptr();
+    call.offsets[j] = plan_scratch(pv, acc, true, call.total);
+    bind_kernels<true>(pv, pt);
+  }
+  return call;
+}
+
+// Runs a prepared fused call (Q_B, R_B, H already final) and bumps the version counters of
+// everything it wrote.
+void run_fused(FusedCall& call, const FusedArgs& a, const Hyper& h) {
+  // one allocation for every pair's weights and partial statistics
+  at::Tensor fresh;
+  uint8_t* scratch = call_scratch(call.total, fresh);
+  for (size_t j = 0; j < call.pairs.size(); ++j) {
+    PairView& pv = call.pairs[j];
+    place_scratch(pv, call.offsets[j], scratch);
+    if (acc_type(a.B[j].scalar_type()) == at::kDouble)
+      fill_weights<double>(pv, a.Q_B[j], a.R_B[j], a.H[j]);
+    else
+      fill_weights<float>(pv, a.Q_B[j], a.R_B[j], a.H[j]);
+  }
+  run_pairs(call.pairs, h);
+  // The kernels write through raw pointers; bump the version counters as in-place torch ops
+  // would, so autograd and the optimizer's edit detection see the new values.
+  for (at::TensorList list : {a.A, a.B, a.exp_avg_A, a.exp_avg_sq_A, a.exp_avg_B, a.exp_avg_sq_B, a.P, a.G, a.M})
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+}
+
 void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList exp_avg_A,
                               at::TensorList exp_avg_sq_A, at::TensorList exp_avg_B, at::TensorList exp_avg_sq_B,
                               at::TensorList P, at::TensorList G, at::TensorList M, at::TensorList grad_A,
                               at::TensorList grad_B, at::TensorList U, at::TensorList Q_B, at::TensorList R_B,
                               at::TensorList H, at::TensorList step_A, at::TensorList step_B, double lr,
                               double beta1, double beta2, double eps, double weight_decay, bool maximize) {
-  const size_t npairs = A.size();
-  const size_t sizes[] = {B.size(),      exp_avg_A.size(), exp_avg_sq_A.size(), exp_avg_B.size(), exp_avg_sq_B.size(),
-                          P.size(),      G.size(),         M.size(),            grad_A.size(),    grad_B.size(),
-                          U.size(),      Q_B.size(),       R_B.size(),          H.size(),         step_A.size(),
-                          step_B.size()};
-  for (size_t s : sizes)
-    TORCH_CHECK_VALUE(s == npairs, "asft::cpp: fused_anchored_adamw_ needs one entry per pair in every list; A has ",
-                      npairs, ", another list has ", s);
-
-  // Validate everything before anything is written.
-  std::vector<at::Tensor> keep;
-  std::vector<PairView> pairs(npairs);
-  std::vector<ScratchOffsets> offsets(npairs);
-  int64_t total = 0;
-  for (size_t j = 0; j < npairs; ++j) {
-    auto [m, n, r, k] = check_pair(U[j], B[j], A[j], j);
-    const auto pt = B[j].scalar_type();
-    const auto acc = acc_type(pt);
-    check_tensor(grad_A[j], "grad_A", j, {r, n}, pt, true);
-    check_tensor(grad_B[j], "grad_B", j, {m, r}, pt, true);
-    check_tensor(exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
-    check_tensor(exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
-    check_tensor(exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
-    check_tensor(exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
-    check_tensor(P[j], "P", j, {k, r}, acc, true);
-    check_tensor(G[j], "G", j, {r, r}, acc, true);
-    check_tensor(M[j], "M", j, {r, r}, acc, true);
-    check_tensor(Q_B[j], "Q_B", j, {r, r}, acc, false);
-    check_tensor(R_B[j], "R_B", j, {k, r}, acc, false);
-    check_tensor(H[j], "H", j, {r, r}, acc, false);
-    const double t_A = step_value(step_A[j], "step_A", j);
-    const double t_B = step_value(step_B[j], "step_B", j);
-    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: step_A[", j, "] and step_B[", j,
-                      "] must be >= 1 (already incremented), found ", t_A, " and ", t_B);
-
-    PairView& pv = pairs[j];
-    pv = PairView{};
-    pv.A = A[j].data_ptr();
-    pv.B = B[j].data_ptr();
-    pv.grad_A = grad_A[j].data_ptr();
-    pv.grad_B = grad_B[j].data_ptr();
-    pv.exp_avg_A = exp_avg_A[j].data_ptr();
-    pv.exp_avg_sq_A = exp_avg_sq_A[j].data_ptr();
-    pv.exp_avg_B = exp_avg_B[j].data_ptr();
-    pv.exp_avg_sq_B = exp_avg_sq_B[j].data_ptr();
-    pv.U = basis_in(U[j], acc, keep);
-    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
-    pv.step_A = t_A;
-    pv.step_B = t_B;
-    pv.P_out = P[j].data_ptr();
-    pv.G_out = G[j].data_ptr();
-    pv.M_out = M[j].data_ptr();
-    offsets[j] = plan_scratch(pv, acc, true, total);
-    bind_kernels<true>(pv, pt);
-  }
-  // one allocation for every pair's weights and partial statistics
-  at::Tensor fresh;
-  uint8_t* scratch = call_scratch(total, fresh);
-  for (size_t j = 0; j < npairs; ++j) {
-    PairView& pv = pairs[j];
-    place_scratch(pv, offsets[j], scratch);
-    if (acc_type(B[j].scalar_type()) == at::kDouble)
-      fill_weights<double>(pv, Q_B[j], R_B[j], H[j]);
-    else
-      fill_weights<float>(pv, Q_B[j], R_B[j], H[j]);
-  }
-  run_pairs(pairs, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
-  // The kernels write through raw pointers; bump the version counters as in-place torch ops
-  // would, so autograd and the optimizer's edit detection see the new values.
-  for (at::TensorList list : {A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M})
-    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
+                    H, step_A, step_B};
+  FusedCall call = prepare_fused(a, 0.0, false);  // validates everything before anything is written
+  run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
 }
 
 // -------------------------------------------------------------------------- anchoring terms
@@ -1074,12 +1103,74 @@ at::Tensor anchoring_terms_cpu(const at::Tensor& P, const at::Tensor& G, const a
   return loss;
 }
 
+
+// ------------------------------------------------------------------------- the whole step
+// anchored_adamw_step_(<the lists of fused_anchored_adamw_>, w, scale, lr, ...) -> R: the
+// step of one bucket in one call. After every list entry is validated: every step counter
+// is advanced by one (as torch.optim.AdamW advances state["step"]); per pair j, the
+// anchoring terms from P, G, M with 2λ = scale[j] into Q_B, R_B, H (anchoring_terms_, one
+// pair at a time); then the fused step. Returns R = ½ Σ_j ⟨H_j, M_j⟩ at the statistics
+// before the step (fp64 sum in pair order, stored in the pairs' math dtype).
+at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::TensorList exp_avg_A,
+                                   at::TensorList exp_avg_sq_A, at::TensorList exp_avg_B,
+                                   at::TensorList exp_avg_sq_B, at::TensorList P, at::TensorList G, at::TensorList M,
+                                   at::TensorList grad_A, at::TensorList grad_B, at::TensorList U,
+                                   at::TensorList Q_B, at::TensorList R_B, at::TensorList H, at::TensorList step_A,
+                                   at::TensorList step_B, at::TensorList w, at::ArrayRef<double> scale, double lr,
+                                   double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+  const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
+                    H, step_A, step_B};
+  const size_t npairs = A.size();
+  FusedCall call = prepare_fused(a, 1.0, true);
+  TORCH_CHECK_VALUE(w.size() == npairs && scale.size() == npairs, "asft::cpp: anchored_adamw_step_ needs one w and ",
+                    "one scale per pair; A has ", npairs, ", w ", w.size(), ", scale ", scale.size());
+  const auto acc = npairs > 0 ? acc_type(B[0].scalar_type()) : at::kFloat;
+  for (size_t j = 0; j < npairs; ++j) {
+    TORCH_CHECK_VALUE(acc_type(B[j].scalar_type()) == acc, "asft::cpp: anchored_adamw_step_: every pair needs the ",
+                      "math dtype of pair 0 (", acc, "), B[", j, "] is ", B[j].scalar_type());
+    check_tensor(w[j], "w", j, {call.pairs[j].k, 1}, acc, true);
+  }
+  // ---- every check passed: writes
+  for (at::TensorList list : {step_A, step_B})
+    for (const at::Tensor& t : list) {
+      if (t.scalar_type() == at::kFloat)
+        *t.data_ptr<float>() += 1.0f;
+      else
+        *t.data_ptr<double>() += 1.0;
+      t.unsafeGetTensorImpl()->bump_version();
+    }
+  double loss = 0;
+  for (size_t j = 0; j < npairs; ++j) {
+    const int64_t k = call.pairs[j].k, r = call.pairs[j].r;
+    if (acc == at::kDouble)
+      loss += anchoring_terms_kernel<double>(1, k, r, P[j].const_data_ptr<double>(), G[j].const_data_ptr<double>(),
+                                             M[j].const_data_ptr<double>(), w[j].const_data_ptr<double>(), nullptr, 0,
+                                             scale[j], Q_B[j].data_ptr<double>(), R_B[j].data_ptr<double>(),
+                                             H[j].data_ptr<double>());
+    else
+      loss += anchoring_terms_kernel<float>(1, k, r, P[j].const_data_ptr<float>(), G[j].const_data_ptr<float>(),
+                                            M[j].const_data_ptr<float>(), w[j].const_data_ptr<float>(), nullptr, 0,
+                                            scale[j], Q_B[j].data_ptr<float>(), R_B[j].data_ptr<float>(),
+                                            H[j].data_ptr<float>());
+  }
+  for (at::TensorList list : {Q_B, R_B, H})
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(acc).device(at::kCPU));
+  if (acc == at::kDouble)
+    *out.data_ptr<double>() = loss;
+  else
+    *out.data_ptr<float>() = static_cast<float>(loss);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(asft, CPU, m) {
   m.impl("stats_pass", &stats_pass_cpu);
   m.impl("fused_anchored_adamw_", &fused_anchored_adamw_cpu);
   m.impl("anchoring_terms_", &anchoring_terms_cpu);
+  m.impl("anchored_adamw_step_", &anchored_adamw_step_cpu);
 }
 
 }  // namespace asft

@@ -46,6 +46,10 @@ class Backend:
     fused_step: Callable[[AnchoredBatch, AdamWHyper], None]
     #: ``(P, G, M, w, two_lam, Q_B, R_B, H) -> R``: the anchoring terms of a bucket
     terms: Callable = eager.anchoring_terms
+    #: ``(batch, w, scale, hyper) -> R``: counters, terms and fused step of a bucket in one
+    #: call (``asft::anchored_adamw_step_``), where the backend has one; else the optimizer
+    #: runs ``terms``, advances the counters and calls ``fused_step``
+    anchored_step: Callable | None = None
 
 
 EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step, eager.anchoring_terms)
@@ -54,6 +58,7 @@ EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step, eag
 _lib.impl("stats_pass", eager.stats_pass, "CompositeExplicitAutograd")
 _lib.impl("fused_anchored_adamw_", op_kernel(eager.fused_step), "CompositeExplicitAutograd")
 _lib.impl("anchoring_terms_", eager.anchoring_terms_op, "CompositeExplicitAutograd")
+_lib.impl("anchored_adamw_step_", eager.anchored_step_op, "CompositeExplicitAutograd")
 
 
 def _compiled_backend(name: str) -> Backend | None:
@@ -64,7 +69,8 @@ def _compiled_backend(name: str) -> Backend | None:
         return None
     if not mod.is_available():
         return None
-    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, getattr(mod, "terms", eager.anchoring_terms))
+    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, getattr(mod, "terms", eager.anchoring_terms),
+                   getattr(mod, "anchored_step", None))
 
 
 def _triton_interpreting() -> bool:

@@ -118,3 +118,23 @@ def terms(
         return torch.ops.asft.anchoring_terms_(P, G, M, w, coef, scale, Q_B, R_B, H)
     except ValueError as exc:
         raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+
+
+def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[float], hyper: AdamWHyper) -> Tensor:
+    """The step of one bucket in one C++ call (``asft::anchored_adamw_step_``): every input
+    validated, then the step counters advanced, the anchoring terms written into ``Q_B``,
+    ``R_B``, ``H`` (2λ = ``scale[j]``, ``w[j]`` (k, 1)) and the fused step of
+    :func:`fused_step`.
+
+    Returns:
+        ``R = ½ Σ_j ⟨H_j, M_j⟩`` at the statistics before the step (0-d, math dtype).
+
+    Raises:
+        OptimizerInputError: a shape, dtype, device or layout the contract does not allow
+            (nothing is written).
+    """
+    _require()
+    try:
+        return torch.ops.asft.anchored_adamw_step_(*batch.op_args(), list(w), list(scale), *hyper.op_args())
+    except ValueError as exc:
+        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .schema import AdamWHyper, AnchoredBatch
+from .schema import BATCH_FIELDS, AdamWHyper, AnchoredBatch
 
 
 def _math(t: Tensor) -> torch.dtype:
@@ -129,6 +129,30 @@ def anchoring_terms_op(
     ``2λ = two_lam · coef`` (``coef`` None or (L, 1, 1))."""
     scale = two_lam if coef is None else coef if two_lam == 1.0 else coef * two_lam
     return anchoring_terms(P, G, M, w, scale, Q_B, R_B, H)
+
+
+def anchored_step(batch: AnchoredBatch, w: list[Tensor], scale: list[float], hyper: AdamWHyper) -> Tensor:
+    """``asft::anchored_adamw_step_`` (:mod:`asft_kernels.ops.schema`) in torch ops: the step
+    counters advanced, the anchoring terms of every pair (:func:`anchoring_terms`, one pair at
+    a time, ``2λ = scale[j]``, ``w[j]`` (k, 1)), then :func:`fused_step`. Returns ``R`` (0-d,
+    math dtype)."""
+    if len(batch) == 0:
+        return torch.zeros(())
+    torch._foreach_add_(list(batch.step_A) + list(batch.step_B), 1.0)
+    loss = None
+    for j in range(len(batch)):
+        part = anchoring_terms(batch.P[j][None], batch.G[j][None], batch.M[j][None], w[j][None], float(scale[j]),
+                               batch.Q_B[j][None], batch.R_B[j][None], batch.H[j][None])
+        loss = part if loss is None else loss + part.to(loss.dtype)
+    fused_step(batch, hyper)
+    return loss
+
+
+def anchored_step_op(*args) -> Tensor:
+    """:func:`anchored_step` in the op's positional argument order."""
+    n = len(BATCH_FIELDS)
+    batch = AnchoredBatch(*(list(xs) for xs in args[:n]))
+    return anchored_step(batch, list(args[n]), list(args[n + 1]), AdamWHyper(*args[n + 2:]))
 
 
 def supports(dtype: torch.dtype, rank: int) -> bool:

@@ -1,4 +1,4 @@
-"""The backend contract: three ``torch.library`` ops declared once, implemented per device.
+"""The backend contract: four ``torch.library`` ops declared once, implemented per device.
 
 Every backend (``eager`` in plain torch, ``cpp`` for CPU tensors, ``triton`` for CUDA
 tensors) implements the same operations on a *batch* of anchored LoRA pairs (``triton``
@@ -52,6 +52,16 @@ weight_decay, maximize)``
 
     and returned: ``R = ½ Σ_j ⟨H_j, M_j⟩``, a new 0-d tensor in the math dtype.
 
+``asft::anchored_adamw_step_(<the 17 lists of fused_anchored_adamw_>, w, scale, lr, beta1,
+beta2, eps, weight_decay, maximize) -> R``
+    The whole step of one bucket in one call: every list entry is validated first; then
+    every ``step_A``/``step_B`` counter is advanced by one (as ``torch.optim.AdamW``
+    advances ``state["step"]``), the anchoring terms of each pair ``j`` are written into
+    ``Q_B[j]``, ``R_B[j]``, ``H[j]`` (contiguous outputs here) as ``anchoring_terms_`` with
+    ``2λ = scale[j]`` and ``w[j]`` (k, 1), and ``fused_anchored_adamw_`` runs. Returns ``R``
+    (as ``anchoring_terms_``, at the statistics before the step; every pair in the math
+    dtype of pair 0). Saves the optimizer two dispatched ops per step and bucket.
+
 The default implementation (any device) is the eager one; ``cpp`` registers the CPU
 kernel and ``triton`` the CUDA kernel under these names.
 """
@@ -85,10 +95,25 @@ ANCHORING_TERMS_SCHEMA = (
     "Tensor(a!) Q_B, Tensor(b!) R_B, Tensor(c!) H) -> Tensor"
 )
 
+ANCHORED_STEP_SCHEMA = (
+    "anchored_adamw_step_("
+    "Tensor(a!)[] A, Tensor(b!)[] B, "
+    "Tensor(c!)[] exp_avg_A, Tensor(d!)[] exp_avg_sq_A, "
+    "Tensor(e!)[] exp_avg_B, Tensor(f!)[] exp_avg_sq_B, "
+    "Tensor(g!)[] P, Tensor(h!)[] G, Tensor(i!)[] M, "
+    "Tensor[] grad_A, Tensor[] grad_B, Tensor[] U, "
+    "Tensor(j!)[] Q_B, Tensor(k!)[] R_B, Tensor(l!)[] H, "
+    "Tensor(m!)[] step_A, Tensor(n!)[] step_B, "
+    "Tensor[] w, float[] scale, "
+    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize"
+    ") -> Tensor"
+)
+
 _lib = torch.library.Library(LIBRARY_NAME, "FRAGMENT")
 _lib.define(STATS_PASS_SCHEMA)
 _lib.define(FUSED_STEP_SCHEMA)
 _lib.define(ANCHORING_TERMS_SCHEMA)
+_lib.define(ANCHORED_STEP_SCHEMA)
 
 
 def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -188,3 +213,9 @@ def _fused_fake(*args, **kwargs):
 @torch.library.register_fake(f"{LIBRARY_NAME}::anchoring_terms_")
 def _anchoring_terms_fake(P, G, M, w, coef, two_lam, Q_B, R_B, H):
     return P.new_empty(())
+
+
+@torch.library.register_fake(f"{LIBRARY_NAME}::anchored_adamw_step_")
+def _anchored_step_fake(*args):
+    B = args[1]
+    return B[0].new_empty((), dtype=math_dtype(B[0].dtype)) if B else torch.empty(())
