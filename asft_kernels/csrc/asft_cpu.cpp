@@ -235,12 +235,28 @@ inline void gemm_rows_nvc(const acc_t* X1, int64_t ldx1, int64_t K1, const acc_t
                           int64_t K2, const acc_t* W2, int64_t ldw, acc_t* C, int64_t ldc, int64_t rows,
                           const char* pf, int64_t pf_lines) {
   constexpr int JT = rows_per_tile(NVC);
-  const int64_t tiles = rows / JT + rows % JT;
+  int64_t rest = rows % JT;  // tiles the loops below run: full ones, then 4, 2, 1 rows
+  int64_t tiles = rows / JT;
+  if (JT > 4) tiles += rest / 4, rest %= 4;
+  if (JT > 2) tiles += rest / 2, rest %= 2;
+  tiles += rest;
   const int64_t per_tile = (pf_lines + tiles - 1) / std::max<int64_t>(tiles, 1);
   int64_t j = 0;
   for (; j + JT <= rows; j += JT, pf += per_tile * 64, pf_lines -= per_tile)
     gemm_tile<acc_t, JT, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
                               std::min(per_tile, pf_lines));
+  // the rows left over (e.g. 4 of r = 64 rows of H A in tiles of 6): a tile of 4, of 2, then
+  // single rows, each row still summed over d, then t, in order
+  if constexpr (JT > 4) {
+    for (; j + 4 <= rows; j += 4, pf += per_tile * 64, pf_lines -= per_tile)
+      gemm_tile<acc_t, 4, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
+                               std::min(per_tile, pf_lines));
+  }
+  if constexpr (JT > 2) {
+    for (; j + 2 <= rows; j += 2, pf += per_tile * 64, pf_lines -= per_tile)
+      gemm_tile<acc_t, 2, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
+                               std::min(per_tile, pf_lines));
+  }
   for (; j < rows; ++j, pf += per_tile * 64, pf_lines -= per_tile)
     gemm_tile<acc_t, 1, NVC>(X1 + j * ldx1, ldx1, K1, W1, X2 + j * ldx2, ldx2, K2, W2, ldw, C + j * ldc, ldc, pf,
                              std::min(per_tile, pf_lines));
@@ -629,13 +645,13 @@ void reduce_pair(const PairView& pv) {
   std::fill(P, P + k * r, acc_t(0));
   std::fill(G, G + r * r, acc_t(0));
   std::fill(M, M + r * r, acc_t(0));
-  // the Pᵀ partials summed in their own layout (contiguous rows; from zero, in block order),
-  // then transposed once into P (k, r)
+  // the Pᵀ partials summed in their own layout (contiguous rows, in block order) into the
+  // first block's partial (scratch of this call), then transposed once into P (k, r)
   acc_t* Pt = static_cast<acc_t*>(pv.P_part);  // (row_blocks, r, kp)
   if (pv.row_blocks > 0) {
-    std::vector<acc_t> sum(static_cast<size_t>(r * kp), acc_t(0));
-    for (int64_t b = 0; b < pv.row_blocks; ++b) {
-      const acc_t* src = Pt + b * r * kp;
+    acc_t* __restrict sum = Pt;
+    for (int64_t b = 1; b < pv.row_blocks; ++b) {
+      const acc_t* __restrict src = Pt + b * r * kp;
 #pragma omp simd
       for (int64_t x = 0; x < r * kp; ++x) sum[x] += src[x];
     }
