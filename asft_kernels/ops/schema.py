@@ -13,7 +13,8 @@ Symbols (docs/method.md), per pair ``j``:
 * statistics ``P = Uᵀ B`` (k, r), ``G = Bᵀ B`` (r, r), ``M = A Aᵀ`` (r, r), in the *math
   dtype*: fp64 for fp64 params, fp32 otherwise.
 * ``Q_B = 2λ M`` (r, r), ``R_B = 2λ diag(w) P M`` (k, r), ``H = 2λ (G − Pᵀ diag(w) P)``
-  (r, r), math dtype, computed by the optimizer from the cached statistics.
+  (r, r), math dtype, computed from the cached statistics (by ``anchoring_terms_`` or inside
+  ``anchored_adamw_step_``).
 
 ``asft::stats_pass(U, B, A) -> (P, G, M)``
     Fresh statistics from the stored parameters.
