@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import asft_kernels as asft
 from asft_kernels.anchor import normalize_module_name
+from asft_kernels.ops import cpp
 from asft_kernels.reference import paper_regularizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,3 +203,31 @@ def test_rebuilt_after_dtype_change():
     assert all(p.dtype == torch.float32 for p in trainable(m1))
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-5
     assert o1.plan_builds == 2
+
+
+def test_one_call_cpp_buckets_beside_eager_and_frozen_factor_pairs():
+    """A plan with a cpp bucket (its one op advances its own counters), a pair routed to
+    eager (r = 80 > 64) and a pair with a frozen factor: every counter advances once per
+    step and the trajectory is the float64 ground truth."""
+    if not cpp.is_available():
+        pytest.skip("no C++ compiler on this machine")
+    anchor = odd_anchor(rank=4)
+    models = [odd_lora(r=3, rank_pattern={"up": 80}) for _ in range(2)]
+    for m in models:  # the "out" pair trains B only
+        for name, p in m.named_parameters():
+            if "out" in name and "lora_A" in name:
+                p.requires_grad_(False)
+    m1, m2 = models
+    lora = [p for n, p in m1.named_parameters() if "lora_" in n]  # the frozen factor too: pairs stay whole
+    o1 = asft.AsFTAdamW(lora, lr=1e-2, weight_decay=0.01, anchor=anchor.bind(m1), anchor_lambda=0.5,
+                        backend="cpp")
+    b2 = anchor.bind(m2)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2, weight_decay=0.01)
+    for s in range(4):
+        lockstep(m1, o1, m2, o2, b2, s, lam=0.5)
+    plan = o1._plan
+    assert sorted(b.backend.name for b in plan.buckets) == ["cpp", "eager"] and len(plan.partial) == 1
+    assert [b.one_call for b in plan.buckets if b.backend.name == "cpp"] == [True]
+    assert all(float(o1.state[p]["step"]) == 4.0 for p in trainable(m1))
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    assert o1.plan_builds == 1
