@@ -67,7 +67,8 @@ def _step_with_hooks(step):
     ``Optimizer.step#<class>.step``. The difference: the ``record_function`` is entered
     only while a profiler runs. Outside profiling it records nothing, but its two
     dispatched ops cost tens of µs per step when the caches are cold after forward/backward.
-    Marked ``hooked`` so that ``Optimizer`` does not wrap it a second time."""
+    Marked ``hooked`` so that ``Optimizer`` does not wrap it a second time; a subclass that
+    overrides ``step`` gets torch's wrapper, and its ``super().step()`` runs no hooks again."""
 
     def run(args, kwargs):
         self = args[0]
@@ -89,6 +90,8 @@ def _step_with_hooks(step):
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
+        if type(args[0]).step is not wrapper:  # a subclass's own step, which torch wrapped: its hooks ran
+            return step(*args, **kwargs)
         if torch.autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(args[0]).__name__}.step"):
                 return run(args, kwargs)

@@ -281,6 +281,17 @@ def test_step_hooks_run_once_and_the_profiler_sees_the_step(anchored):
         opt.step()
     assert "Optimizer.step#AsFTAdamW.step" in [e.name for e in prof.events()]
 
+    class Logged(asft.AsFTAdamW):  # a subclass with its own step: torch wraps that one
+        def step(self, closure=None):
+            return super().step(closure)
+
+    sub = Logged(trainable(model), lr=1e-2, anchor=anchor.bind(model) if anchored else None)
+    calls.clear()
+    sub.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    sub.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    sub.step()
+    assert calls == ["pre", "post"]
+
 
 def test_gradient_accumulation_applies_regularizer_once_per_step():
     m1, o1, m2, o2, b2 = asft_and_reference()
