@@ -196,34 +196,25 @@ inline void gemm_tile(const acc_t* __restrict X1, int64_t ldx1, int64_t K1, cons
   for (int j = 0; j < JT; ++j)
     ASFT_UNROLL
     for (int v = 0; v < NVC; ++v) acc[j][v] = V(acc_t(0));
-  for (int64_t d = 0; d < K1; ++d) {
+  // acc[j] += X[j, t] W[t] for every row j of the tile: one row of W loaded, X broadcast
+  auto step = [&](const acc_t* __restrict X, int64_t ldx, const acc_t* __restrict Wr, int64_t t) {
     V w[NVC];
     ASFT_UNROLL
-    for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W1 + d * ldw + v * L);
+    for (int v = 0; v < NVC; ++v) w[v] = V::loadu(Wr + t * ldw + v * L);
     ASFT_UNROLL
     for (int j = 0; j < JT; ++j) {
-      const V x(X1[j * ldx1 + d]);
-      ASFT_UNROLL
-      for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
-    }
-  }
-  auto step = [&](int64_t t) {
-    V w[NVC];
-    ASFT_UNROLL
-    for (int v = 0; v < NVC; ++v) w[v] = V::loadu(W2 + t * ldw + v * L);
-    ASFT_UNROLL
-    for (int j = 0; j < JT; ++j) {
-      const V x(X2[j * ldx2 + t]);
+      const V x(X[j * ldx + t]);
       ASFT_UNROLL
       for (int v = 0; v < NVC; ++v) acc[j][v] = at::vec::fmadd(x, w[v], acc[j][v]);
     }
   };
+  for (int64_t d = 0; d < K1; ++d) step(X1, ldx1, W1, d);
   const int64_t t_pf = std::max<int64_t>(0, std::min(K2, pf_lines));
   for (int64_t t = 0; t < t_pf; ++t) {
     __builtin_prefetch(pf + t * 64, 0, 3);
-    step(t);
+    step(X2, ldx2, W2, t);
   }
-  for (int64_t t = t_pf; t < K2; ++t) step(t);
+  for (int64_t t = t_pf; t < K2; ++t) step(X2, ldx2, W2, t);
   ASFT_UNROLL
   for (int j = 0; j < JT; ++j)
     ASFT_UNROLL
@@ -1155,28 +1146,19 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
         *t.data_ptr<double>() += 1.0;
       t.unsafeGetTensorImpl()->bump_version();
     }
-  double loss = 0;
-  for (size_t j = 0; j < npairs; ++j) {
-    const int64_t k = call.pairs[j].k, r = call.pairs[j].r;
-    if (acc == at::kDouble)
-      loss += anchoring_terms_kernel<double>(1, k, r, P[j].const_data_ptr<double>(), G[j].const_data_ptr<double>(),
-                                             M[j].const_data_ptr<double>(), w[j].const_data_ptr<double>(), nullptr, 0,
-                                             scale[j], Q_B[j].data_ptr<double>(), R_B[j].data_ptr<double>(),
-                                             H[j].data_ptr<double>());
-    else
-      loss += anchoring_terms_kernel<float>(1, k, r, P[j].const_data_ptr<float>(), G[j].const_data_ptr<float>(),
-                                            M[j].const_data_ptr<float>(), w[j].const_data_ptr<float>(), nullptr, 0,
-                                            scale[j], Q_B[j].data_ptr<float>(), R_B[j].data_ptr<float>(),
-                                            H[j].data_ptr<float>());
-  }
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(acc).device(at::kCPU));
+  AT_DISPATCH_FLOATING_TYPES(acc, "asft_anchored_step_terms", [&] {
+    double loss = 0;
+    for (size_t j = 0; j < npairs; ++j)
+      loss += anchoring_terms_kernel<scalar_t>(
+          1, call.pairs[j].k, call.pairs[j].r, P[j].const_data_ptr<scalar_t>(), G[j].const_data_ptr<scalar_t>(),
+          M[j].const_data_ptr<scalar_t>(), w[j].const_data_ptr<scalar_t>(), nullptr, 0, scale[j],
+          Q_B[j].data_ptr<scalar_t>(), R_B[j].data_ptr<scalar_t>(), H[j].data_ptr<scalar_t>());
+    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(loss);
+  });
   for (at::TensorList list : {Q_B, R_B, H})
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
   run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(acc).device(at::kCPU));
-  if (acc == at::kDouble)
-    *out.data_ptr<double>() = loss;
-  else
-    *out.data_ptr<float>() = static_cast<float>(loss);
   return out;
 }
 
