@@ -116,27 +116,25 @@ def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device):
     per_b = strip_blocks(sum(triton.cdiv(m, rows_b) for m, _, _, _ in shapes), target, rows_b * max_k * u_bytes,
                          4 * (max_k * max_r + max_r * max_r))
     per_a = strip_blocks(sum(triton.cdiv(n, cols_a) for _, n, _, _ in shapes), target)
-    b_rows, a_rows, p_spans, m_spans = [], [], [], []
-    offset = 0
-    for j, (m, _n, r, k) in enumerate(shapes):
-        stride = k * r + r * r
-        blocks = triton.cdiv(m, rows_b)
-        strips = triton.cdiv(blocks, per_b)
-        p_spans.append((offset, stride, strips))
-        for t in range(strips):
-            b_rows.append((j, t * per_b * rows_b, min(per_b, blocks - t * per_b), offset + t * stride))
-        offset += strips * stride
-    for j, (_m, n, r, _k) in enumerate(shapes):
-        stride = r * r
-        blocks = triton.cdiv(n, cols_a)
-        strips = triton.cdiv(blocks, per_a)
-        m_spans.append((offset, stride, strips))
-        for t in range(strips):
-            a_rows.append((j, t * per_a * cols_a, min(per_a, blocks - t * per_a), offset + t * stride))
-        offset += strips * stride
+
+    def strips(sizes_strides, per_block, per_strip, offset):
+        """Strip rows ``(pair, first row/column, blocks, scratch offset)`` of one factor and
+        its per-pair partial spans ``(offset, stride, n_strips)``, placed from ``offset``."""
+        rows, spans = [], []
+        for j, (size, stride) in enumerate(sizes_strides):
+            blocks = triton.cdiv(size, per_block)
+            n = triton.cdiv(blocks, per_strip)
+            spans.append((offset, stride, n))
+            for t in range(n):
+                rows.append((j, t * per_strip * per_block, min(per_strip, blocks - t * per_strip), offset + t * stride))
+            offset += n * stride
+        return rows, tuple(spans), offset
+
+    b_rows, p_spans, offset = strips([(m, k * r + r * r) for m, _, r, k in shapes], rows_b, per_b, 0)
+    a_rows, m_spans, offset = strips([(n, r * r) for _, n, r, _ in shapes], cols_a, per_a, offset)
     b_tiles = torch.tensor(b_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
     a_tiles = torch.tensor(a_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
-    return b_tiles, a_tiles, tuple(p_spans), tuple(m_spans), offset
+    return b_tiles, a_tiles, p_spans, m_spans, offset
 
 
 def predicted_step_bytes(
