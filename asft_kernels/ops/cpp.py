@@ -47,6 +47,16 @@ def _require() -> None:
         raise OptimizerInputError(f"the C++ CPU backend is unavailable: {_State.error}")
 
 
+def _call(op, *args):
+    """``op(*args)`` on the compiled library; its input errors (``ValueError`` from
+    ``TORCH_CHECK_VALUE``) surface as :class:`OptimizerInputError`."""
+    _require()
+    try:
+        return op(*args)
+    except ValueError as exc:
+        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+
+
 def stats_pass(U: Sequence[Tensor], B: Sequence[Tensor], A: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
     """``(P, G, M)`` per pair from the stored parameters, by the C++ kernel.
 
@@ -61,11 +71,7 @@ def stats_pass(U: Sequence[Tensor], B: Sequence[Tensor], A: Sequence[Tensor]) ->
     Raises:
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow.
     """
-    _require()
-    try:
-        P, G, M = torch.ops.asft.stats_pass(list(U), list(B), list(A))
-    except ValueError as exc:
-        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    P, G, M = _call(torch.ops.asft.stats_pass, list(U), list(B), list(A))
     return list(P), list(G), list(M)
 
 
@@ -86,11 +92,7 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     Raises:
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow.
     """
-    _require()
-    try:
-        torch.ops.asft.fused_anchored_adamw_(*batch.op_args(), *hyper.op_args())
-    except ValueError as exc:
-        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    _call(torch.ops.asft.fused_anchored_adamw_, *batch.op_args(), *hyper.op_args())
 
 
 def terms(
@@ -112,12 +114,8 @@ def terms(
         OptimizerInputError: a shape, dtype, device or layout the op does not allow
             (nothing is written).
     """
-    _require()
     coef, scale = (two_lam, 1.0) if isinstance(two_lam, Tensor) else (None, float(two_lam))
-    try:
-        return torch.ops.asft.anchoring_terms_(P, G, M, w, coef, scale, Q_B, R_B, H)
-    except ValueError as exc:
-        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    return _call(torch.ops.asft.anchoring_terms_, P, G, M, w, coef, scale, Q_B, R_B, H)
 
 
 def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[float], hyper: AdamWHyper) -> Tensor:
@@ -133,8 +131,4 @@ def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[flo
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow
             (nothing is written).
     """
-    _require()
-    try:
-        return torch.ops.asft.anchored_adamw_step_(*batch.op_args(), list(w), list(scale), *hyper.op_args())
-    except ValueError as exc:
-        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    return _call(torch.ops.asft.anchored_adamw_step_, *batch.op_args(), list(w), list(scale), *hyper.op_args())
