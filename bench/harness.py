@@ -573,4 +573,17 @@ def machine_facts() -> dict:
     if torch.cuda.is_available():
         facts["cuda_device"] = torch.cuda.get_device_name()
         facts["cuda_version"] = torch.version.cuda
+        facts["cuda_driver"] = _driver_version()
     return facts
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver version as ``nvidia-smi`` reports it (None where it cannot be read)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None

@@ -4,6 +4,7 @@ Usage::
 
     python -m bench.report RESULTS.json                      # RESULTS.md + RESULTS.png beside it
     python -m bench.report RESULTS.json --markdown T.md --plot P.png --doc docs/performance.md
+    python -m bench.report PART1.json PART2.json --json RESULTS.json   # parts of one run, merged first
 
 Every ratio compares medians measured in the same run (docs/method.md): for each shape,
 the speed-up of the fused step (``triton``, else ``cpp``, else ``eager``) over
@@ -113,6 +114,54 @@ def load_results(path: str | os.PathLike) -> Results:
                    str(data.get("datetime", "")))
 
 
+#: ``machine_info`` keys that must agree between the parts of one run (:func:`merge_results`).
+SAME_MACHINE_KEYS = ("node", "cuda_device", "torch_version", "suite", "dtype")
+
+
+def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the benchmarks of several ``--benchmark-json`` files of one machine and one
+    checkout (a run split into stages) into one results file ``out``.
+
+    ``machine_info`` comes from the first file, with ``suite_wall_s`` summed over the parts
+    and ``loadavg_start``/``loadavg_end`` taken from the first and the last part.
+
+    Raises:
+        AsFTError: a part is missing or unreadable, holds no benchmarks, comes from another
+            machine (:data:`SAME_MACHINE_KEYS`) or commit, or repeats a benchmark of an
+            earlier part (nothing written).
+    """
+    parts = []
+    for path in paths:
+        load_results(path)  # validates each part, naming its file
+        parts.append((Path(path), json.loads(Path(path).read_text())))
+    first_path, merged = parts[0]
+    machine = dict(merged.get("machine_info") or {})
+    commit = (merged.get("commit_info") or {}).get("id")
+    names = set()
+    benchmarks = []
+    for path, data in parts:
+        info = data.get("machine_info") or {}
+        for key in SAME_MACHINE_KEYS:
+            if info.get(key) != machine.get(key):
+                raise AsFTError(f"results file {str(path)!r}: machine_info[{key!r}] = {info.get(key)!r}, but "
+                                f"{str(first_path)!r} has {machine.get(key)!r}; parts of one run must share it")
+        if (data.get("commit_info") or {}).get("id") != commit:
+            raise AsFTError(f"results file {str(path)!r} comes from another commit than {str(first_path)!r}")
+        for bench in data["benchmarks"]:
+            if bench.get("fullname") in names:
+                raise AsFTError(f"results file {str(path)!r} repeats benchmark {bench.get('fullname')!r}")
+            names.add(bench.get("fullname"))
+            benchmarks.append(bench)
+    if all("suite_wall_s" in (d.get("machine_info") or {}) for _, d in parts):
+        machine["suite_wall_s"] = round(sum(d["machine_info"]["suite_wall_s"] for _, d in parts), 1)
+    if "loadavg_end" in (parts[-1][1].get("machine_info") or {}):
+        machine["loadavg_end"] = parts[-1][1]["machine_info"]["loadavg_end"]
+    merged = dict(merged, machine_info=machine, benchmarks=benchmarks)
+    out = Path(out)
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
+    return out
+
+
 # ---------------------------------------------------------------------------- numbers
 
 
@@ -199,7 +248,8 @@ def machine_line(results: Results) -> str:
     cpu = (m.get("cpu") or {}).get("brand_raw") or m.get("processor") or m.get("machine") or "unknown CPU"
     parts = [f"{cpu}, {m.get('cpu_count', '?')} cores, {m.get('torch_threads', '?')} torch thread(s)"]
     if m.get("cuda_device"):
-        parts.append(f"GPU {m['cuda_device']} (CUDA {m.get('cuda_version')})")
+        driver = f", driver {m['cuda_driver']}" if m.get("cuda_driver") else ""
+        parts.append(f"GPU {m['cuda_device']} (CUDA {m.get('cuda_version')}{driver})")
     parts.append(f"Python {m.get('python_version', '?')}")
     for pkg in ("torch", "triton", "transformers", "peft", "pytest-benchmark"):
         if m.get(f"{pkg}_version"):
@@ -466,7 +516,10 @@ def render_doc(results: Results, doc_path: Path, plot_path: Path | None, note: s
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m bench.report`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="pytest-benchmark JSON written by `pytest bench --benchmark-json`")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="pytest-benchmark JSON written by `pytest bench --benchmark-json` (several: the parts "
+                             "of one run, merged into --json)")
+    parser.add_argument("--json", type=Path, help="with several results files: the merged results file to write")
     parser.add_argument("--markdown", type=Path, help="markdown tables (default: RESULTS.md beside the JSON)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default: RESULTS.png beside the JSON)")
     parser.add_argument("--doc", type=Path, help="also write the performance page (e.g. docs/performance.md)")
@@ -480,14 +533,22 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         AsFTError: the results file is missing, unreadable or incomplete (nothing written).
     """
-    args = build_parser().parse_args(argv)
-    results = load_results(args.results)  # validates before anything is written
-    markdown_path = args.markdown or args.results.with_suffix(".md")
-    plot_path = args.plot or args.results.with_suffix(".png")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.results) > 1 and args.json is None:
+        parser.error("several results files need --json, the merged file to write")
+    if args.json is not None:
+        # every part is validated before the merged file is written
+        results_path = merge_results(args.results, args.json)
+    else:
+        results_path = args.results[0]
+    results = load_results(results_path)  # validates before anything else is written
+    markdown_path = args.markdown or results_path.with_suffix(".md")
+    plot_path = args.plot or results_path.with_suffix(".png")
     wrote_plot = plot_steps(results, plot_path)
     plot = plot_path if wrote_plot else None
     text = render_markdown(results, plot, relative_to=markdown_path.parent, note=args.note,
-                           title=f"Benchmark results: {args.results.name}")
+                           title=f"Benchmark results: {results_path.name}")
     atomic_write(markdown_path, lambda tmp: tmp.write_text(text))
     written = [markdown_path] + ([plot_path] if wrote_plot else [])
     if args.doc:

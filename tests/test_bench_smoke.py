@@ -181,3 +181,34 @@ def test_report_rejects_bad_results_and_writes_nothing(tmp_path, content):
         report.main([str(path), "--doc", str(doc)])
     assert doc.read_text() == "previous page"
     assert not path.with_suffix(".md").exists() and not path.with_suffix(".png").exists()
+
+
+def test_report_merges_the_parts_of_one_run(tmp_path, capsys):
+    """A run split into stages (``bench/gpu_suite.sh``): the parts merge into one results
+    file whose tables equal those of the unsplit file."""
+    whole, medians = _results(tmp_path)
+    data = json.loads(whole.read_text())
+    parts = []
+    for i, group in enumerate(("step-m64", "step-m128", "e2e-tiny")):
+        part = dict(data, benchmarks=[b for b in data["benchmarks"] if b["group"] == group],
+                    machine_info=dict(data["machine_info"], suite_wall_s=10.0 * (i + 1)))
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = tmp_path / "merged.json"
+    assert report.main([*map(str, parts), "--json", str(merged)]) == 0
+    assert report.load_results(merged).groups.keys() == report.load_results(whole).groups.keys()
+    assert json.loads(merged.read_text())["machine_info"]["suite_wall_s"] == 60.0
+    row = _row(merged.with_suffix(".md").read_text(), "128×128, r=4, k=8, L=2")
+    assert row[2] == report._x(medians["step-m128"]["paper_eager"] / medians["step-m128"]["cpp"])
+
+    # a part of another machine, or one repeating a benchmark, is refused; nothing is written
+    other = json.loads(parts[1].read_text())
+    other["machine_info"]["node"] = "elsewhere"
+    parts[1].write_text(json.dumps(other))
+    for bad in ([parts[0], parts[1]], [parts[0], parts[0]]):
+        out = tmp_path / "refused.json"
+        with pytest.raises(AsFTError, match="part"):
+            report.main([*map(str, bad), "--json", str(out)])
+        assert not out.exists() and not out.with_suffix(".md").exists()
+    with pytest.raises(SystemExit):
+        report.main([str(parts[0]), str(parts[2])])  # several parts need --json

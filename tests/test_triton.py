@@ -394,6 +394,27 @@ def test_opcheck_and_dispatch_on_cuda(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_llama_sized_pairs_match_float64(monkeypatch):
+    """Pairs of Llama-2-7B sizes in one bucket per padded rank: thousands of programs,
+    strips of many blocks, U of 4096 columns (phase 2 re-reads it from DRAM). Three steps
+    against the same contract in float64."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shapes = [(4096, 4096, 8, 64), (4096, 11008, 16, 4096), (11008, 4096, 8, 256), (4096, 4096, 64, 256)]
+    cols = _pairs(shapes, torch.float32, torch.device("cuda"), seed=11)
+    ref = _float64_copy(cols)
+    P, G, M = _trajectory(T.fused_step, T.stats_pass, cols, 3, HYPER)
+    Pr, Gr, Mr = _trajectory(eager.fused_step, eager.stats_pass, ref, 3, HYPER)
+    for name in ("A", "B", "mA", "vA", "mB", "vB"):
+        for j, (got, want) in enumerate(zip(cols[name], ref[name])):
+            assert _rel(got, want) < TOLERANCE[torch.float32], (name, j, shapes[j])
+    for j, (u, b, a) in enumerate(zip(cols["U"], cols["B"], cols["A"])):
+        u, b, a = u.cpu().double(), b.cpu().double(), a.cpu().double()
+        # sums of up to 11008 fp32 products
+        assert _rel(P[j], u.T @ b) < 2e-5 and _rel(G[j], b.T @ b) < 2e-5 and _rel(M[j], a @ a.T) < 2e-5, j
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_changing_lr_does_not_recompile(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cols = _pairs([(37, 53, 3, 5)], torch.float32, torch.device("cuda"), seed=10)
