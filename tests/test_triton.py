@@ -272,6 +272,49 @@ def test_launches_and_torch_ops_do_not_grow_with_the_number_of_pairs(device, mon
     assert more[1] - stats_ops == collections.Counter({"aten.empty.memory_format": 3 * 10})
 
 
+def test_repeated_calls_reuse_one_prepared_launch(device):
+    """Calls with the same parameters, state, statistics, terms and counters (as the
+    optimizer makes them) validate and build their tables once: later calls with new
+    gradient tensors, or the same ones again, follow the float64 contract step by step; a
+    bad gradient after that is still refused before anything is written."""
+    cols = _pairs(SHAPES, torch.float32, device, seed=12)
+    ref = _float64_copy(cols)
+    runs = []
+    for impl, stats, c in ((T.fused_step, T.stats_pass, cols), (eager.fused_step, eager.stats_pass, ref)):
+        P, G, M = (list(x) for x in stats(c["U"], c["B"], c["A"]))
+        Q, R, H = _derived(P, G, M, c["w"])  # kept fixed: the same tensors in every call
+        n = len(c["A"])
+        step_A, step_B = _steps(n, 0), _steps(n, 0, torch.float64)
+        runs.append((impl, c, P, G, M, Q, R, H, step_A, step_B))
+    before = len(L._PREPARED)
+    kept = None
+    for t in (1, 2, 3, 4):
+        for impl, c, P, G, M, Q, R, H, step_A, step_B in runs:
+            if t == 4 and impl is T.fused_step:
+                gA, gB = kept  # the very tensors of step 3: the same addresses
+            else:
+                gA, gB = _grads(c, min(t, 3), seed=12)  # step 4 reuses step 3's values
+                kept = (gA, gB) if impl is T.fused_step else kept
+            for s in step_A + step_B:
+                s.add_(1)
+            batch = AnchoredBatch(c["A"], c["B"], c["mA"], c["vA"], c["mB"], c["vB"], P, G, M, gA, gB, c["U"],
+                                  Q, R, H, step_A, step_B)
+            impl(batch, HYPER)
+        for name in ("A", "B", "mA", "vA", "mB", "vB"):
+            for j, (got, want) in enumerate(zip(cols[name], ref[name])):
+                assert _rel(got, want) < TOLERANCE[torch.float32], (t, name, j)
+    assert len(L._PREPARED) == before + 1
+    impl, c, P, G, M, Q, R, H, step_A, step_B = runs[0]
+    gA, gB = _grads(c, 5, seed=12)
+    gB[1] = gB[1].double()
+    saved = [t.clone() for name in ("A", "B", "mA", "vA", "mB", "vB") for t in c[name]] + [t.clone() for t in P]
+    with pytest.raises(OptimizerInputError, match=r"grad_B\[1\]"):
+        impl(AnchoredBatch(c["A"], c["B"], c["mA"], c["vA"], c["mB"], c["vB"], P, G, M, gA, gB, c["U"], Q, R, H,
+                           step_A, step_B), HYPER)
+    after = [t for name in ("A", "B", "mA", "vA", "mB", "vB") for t in c[name]] + P
+    assert all(torch.equal(a, b) for a, b in zip(saved, after))
+
+
 def test_fp64_and_large_rank_are_refused_and_routed_to_eager(device):
     """fp64 pairs and r > MAX_TRITON_RANK: ``supports`` is False, ``ops.route`` sends them to
     the eager backend, and handed to this backend anyway they raise before any write."""

@@ -13,7 +13,11 @@ one exception is the stats pass, which allocates its three outputs per pair.
 from __future__ import annotations
 
 import math
+import operator
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import triton
@@ -304,6 +308,11 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
             raise OptimizerInputError(f"triton fused_step: {name} has {len(values)} entries, A has {count}")
     if count == 0:
         return
+    key = _prepared_key(lists)
+    prep = _PREPARED.get(key) if key is not None else None
+    if prep is not None and _grads_fit(prep, lists["grad_A"], lists["grad_B"]):
+        _run_prepared(prep, lists, hyper)
+        return
     # Read-only inputs: a contiguous copy is as good as the original.
     for name in ("grad_A", "grad_B", "U", "Q_B", "R_B", "H"):
         lists[name] = [t.contiguous() for t in lists[name]]
@@ -327,6 +336,14 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
                     f"triton: {name}[{j}] is {tuple(t.shape)} on {t.device}, expected {shape} on {device}")
     _check_steps(lists["step_B"], "step_B")
     _check_steps(lists["step_A"], "step_A")
+    stats = (lists["P"], lists["G"], lists["M"])
+    if key is not None and all(t.dtype == f32 for t in chain.from_iterable(stats)):
+        if prep is None:
+            prep = _PREPARED[key] = _prepare(lists, shapes, device)
+            if len(_PREPARED) > _PREPARED_MAX:
+                _PREPARED.popitem(last=False)
+        _run_prepared(prep, lists, hyper)
+        return
     lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
     steps = _read_steps(lists["step_B"] + lists["step_A"])
     # Scalars in double precision on the host, as torch.optim.AdamW computes them.
@@ -340,6 +357,184 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
         for o, t in zip(out, stat):
             if o is not t:
                 t.copy_(o)
+
+
+# ---------------------------------------------------------------------------- prepared calls
+#
+# The optimizer calls ``fused_step`` every step with the same tensors (parameters, moments,
+# statistics, bases, terms, counters): only the gradients and the counters' values change.
+# The first call with a set of tensors validates them and builds everything that depends on
+# them (pair tables, scratch, reduction table, launch options); later calls with the same
+# tensors check only the gradients, read the counters, and upload two small tables.
+
+#: Fields of the batch that must be the same tensors for a prepared call to be reused.
+_STATIC_FIELDS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "U", "Q_B",
+                  "R_B", "H", "step_A", "step_B")
+_PREPARED_MAX = 16
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+
+
+@dataclass
+class _Launch:
+    """One bucket (param dtype, U dtype, padded rank) of a prepared call."""
+
+    idx: list[int]
+    rows: list[list[int]]  # pair-table rows; the gradient fields are filled in per call
+    b_tiles: Tensor
+    a_tiles: Tensor
+    scratch: Tensor
+    constexprs: dict
+    pair_table: Tensor | None = None
+    grad_ptrs: tuple = ()
+
+
+@dataclass
+class _Prepared:
+    """What a call with one set of tensors needs beyond its gradients and counter values."""
+
+    device: torch.device
+    a_shapes: tuple
+    b_shapes: tuple
+    param_dtypes: tuple
+    launches: list[_Launch]
+    scratch: Tensor  # fp32 partial statistics of every bucket
+    reduce_table: Tensor | None
+    reduce_grid: tuple[int, int]
+    step_span: Tensor | None  # one tensor over the counters' memory, when they share it
+    step_index: list[int]  # step_B then step_A, as positions in step_span
+
+
+#: Prepared calls by :func:`_prepared_key`, oldest first (the oldest is dropped past
+#: :data:`_PREPARED_MAX`).
+_PREPARED: OrderedDict[tuple, _Prepared] = OrderedDict()
+
+
+def _prepared_key(lists: dict[str, list[Tensor]]) -> tuple | None:
+    """Identity of a call's tensors: addresses of every static field, shapes and dtypes of
+    the factors and bases, and the interpreter switch; None if a tensor is not contiguous
+    (those calls take the validating path, which copies or refuses them), or if an entry is
+    not a tensor (the validating path names it)."""
+    static = [lists[name] for name in _STATIC_FIELDS]
+    A, B, U = lists["A"], lists["B"], lists["U"]
+    try:
+        if not all(map(Tensor.is_contiguous, chain.from_iterable(static[:13]))):
+            return None
+        return (tuple(map(Tensor.data_ptr, chain.from_iterable(static))), tuple(map(_shape, chain(A, B, U))),
+                tuple(map(_dtype, chain(A, B, U, lists["P"], lists["G"], lists["M"]))), B[0].device,
+                _interpreting())
+    except TypeError:  # an entry that is no tensor
+        return None
+
+
+def _prepare(lists: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, int]],
+             device: torch.device) -> _Prepared:
+    """Pair tables (without gradients), scratch, reduction table and launch options of a
+    validated call whose statistics are fp32 and contiguous (reduced into in place)."""
+    fields = [(int(field), lists[name]) for field, name in _TABLE_FIELDS if not name.startswith("grad")]
+    plans, total = [], 0
+    for (pdt, udt, block_r), idx in _buckets(lists["U"], lists["B"]).items():
+        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
+        plans.append((pdt, udt, block_r, idx, layout, total))
+        total += layout[4]
+    scratch = torch.empty(total, dtype=torch.float32, device=device)
+    launches, jobs = [], []
+    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base in plans:
+        rows = []
+        for j in idx:
+            row = [0] * int(PAIR_FIELDS)
+            for field, values in fields:
+                row[field] = values[j].data_ptr()
+            row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
+            rows.append(row)
+        constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=True, BLOCK_R=block_r,
+                          DOT_PRECISION=DOT_PRECISION)
+        launches.append(_Launch(idx, rows, b_tiles, a_tiles, scratch[base : base + numel], constexprs))
+        for local, j in enumerate(idx):
+            m, n, r, k = shapes[j]
+            p_off, p_stride, p_tiles = p_spans[local]
+            m_off, m_stride, m_tiles = m_spans[local]
+            if k > 0:
+                jobs.append((lists["P"][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles))
+            jobs.append((lists["G"][j].data_ptr(), base + p_off + k * r, p_stride, r * r, p_tiles))
+            jobs.append((lists["M"][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
+    table = torch.tensor(jobs, dtype=torch.int64).reshape(-1, int(REDUCE_FIELDS)).to(device) if jobs else None
+    grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
+    span, index = _counter_span(lists["step_B"] + lists["step_A"])
+    return _Prepared(device, tuple(map(_shape, lists["A"])), tuple(map(_shape, lists["B"])),
+                     tuple(map(_dtype, lists["B"])), launches, scratch, table, grid, span, index)
+
+
+def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int]]:
+    """One 1-D tensor over the memory of ``counters`` and their positions in it, when they
+    are elements of one storage of one dtype packed closely (the optimizer keeps its counters
+    as views of one buffer): a call then reads every counter with one ``tolist``."""
+    first = counters[0]
+    storage = first.untyped_storage().data_ptr()
+    for c in counters:
+        if c.dtype != first.dtype or c.numel() != 1 or c.untyped_storage().data_ptr() != storage:
+            return None, []
+    offsets = [c.storage_offset() for c in counters]
+    low, high = min(offsets), max(offsets)
+    if high - low >= 2 * len(counters):
+        return None, []
+    return first.as_strided((high - low + 1,), (1,), low), [o - low for o in offsets]
+
+
+def _grads_fit(prep: _Prepared, grad_A: list[Tensor], grad_B: list[Tensor]) -> bool:
+    """Whether the gradients can go to the prepared call as they are: the factors' shapes
+    and dtypes, contiguous, on the call's device."""
+    return (tuple(map(_shape, grad_A)) == prep.a_shapes and tuple(map(_shape, grad_B)) == prep.b_shapes
+            and tuple(map(_dtype, grad_A)) == prep.param_dtypes and tuple(map(_dtype, grad_B)) == prep.param_dtypes
+            and all(map(Tensor.is_contiguous, chain(grad_A, grad_B)))
+            and set(map(_device, chain(grad_A, grad_B))) == {prep.device})
+
+
+def _upload(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host table on ``device``: from pinned memory without waiting for the GPU on
+    CUDA (the caching host allocator keeps the buffer until the copy has run)."""
+    if device.type == "cuda":
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
+def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWHyper) -> None:
+    """A prepared call: gradient addresses, bias corrections, launches, one reduction."""
+    count = len(lists["A"])
+    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
+    if prep.step_span is not None:
+        values = prep.step_span.tolist()
+        steps = [float(values[i]) for i in prep.step_index]
+    else:
+        steps = _read_steps(lists["step_B"] + lists["step_A"])
+    terms: dict[float, list[float]] = {}
+    for t in steps:
+        if t not in terms:
+            terms[t] = _bias_terms(t, lr, beta1, beta2)
+    kernel_hyper = (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
+    kernel = jitted(_factor_kernel)
+    grad_A, grad_B = lists["grad_A"], lists["grad_B"]
+    for launch in prep.launches:
+        ptrs = tuple(grad_B[j].data_ptr() for j in launch.idx) + tuple(grad_A[j].data_ptr() for j in launch.idx)
+        if ptrs != launch.grad_ptrs:
+            half = len(launch.idx)
+            for local, row in enumerate(launch.rows):
+                row[_GRAD_B], row[_GRAD_A] = ptrs[local], ptrs[half + local]
+            launch.pair_table = _upload(launch.rows, torch.int64, prep.device)
+            launch.grad_ptrs = ptrs
+        scalars = _upload([terms[steps[j]] + terms[steps[count + j]] for j in launch.idx], torch.float32,
+                          prep.device)
+        for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
+            if tiles.shape[0] == 0:
+                continue
+            kernel[(tiles.shape[0],)](
+                launch.pair_table, scalars, tiles, launch.scratch, *kernel_hyper, FACTOR_A=factor_a,
+                **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a),
+            )
+    if prep.reduce_table is not None:
+        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, prep.scratch, BLOCK=REDUCE_BLOCK, num_warps=4,
+                                                 num_stages=3, enable_fp_fusion=True)
 
 
 def _bias_terms(step: float, lr: float, beta1: float, beta2: float) -> list[float]:
