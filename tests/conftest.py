@@ -31,6 +31,9 @@ def backend(request) -> str:
 
 
 def device_for(backend: str) -> torch.device:
+    """Where a test of ``backend`` puts its model and inputs: CUDA for ``triton`` when CUDA is
+    present, else the CPU (``triton`` then runs under ``TRITON_INTERPRET=1``). Ground-truth
+    references stay on the CPU; compare after ``.cpu()``."""
     if backend == "triton" and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

@@ -27,7 +27,9 @@ class OddNet(nn.Module):
         return self.out(torch.tanh(self.down(torch.tanh(self.up(x)))))
 
 
-def odd_lora(r=3, seed=0, dtype=torch.float64, targets=("up", "down", "out"), rank_pattern=None):
+def odd_lora(r=3, seed=0, dtype=torch.float64, targets=("up", "down", "out"), rank_pattern=None, device=None):
+    """PEFT LoRA model of :class:`OddNet`; initialized on the CPU (the same values on every
+    machine) and then moved to ``device`` if given."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -35,7 +37,8 @@ def odd_lora(r=3, seed=0, dtype=torch.float64, targets=("up", "down", "out"), ra
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
                      rank_pattern=rank_pattern or {})
     torch.manual_seed(seed + 1)
-    return get_peft_model(net, cfg)
+    model = get_peft_model(net, cfg)
+    return model if device is None else model.to(device)
 
 
 def random_deltas(model: nn.Module, names, seed=0, dtype=torch.float64):
@@ -59,10 +62,18 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s (first) parameter: where its inputs must go."""
+    return next(model.parameters()).device
+
+
 def odd_task_loss(model, step, dtype):
+    """Squared error of :class:`OddNet` on batch ``step`` (5 × 123): drawn on the CPU, so the
+    same values on every device, then put on the model's device."""
     g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(5, 123, generator=g).to(dtype)
-    y = torch.randn(5, 123, generator=g).to(dtype)
+    device = model_device(model)
+    x = torch.randn(5, 123, generator=g).to(device=device, dtype=dtype)
+    y = torch.randn(5, 123, generator=g).to(device=device, dtype=dtype)
     return (model(x) - y).pow(2).mean()
 
 
@@ -92,9 +103,11 @@ def run_reference(model, binding, steps, loss_fn, lam=0.5, lr=1e-2, weight_decay
 
 
 def max_rel_err(params, ref_params):
+    """Largest ``max|p - q| / max|q|`` over the pairs, computed on the CPU in float64 (the
+    parameters may live on another device than the CPU ground truth)."""
     worst = 0.0
     for p, q in zip(params, ref_params):
-        p, q = p.detach().double(), q.detach().double()
+        p, q = p.detach().cpu().double(), q.detach().cpu().double()
         worst = max(worst, float((p - q).abs().max() / q.abs().max().clamp_min(1e-30)))
     return worst
 

@@ -13,6 +13,7 @@ from helpers import (
     clone_model,
     lockstep,
     max_rel_err,
+    model_device,
     odd_anchor,
     odd_lora,
     odd_task_loss,
@@ -33,7 +34,7 @@ MODES = ["paper", "projector", "full"]
 def test_trajectory_float64_odd_shapes(backend, mode, rank):
     anchor = odd_anchor(rank=rank)
     dtype = torch.float64
-    m1, m2 = odd_lora(r=3), odd_lora(r=3)
+    m1, m2 = odd_lora(r=3, device=device_for(backend)), odd_lora(r=3)
     b1, b2 = anchor.bind(m1, mode=mode), anchor.bind(m2, mode=mode)
     loss = lambda m, s: odd_task_loss(m, s, dtype)  # noqa: E731
     _, l1 = run_asft(m1, b1, 6, loss, backend=backend)
@@ -108,14 +109,14 @@ def _llama_pair(dtype=torch.float64, r=4):
 
 def _llama_loss(model, step):
     g = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, 64, (2, 9), generator=g)
+    ids = torch.randint(0, 64, (2, 9), generator=g).to(model_device(model))
     return model(input_ids=ids, labels=ids).loss
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_trajectory_tiny_llama(backend, mode):
     base, anchor = _llama_pair()
-    m1, m2 = lora(base), lora(base)
+    m1, m2 = lora(base).to(device_for(backend)), lora(base)
     run_asft(m1, anchor.bind(m1, mode=mode), 4, _llama_loss, backend=backend, lam=2.0)
     run_reference(m2, anchor.bind(m2, mode=mode), 4, _llama_loss, lam=2.0)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
@@ -134,12 +135,13 @@ def test_trajectory_gpt2_conv1d(backend):
     anchor = asft.AlignmentAnchor.from_deltas(deltas, rank=5, dtype=torch.float64)
     m1, m2 = (lora(base, r=3, targets=("attn.c_attn", "attn.c_proj"), fan_in_fan_out=True)
               for _ in range(2))
+    m1.to(device_for(backend))
     b1 = anchor.bind(m1)
     assert all(p.conv1d for p in b1)
 
     def loss(model, step):
         g = torch.Generator().manual_seed(step)
-        ids = torch.randint(0, 50, (2, 8), generator=g)
+        ids = torch.randint(0, 50, (2, 8), generator=g).to(model_device(model))
         return model(input_ids=ids, labels=ids).loss
 
     run_asft(m1, b1, 3, loss, backend=backend)
@@ -163,11 +165,12 @@ def test_reference_matches_lora_forward_delta_for_conv1d():
 def test_state_dict_round_trip_mid_run_weights_only(backend, tmp_path):
     anchor = odd_anchor(rank=3)
     loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
+    device = device_for(backend)
     # uninterrupted
-    m_ref = odd_lora(r=2)
+    m_ref = odd_lora(r=2, device=device)
     run_asft(m_ref, anchor.bind(m_ref), 6, loss, backend=backend)
     # interrupted after 3 steps: save, rebuild everything, load with weights_only, continue
-    m1 = odd_lora(r=2)
+    m1 = odd_lora(r=2, device=device)
     o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, weight_decay=0.01, anchor=anchor.bind(m1), anchor_lambda=0.5,
                         backend=backend)
     for s in range(3):
@@ -178,7 +181,7 @@ def test_state_dict_round_trip_mid_run_weights_only(backend, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True, map_location="cpu")
     assert not any(torch.is_tensor(v) and v.numel() > 1 and v.shape == anchor["up"].U.shape
                    for v in _flat(ckpt["optim"])), "anchor tensors must stay out of the state dict"
-    m2 = odd_lora(r=2, seed=7)
+    m2 = odd_lora(r=2, seed=7, device=device)
     m2.load_state_dict(ckpt["model"])
     o2 = asft.AsFTAdamW(trainable(m2), lr=1e-2, weight_decay=0.01, anchor=anchor.bind(m2), anchor_lambda=0.5,
                         backend=backend)
@@ -442,7 +445,7 @@ def test_per_group_lambda():
 def test_trajectory_mixed_ranks_in_one_batch(backend):
     """A wide pair (r = 40) beside narrow ones: backends may route ranks differently."""
     anchor = odd_anchor(rank=4)
-    m1 = odd_lora(r=3, rank_pattern={"up": 40})
+    m1 = odd_lora(r=3, rank_pattern={"up": 40}, device=device_for(backend))
     m2 = odd_lora(r=3, rank_pattern={"up": 40})
     loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
     run_asft(m1, anchor.bind(m1), 3, loss, backend=backend)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import available_backends
+from conftest import available_backends, device_for
 from helpers import (
     asft_and_reference,
     lockstep,
@@ -92,7 +92,7 @@ def test_eager_step_ops_grow_only_with_the_anchoring_products():
 
 
 def test_plan_is_reused_on_ordinary_steps(backend):
-    m1 = odd_lora(r=2)
+    m1 = odd_lora(r=2, device=device_for(backend))
     opt = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=odd_anchor(rank=3).bind(m1), backend=backend)
     for s in range(5):
         opt.zero_grad()  # new gradient tensors every step

@@ -10,6 +10,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import device_for
 from helpers import asft_and_reference, lockstep, max_rel_err, odd_anchor, odd_lora, odd_task_loss, trainable
 
 import asft_kernels as asft
@@ -29,18 +30,19 @@ def _steps(model, opt, first, last, dtype):
 def test_low_precision_resume_is_bitwise_and_keeps_fp32_moments(backend, dtype):
     anchor = odd_anchor(rank=3)
     kw = dict(lr=1e-3, weight_decay=0.01, anchor_lambda=0.5, backend=backend)
-    m_ref = odd_lora(r=2, dtype=dtype)
+    device = device_for(backend)
+    m_ref = odd_lora(r=2, dtype=dtype, device=device)
     o_ref = asft.AsFTAdamW(trainable(m_ref), anchor=anchor.bind(m_ref), **kw)
     _steps(m_ref, o_ref, 0, 6, dtype)
 
-    m1 = odd_lora(r=2, dtype=dtype)
+    m1 = odd_lora(r=2, dtype=dtype, device=device)
     o1 = asft.AsFTAdamW(trainable(m1), anchor=anchor.bind(m1), **kw)
     _steps(m1, o1, 0, 3, dtype)
     buf = io.BytesIO()
     torch.save({"model": m1.state_dict(), "optim": o1.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    m2 = odd_lora(r=2, dtype=dtype, seed=5)
+    m2 = odd_lora(r=2, dtype=dtype, seed=5, device=device)
     m2.load_state_dict(ckpt["model"])
     o2 = asft.AsFTAdamW(trainable(m2), anchor=anchor.bind(m2), **kw)
     o2.load_state_dict(ckpt["optim"])
@@ -73,7 +75,7 @@ def test_binding_of_another_model_instance_is_refused():
 @pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
 def test_frozen_factor_is_never_written_and_the_other_gets_task_plus_R(backend, frozen):
     anchor = odd_anchor(rank=3)
-    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    m1, m2 = odd_lora(r=2, device=device_for(backend)), odd_lora(r=2)
     for m in (m1, m2):
         for name, p in m.named_parameters():
             if f"{frozen}." in name:
@@ -121,7 +123,8 @@ def _unchanged(model, opt, snap):
 
 def test_failing_step_writes_nothing_and_a_retry_steps_once(backend):
     anchor = odd_anchor(rank=3)
-    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    device = device_for(backend)
+    m1, m2 = odd_lora(r=2, device=device), odd_lora(r=2, device=device)
     params1 = list(m1.parameters())  # biases included: plain AdamW in the same step
     o1 = asft.AsFTAdamW(params1, lr=1e-2, anchor=anchor.bind(m1), backend=backend)
     o2 = asft.AsFTAdamW(list(m2.parameters()), lr=1e-2, anchor=anchor.bind(m2), backend=backend)
