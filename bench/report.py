@@ -499,7 +499,9 @@ bound (a ratio below 1 means a step beat one `copy_` of the same total bytes).
 Peak memory is what one step allocates above what was allocated before it
 (`torch.profiler` memory events on CPU, `torch.cuda.max_memory_allocated` on GPU).
 On a CUDA machine, `bench/gpu_suite.sh` runs the tests and the GPU suite (Llama-2-7B
-q/v shapes, 64 layers) and writes the same tables under `$OUT`.
+q/v shapes, 64 layers) and writes the same tables under `$OUT`. One such run, on one
+NVIDIA H200, is committed in `bench/results/gpu/` (tables: `bench/results/gpu/gpu.md`;
+what it shows and what changed since: docs/triton.md, "Measured on one H200").
 """
 
 
