@@ -11,8 +11,10 @@
 # bench-*.log, gpu-*.json, gpu.json, gpu.md, gpu.png, report.log.
 #
 # Settings (environment):
-#   ASFT_GPU_TESTS          pytest paths and options of the test stage (default: tests; "skip": none)
-#   ASFT_GPU_TEST_K         a pytest -k expression for the test stage (default: none)
+#   ASFT_GPU_TESTS          pytest paths and options of the test stage (default: the test files that run
+#                           CUDA cases; "tests" for the whole suite; "skip": none)
+#   ASFT_GPU_TEST_K         a pytest -k expression for the test stage (default: "triton or gpu or cuda"; empty:
+#                           every test of the selected files)
 #   ASFT_GPU_STAGE_TIMEOUT  seconds each stage may run before it is interrupted (default 0: no limit)
 #   ASFT_BENCH_DTYPE        bfloat16 benchmarks bf16 LoRA parameters (default float32)
 # Extra arguments go to every benchmark run (e.g. -k k64).
@@ -20,8 +22,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
-TESTS="${ASFT_GPU_TESTS:-tests}"
-TEST_K="${ASFT_GPU_TEST_K:-}"
+# The files whose tests run on CUDA where it is present (the backend fixture's triton cases,
+# test_triton.py's contract and GPU-only tests); the whole suite also needs the demo's and
+# QLoRA's packages (datasets, bitsandbytes), which a GPU image may lack.
+TESTS="${ASFT_GPU_TESTS:-tests/test_triton.py tests/test_optim.py tests/test_reliability.py tests/test_plan.py tests/test_memory.py tests/test_optim_errors.py tests/test_compile.py}"
+TEST_K="${ASFT_GPU_TEST_K-triton or gpu or cuda}"
 LIMIT="${ASFT_GPU_STAGE_TIMEOUT:-0}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
