@@ -386,6 +386,7 @@ class _Launch:
     a_tiles: Tensor
     scratch: Tensor
     constexprs: dict
+    whole: bool  # the bucket holds every pair of the call, in order
     pair_table: Tensor | None = None
     grad_ptrs: tuple = ()
 
@@ -403,7 +404,7 @@ class _Prepared:
     reduce_table: Tensor | None
     reduce_grid: tuple[int, int]
     step_span: Tensor | None  # one tensor over the counters' memory, when they share it
-    step_index: list[int]  # step_B then step_A, as positions in step_span
+    step_index: list[int] | None  # step_B then step_A as positions in step_span (None: in order)
 
 
 #: Prepared calls by :func:`_prepared_key`, oldest first (the oldest is dropped past
@@ -450,7 +451,8 @@ def _prepare(lists: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, i
             rows.append(row)
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=True, BLOCK_R=block_r,
                           DOT_PRECISION=DOT_PRECISION)
-        launches.append(_Launch(idx, rows, b_tiles, a_tiles, scratch[base : base + numel], constexprs))
+        launches.append(_Launch(idx, rows, b_tiles, a_tiles, scratch[base : base + numel], constexprs,
+                                idx == list(range(len(shapes)))))
         for local, j in enumerate(idx):
             m, n, r, k = shapes[j]
             p_off, p_stride, p_tiles = p_spans[local]
@@ -466,7 +468,7 @@ def _prepare(lists: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, i
                      tuple(map(_dtype, lists["B"])), launches, scratch, table, grid, span, index)
 
 
-def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int]]:
+def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int] | None]:
     """One 1-D tensor over the memory of ``counters`` and their positions in it, when they
     are elements of one storage of one dtype packed closely (the optimizer keeps its counters
     as views of one buffer): a call then reads every counter with one ``tolist``."""
@@ -474,12 +476,13 @@ def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int]]:
     storage = first.untyped_storage().data_ptr()
     for c in counters:
         if c.dtype != first.dtype or c.numel() != 1 or c.untyped_storage().data_ptr() != storage:
-            return None, []
+            return None, None
     offsets = [c.storage_offset() for c in counters]
     low, high = min(offsets), max(offsets)
     if high - low >= 2 * len(counters):
-        return None, []
-    return first.as_strided((high - low + 1,), (1,), low), [o - low for o in offsets]
+        return None, None
+    index = [o - low for o in offsets]
+    return first.as_strided((high - low + 1,), (1,), low), None if index == list(range(len(index))) else index
 
 
 def _grads_fit(prep: _Prepared, grad_A: list[Tensor], grad_B: list[Tensor]) -> bool:
@@ -505,26 +508,34 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
     lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
     if prep.step_span is not None:
         values = prep.step_span.tolist()
-        steps = [float(values[i]) for i in prep.step_index]
+        steps = values if prep.step_index is None else [values[i] for i in prep.step_index]
     else:
         steps = _read_steps(lists["step_B"] + lists["step_A"])
+    # One set of bias corrections when every counter holds the same step (the usual case).
+    uniform = steps.count(steps[0]) == len(steps)
     terms: dict[float, list[float]] = {}
-    for t in steps:
+    for t in steps[:1] if uniform else steps:
         if t not in terms:
-            terms[t] = _bias_terms(t, lr, beta1, beta2)
+            terms[t] = _bias_terms(float(t), lr, beta1, beta2)
     kernel_hyper = (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
     kernel = jitted(_factor_kernel)
     grad_A, grad_B = lists["grad_A"], lists["grad_B"]
     for launch in prep.launches:
-        ptrs = tuple(grad_B[j].data_ptr() for j in launch.idx) + tuple(grad_A[j].data_ptr() for j in launch.idx)
+        if launch.whole:
+            ptrs = (*map(Tensor.data_ptr, grad_B), *map(Tensor.data_ptr, grad_A))
+        else:
+            ptrs = tuple(grad_B[j].data_ptr() for j in launch.idx) + tuple(grad_A[j].data_ptr() for j in launch.idx)
         if ptrs != launch.grad_ptrs:
             half = len(launch.idx)
             for local, row in enumerate(launch.rows):
                 row[_GRAD_B], row[_GRAD_A] = ptrs[local], ptrs[half + local]
             launch.pair_table = _upload(launch.rows, torch.int64, prep.device)
             launch.grad_ptrs = ptrs
-        scalars = _upload([terms[steps[j]] + terms[steps[count + j]] for j in launch.idx], torch.float32,
-                          prep.device)
+        if uniform:
+            rows = [terms[steps[0]] * 2] * len(launch.idx)
+        else:
+            rows = [terms[steps[j]] + terms[steps[count + j]] for j in launch.idx]
+        scalars = _upload(rows, torch.float32, prep.device)
         for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
             if tiles.shape[0] == 0:
                 continue
