@@ -721,6 +721,7 @@ class AsFTAdamW(torch.optim.AdamW):
             Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
             step_A=[], step_B=[],  # views of the plan's step buffer, set once it exists
         )
+        batch.fixed = True  # the plan hands this batch to every step and rebuilds it on any change
         sharded = any(s is not None for s in shards)
         return _Bucket(
             backend=backend, group_index=gi, pairs=pairs, A=As, B=Bs, batch=batch, P=P, G=G, M=M,

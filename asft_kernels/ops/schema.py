@@ -131,7 +131,15 @@ class AnchoredBatch:
     ``grad_B``, ``exp_avg_B``, ``exp_avg_sq_B``: (m, r); ``U``: (m, k); ``P``, ``R_B``: (k, r);
     ``G``, ``M``, ``Q_B``, ``H``: (r, r); ``step_A``, ``step_B``: one-element CPU tensors.
     Mutated in place by the step: ``A``, ``B``, the four moments, ``P``, ``G``, ``M``.
+
+    ``fixed`` (not a field of the schema): set by an owner that hands the same batch to every
+    call and changes nothing in it between calls but the gradient lists (factor-shaped,
+    of the factor's dtype and device, contiguous) and the counters' values; the optimizer's
+    step plan does, and builds a new batch when anything else changes. A backend may then
+    keep what it derived from the other tensors on the batch itself.
     """
+
+    fixed = False  # a class attribute, not a dataclass field: see the docstring
 
     A: list[Tensor]
     B: list[Tensor]
