@@ -155,84 +155,9 @@ def _buckets(U: Sequence[Tensor], B: Sequence[Tensor]) -> dict[tuple, list[int]]
     return groups
 
 
-def _pair_table(rows: list[list[int]], device: torch.device) -> Tensor:
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, int(PAIR_FIELDS)).to(device)
-
-
 _TABLE_FIELDS = ((_B, "B"), (_GRAD_B, "grad_B"), (_EXP_AVG_B, "exp_avg_B"), (_EXP_AVG_SQ_B, "exp_avg_sq_B"),
                  (_U, "U"), (_Q_B, "Q_B"), (_R_B, "R_B"), (_A, "A"), (_GRAD_A, "grad_A"),
                  (_EXP_AVG_A, "exp_avg_A"), (_EXP_AVG_SQ_A, "exp_avg_sq_A"), (_H, "H"))
-
-
-def _run(
-    tensors: dict[str, list[Tensor]],
-    shapes: list[tuple[int, int, int, int]],
-    outputs: tuple[list[Tensor], list[Tensor], list[Tensor]],
-    hyper: tuple,
-    update: bool,
-    device: torch.device,
-    scalars: list[list[float]] | None = None,
-) -> None:
-    """Launch the factor kernel for every bucket of pairs, then one reduction.
-
-    ``tensors`` maps contract names (``"B"``, ``"grad_B"``, …) to per-pair lists;
-    ``shapes`` are the pairs' ``(m, n, r, k)``; ``outputs`` the fp32 contiguous ``P``
-    (k, r), ``G`` (r, r), ``M`` (r, r) to fill; ``hyper`` the kernel's runtime scalars
-    (``decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign``); ``scalars`` per pair
-    ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the stats pass).
-    """
-    plans, total = [], 0
-    for (pdt, udt, block_r), idx in _buckets(tensors["U"], tensors["B"]).items():
-        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
-        plans.append((pdt, udt, block_r, idx, layout, total))
-        total += layout[4]
-    scratch = torch.empty(total, dtype=torch.float32, device=device)
-    kernel = jitted(_factor_kernel)
-    fields = [(int(field), tensors[name]) for field, name in _TABLE_FIELDS if name in tensors]
-    jobs = []
-    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base in plans:
-        rows = []
-        for j in idx:
-            row = [0] * int(PAIR_FIELDS)
-            for field, values in fields:
-                row[field] = values[j].data_ptr()
-            row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
-            rows.append(row)
-        pair_table = _pair_table(rows, device)
-        if scalars is None:
-            scalar_table = torch.zeros((len(idx), int(SCALAR_FIELDS)), dtype=torch.float32, device=device)
-        else:
-            scalar_table = torch.tensor([scalars[j] for j in idx], dtype=torch.float32).to(device)
-        bucket_scratch = scratch[base : base + numel]
-        for factor_a, tiles in ((False, b_tiles), (True, a_tiles)):
-            if tiles.shape[0] == 0:
-                continue
-            kernel[(tiles.shape[0],)](
-                pair_table, scalar_table, tiles, bucket_scratch, *hyper,
-                PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], FACTOR_A=factor_a, UPDATE=update,
-                BLOCK_R=block_r, DOT_PRECISION=DOT_PRECISION, **kernel_config(block_r, factor_a, update),
-            )
-        for local, j in enumerate(idx):
-            m, n, r, k = shapes[j]
-            p_off, p_stride, p_tiles = p_spans[local]
-            m_off, m_stride, m_tiles = m_spans[local]
-            if k > 0:
-                jobs.append((outputs[0][j], base + p_off, p_stride, k * r, p_tiles))
-            jobs.append((outputs[1][j], base + p_off + k * r, p_stride, r * r, p_tiles))
-            jobs.append((outputs[2][j], base + m_off, m_stride, r * r, m_tiles))
-    _reduce(jobs, scratch, device)
-
-
-def _reduce(jobs: list[tuple[Tensor, int, int, int, int]], scratch: Tensor, device: torch.device) -> None:
-    """One launch summing every output's partials; a job is ``(dest, offset, tile_stride,
-    numel, n_tiles)`` with offsets in fp32 elements of ``scratch``."""
-    if not jobs:
-        return
-    rows = [(dest.data_ptr(), offset, stride, numel, n_tiles) for dest, offset, stride, numel, n_tiles in jobs]
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, int(REDUCE_FIELDS)).to(device)
-    grid = (len(rows), triton.cdiv(max(row[3] for row in rows), REDUCE_BLOCK))
-    jitted(_reduce_kernel)[grid](table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=3,
-                                 enable_fp_fusion=True)
 
 
 def _output(t: Tensor) -> Tensor:
@@ -279,8 +204,7 @@ def stats_pass(
     outputs = tuple([torch.empty(shape, dtype=torch.float32, device=device) for shape in per_pair]
                     for per_pair in ([(k, r) for _, _, r, k in shapes], [(r, r) for _, _, r, _ in shapes],
                                      [(r, r) for _, _, r, _ in shapes]))
-    # AdamW hyperparameters are unused without UPDATE.
-    _run({"U": U, "B": B, "A": A}, shapes, outputs, (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0), False, device)
+    _launch(_prepare({"U": U, "B": B, "A": A}, shapes, device, outputs, update=False), _STATS_HYPER)
     return outputs
 
 
@@ -342,30 +266,24 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     _check_steps(lists["step_B"], "step_B")
     _check_steps(lists["step_A"], "step_A")
     stats = (lists["P"], lists["G"], lists["M"])
-    if key is not None and all(t.dtype == f32 for t in chain.from_iterable(stats)):
-        if prep is None:
-            prep = _prepare(lists, shapes, device)
-            if batch.fixed:
-                batch.__dict__["_triton_prepared"] = prep
-            else:
-                _PREPARED[key] = prep
-                if len(_PREPARED) > _PREPARED_MAX:
-                    _PREPARED.popitem(last=False)
-        _run_prepared(prep, lists, hyper)
+    if key is None or not all(t.dtype == f32 for t in chain.from_iterable(stats)):
+        # reduced into fp32 contiguous stand-ins, copied back: nothing kept for a next call
+        outputs = tuple([_output(t) for t in stat] for stat in stats)
+        _run_prepared(_prepare(lists, shapes, device, outputs, update=True), lists, hyper)
+        for out, stat in zip(outputs, stats):
+            for o, t in zip(out, stat):
+                if o is not t:
+                    t.copy_(o)
         return
-    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
-    steps = _read_steps(lists["step_B"] + lists["step_A"])
-    # Scalars in double precision on the host, as torch.optim.AdamW computes them.
-    kernel_hyper = (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
-    scalars = [_bias_terms(steps[j], lr, beta1, beta2) + _bias_terms(steps[count + j], lr, beta1, beta2)
-               for j in range(count)]
-    stats = (lists["P"], lists["G"], lists["M"])
-    outputs = tuple([_output(t) for t in stat] for stat in stats)
-    _run(lists, shapes, outputs, kernel_hyper, True, device, scalars)
-    for out, stat in zip(outputs, stats):
-        for o, t in zip(out, stat):
-            if o is not t:
-                t.copy_(o)
+    if prep is None:
+        prep = _prepare(lists, shapes, device, stats, update=True)
+        if batch.fixed:
+            batch.__dict__["_triton_prepared"] = prep
+        else:
+            _PREPARED[key] = prep
+            if len(_PREPARED) > _PREPARED_MAX:
+                _PREPARED.popitem(last=False)
+    _run_prepared(prep, lists, hyper)
 
 
 # ---------------------------------------------------------------------------- prepared calls
@@ -438,13 +356,17 @@ def _prepared_key(lists: dict[str, list[Tensor]]) -> tuple | None:
         return None
 
 
-def _prepare(lists: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, int]],
-             device: torch.device) -> _Prepared:
-    """Pair tables (without gradients), scratch, reduction table and launch options of a
-    validated call whose statistics are fp32 and contiguous (reduced into in place)."""
-    fields = [(int(field), lists[name]) for field, name in _TABLE_FIELDS if not name.startswith("grad")]
+def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, int]], device: torch.device,
+             outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], update: bool) -> _Prepared:
+    """Everything a call needs but its gradients and counter values, for validated
+    ``tensors`` (contract names to per-pair lists): pair tables, scratch, the reduction into
+    ``outputs`` (fp32 contiguous ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) per pair) and the
+    launch options of the update (``update``) or the statistics pass. Pairs are bucketed by
+    (param dtype, U dtype, padded rank), one pair of launches each."""
+    fields = [(int(field), tensors[name]) for field, name in _TABLE_FIELDS
+              if name in tensors and not name.startswith("grad")]
     plans, total = [], 0
-    for (pdt, udt, block_r), idx in _buckets(lists["U"], lists["B"]).items():
+    for (pdt, udt, block_r), idx in _buckets(tensors["U"], tensors["B"]).items():
         layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
         plans.append((pdt, udt, block_r, idx, layout, total))
         total += layout[4]
@@ -458,23 +380,26 @@ def _prepare(lists: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, i
                 row[field] = values[j].data_ptr()
             row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
             rows.append(row)
-        constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=True, BLOCK_R=block_r,
+        constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
                           DOT_PRECISION=DOT_PRECISION)
-        launches.append(_Launch(idx, rows, b_tiles, a_tiles, scratch[base : base + numel], constexprs,
-                                idx == list(range(len(shapes)))))
+        launch = _Launch(idx, rows, b_tiles, a_tiles, scratch[base : base + numel], constexprs,
+                         idx == list(range(len(shapes))))
+        if not update:  # no gradient addresses to fill in
+            launch.pair_table = _upload(rows, torch.int64, device)
+        launches.append(launch)
         for local, j in enumerate(idx):
             m, n, r, k = shapes[j]
             p_off, p_stride, p_tiles = p_spans[local]
             m_off, m_stride, m_tiles = m_spans[local]
             if k > 0:
-                jobs.append((lists["P"][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles))
-            jobs.append((lists["G"][j].data_ptr(), base + p_off + k * r, p_stride, r * r, p_tiles))
-            jobs.append((lists["M"][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
+                jobs.append((outputs[0][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles))
+            jobs.append((outputs[1][j].data_ptr(), base + p_off + k * r, p_stride, r * r, p_tiles))
+            jobs.append((outputs[2][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
     table = torch.tensor(jobs, dtype=torch.int64).reshape(-1, int(REDUCE_FIELDS)).to(device) if jobs else None
     grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
-    span, index = _counter_span(lists["step_B"] + lists["step_A"])
-    return _Prepared(device, tuple(map(_shape, lists["A"])), tuple(map(_shape, lists["B"])),
-                     tuple(map(_dtype, lists["B"])), launches, scratch, table, grid, span, index)
+    span, index = _counter_span(tensors["step_B"] + tensors["step_A"]) if update else (None, None)
+    return _Prepared(device, tuple(map(_shape, tensors["A"])), tuple(map(_shape, tensors["B"])),
+                     tuple(map(_dtype, tensors["B"])), launches, scratch, table, grid, span, index)
 
 
 def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int] | None]:
@@ -512,7 +437,8 @@ def _upload(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWHyper) -> None:
-    """A prepared call: gradient addresses, bias corrections, launches, one reduction."""
+    """An update with a prepared call: the counters read at once, the bias corrections,
+    the gradients' addresses (tables re-uploaded only when one changed), the launches."""
     count = len(lists["A"])
     lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
     if prep.step_span is not None:
@@ -526,9 +452,8 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
     for t in steps[:1] if uniform else steps:
         if t not in terms:
             terms[t] = _bias_terms(float(t), lr, beta1, beta2)
-    kernel_hyper = (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
-    kernel = jitted(_factor_kernel)
     grad_A, grad_B = lists["grad_A"], lists["grad_B"]
+    scalars = []
     for launch in prep.launches:
         if launch.whole:
             ptrs = (*map(Tensor.data_ptr, grad_B), *map(Tensor.data_ptr, grad_A))
@@ -541,16 +466,35 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
             launch.pair_table = _upload(launch.rows, torch.int64, prep.device)
             launch.grad_ptrs = ptrs
         if uniform:
-            rows = [terms[steps[0]] * 2] * len(launch.idx)
+            scalars.append([terms[steps[0]] * 2] * len(launch.idx))
         else:
-            rows = [terms[steps[j]] + terms[steps[count + j]] for j in launch.idx]
-        scalars = _upload(rows, torch.float32, prep.device)
+            scalars.append([terms[steps[j]] + terms[steps[count + j]] for j in launch.idx])
+    # Scalars in double precision on the host, as torch.optim.AdamW computes them.
+    _launch(prep, (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0),
+            scalars)
+
+
+#: The kernel's runtime AdamW scalars for the statistics pass (unused without UPDATE).
+_STATS_HYPER = (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0)
+
+
+def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]]] | None = None) -> None:
+    """The factor-kernel launches of every bucket, then one reduction of all partials.
+
+    ``kernel_hyper``: ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)``; ``scalars``: per bucket, per
+    pair ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the statistics
+    pass, whose kernels read none)."""
+    kernel = jitted(_factor_kernel)
+    for i, launch in enumerate(prep.launches):
+        rows = scalars[i] if scalars is not None else [[0.0] * int(SCALAR_FIELDS)] * len(launch.idx)
+        table = _upload(rows, torch.float32, prep.device)
+        update = launch.constexprs["UPDATE"]
         for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
             if tiles.shape[0] == 0:
                 continue
             kernel[(tiles.shape[0],)](
-                launch.pair_table, scalars, tiles, launch.scratch, *kernel_hyper, FACTOR_A=factor_a,
-                **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a),
+                launch.pair_table, table, tiles, launch.scratch, *kernel_hyper, FACTOR_A=factor_a,
+                **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
             )
     if prep.reduce_table is not None:
         jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, prep.scratch, BLOCK=REDUCE_BLOCK, num_warps=4,
