@@ -8,6 +8,12 @@ bucket, one reduction launch for all of them, one pair table, one scalar table a
 scratch slice per bucket, and one read of all step counters. Everything that depends on the
 number of pairs is plain Python (validation, addresses) or cached (the strip tables); the
 one exception is the stats pass, which allocates its three outputs per pair.
+
+An update with the same tensors as an earlier one (the optimizer's, every step) reuses
+what that one prepared (:func:`_prepare`): it uploads the scalar table, and the pair table
+only when a gradient's address changed, both from pinned memory without waiting for the
+GPU; a batch its owner marks ``fixed`` keeps its preparation on itself and is not checked
+again (docs/triton.md, "Prepared calls").
 """
 
 from __future__ import annotations
