@@ -6,9 +6,10 @@
 #      triton, adamw_fused and the copy floor; plus the end-to-end step), in three stages
 #      (r = 8 steps, end to end, r = 64 steps), each written to its own JSON so a stage that
 #      runs out of time loses only itself;
-#   3. the report: the stages merged into gpu.json, a markdown table of ratios and a PNG plot.
+#   3. the host work of a step with 14, 56 and 224 adapted layers (bench/host_overhead.py);
+#   4. the report: the stages merged into gpu.json, a markdown table of ratios and a PNG plot.
 # Everything lands in $OUT (default bench/results/gpu): env.txt, nvidia-smi.txt, tests.log,
-# bench-*.log, gpu-*.json, gpu.json, gpu.md, gpu.png, report.log.
+# bench-*.log, gpu-*.json, host_overhead.json, gpu.json, gpu.md, gpu.png, report.log.
 #
 # Settings (environment):
 #   ASFT_GPU_TESTS          pytest paths and options of the test stage (default: the test files that run
@@ -88,6 +89,10 @@ for part in "step-r8:bench/test_bench_step.py:r8-" "e2e:bench/test_bench_e2e.py:
   ASFT_BENCH_SUITE=gpu stage "bench-$name" python -m pytest "$file" "${args[@]}" "$@" || bench_rc=1
   [ -s "$OUT/gpu-$name.json" ] && parts+=("$OUT/gpu-$name.json")
 done
+
+# host work of a step on a model with many adapted layers (14, 56, 224 pairs): triton and
+# eager against torch.optim.AdamW fused and foreach, torch ops per step
+stage host-overhead python bench/host_overhead.py --device cuda --json "$OUT/host_overhead.json" || bench_rc=1
 
 report_rc=1
 if [ "${#parts[@]}" -gt 0 ]; then

@@ -6,12 +6,14 @@ what is measured is the Python and dispatch work around the kernels. Every LoRA 
 has a fixed random gradient; a step is the optimizer's work only.
 
 Reported, in one run: the median step time of ``torch.optim.AdamW(fused=True)``,
-``AdamW(foreach=True)``, ``AsFTAdamW`` with the C++ and the eager backend, their ratios, the
-number of torch ops one step dispatches (a ``TorchDispatchMode`` counter) and how many
-times the step plan was built.
+``AdamW(foreach=True)``, ``AsFTAdamW`` with the compiled backend of the device (C++ on CPU,
+Triton on CUDA) and the eager backend, their ratios, the number of torch ops one step
+dispatches (a ``TorchDispatchMode`` counter) and how many times the step plan was built.
+On CUDA every timed step ends with ``torch.cuda.synchronize()``.
 
     python bench/host_overhead.py                  # 2, 8 and 32 layers (14, 56, 224 pairs)
     python bench/host_overhead.py --json out.json  # also write the rows
+    python bench/host_overhead.py --device cuda    # the triton backend against AdamW on a GPU
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def llama_lora(layers: int, hidden: int = 64, inter: int = 128, r: int = 8, seed
     return get_peft_model(base, lcfg)
 
 
-def anchored_model(layers: int, k: int = 8, seed: int = 0):
-    """``(model, binding, params)``: the LoRA model, a binding of a random rank-k anchor for
-    every adapted layer, and the trainable parameters with fixed random gradients."""
+def anchored_model(layers: int, k: int = 8, seed: int = 0, device: str | torch.device = "cpu"):
+    """``(model, binding, params)``: the LoRA model on ``device``, a binding of a random rank-k
+    anchor for every adapted layer, and the trainable parameters with fixed random gradients
+    (drawn on the CPU, the same values on every device)."""
     from asft_kernels import AlignmentAnchor
     from asft_kernels.anchor import normalize_module_name
 
-    model = llama_lora(layers, seed=seed)
+    model = llama_lora(layers, seed=seed).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     deltas = {}
     for name, module in model.named_modules():
@@ -64,7 +67,7 @@ def anchored_model(layers: int, k: int = 8, seed: int = 0):
     binding = anchor.bind(model, mode="paper")
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.device)
     return model, binding, params
 
 
@@ -101,35 +104,51 @@ def ops_per_step(optimizer) -> int:
 
 
 def median_step_ms(optimizer, steps: int, warmup: int = 5) -> float:
+    device = optimizer.param_groups[0]["params"][0].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         optimizer.step()
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         optimizer.step()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
-VARIANTS = ("adamw_fused", "adamw_foreach", "cpp", "eager")
+def compiled_backend(device: str | torch.device) -> str:
+    """The compiled backend of ``device``: ``cpp`` on CPU, ``triton`` on CUDA."""
+    return "triton" if torch.device(device).type == "cuda" else "cpp"
 
 
-def measure(layers: int, steps: int, rounds: int) -> dict:
+def variants_for(device: str | torch.device) -> tuple[str, ...]:
+    """The optimizers compared on ``device``."""
+    return ("adamw_fused", "adamw_foreach", compiled_backend(device), "eager")
+
+
+VARIANTS = variants_for("cpu")
+
+
+def measure(layers: int, steps: int, rounds: int, device: str | torch.device = "cpu") -> dict:
     """One row: medians over ``rounds`` interleaved rounds of ``steps`` steps per variant."""
-    _, binding, params = anchored_model(layers)
-    opts = {v: make_optimizer(v, params, binding) for v in VARIANTS}
-    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    _, binding, params = anchored_model(layers, device=device)
+    variants = variants_for(device)
+    fused = compiled_backend(device)
+    opts = {v: make_optimizer(v, params, binding) for v in variants}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):  # interleaved, so a load change hits every variant alike
         for v, opt in opts.items():
             samples[v].append(median_step_ms(opt, steps))
     row = {"layers": layers, "pairs": len(binding), "params": len(params)}
-    for v in VARIANTS:
+    for v in variants:
         row[f"{v}_ms"] = round(statistics.median(samples[v]), 4)
-    row["cpp_over_fused"] = round(row["cpp_ms"] / row["adamw_fused_ms"], 3)
+    row[f"{fused}_over_fused"] = round(row[f"{fused}_ms"] / row["adamw_fused_ms"], 3)
     row["eager_over_foreach"] = round(row["eager_ms"] / row["adamw_foreach_ms"], 3)
-    for v in ("cpp", "eager", "adamw_fused"):
+    for v in (fused, "eager", "adamw_fused"):
         row[f"{v}_ops_per_step"] = ops_per_step(opts[v])
-    row["cpp_plan_builds"] = opts["cpp"].plan_builds
+    row[f"{fused}_plan_builds"] = opts[fused].plan_builds
     return row
 
 
@@ -141,6 +160,7 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "loadavg_1min": round(os.getloadavg()[0], 2),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -151,11 +171,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median of their medians is kept")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
+    ap.add_argument("--device", default="cpu", help="cpu (C++ backend) or cuda (triton backend)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [measure(n, args.steps, args.rounds) for n in args.layers]
-    head = ("pairs", "adamw_fused_ms", "adamw_foreach_ms", "cpp_ms", "eager_ms", "cpp_over_fused",
-            "eager_over_foreach", "cpp_ops_per_step", "eager_ops_per_step", "adamw_fused_ops_per_step")
+    fused = compiled_backend(args.device)
+    rows = [measure(n, args.steps, args.rounds, args.device) for n in args.layers]
+    head = ("pairs", "adamw_fused_ms", "adamw_foreach_ms", f"{fused}_ms", "eager_ms", f"{fused}_over_fused",
+            "eager_over_foreach", f"{fused}_ops_per_step", "eager_ops_per_step", "adamw_fused_ops_per_step")
     print(" | ".join(head))
     for row in rows:
         print(" | ".join(str(row[h]) for h in head))
