@@ -246,6 +246,8 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     key = _prepared_key(lists)
     prep = _PREPARED.get(key) if key is not None else None
     if prep is not None and _grads_fit(prep, lists["grad_A"], lists["grad_B"]):
+        if batch.fixed:
+            batch.__dict__["_triton_prepared"] = prep
         _run_prepared(prep, lists, hyper)
         return
     # Read-only inputs: a contiguous copy is as good as the original.
