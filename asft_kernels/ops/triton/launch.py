@@ -300,7 +300,8 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
 # statistics, bases, terms, counters): only the gradients and the counters' values change.
 # The first call with a set of tensors validates them and builds everything that depends on
 # them (pair tables, scratch, reduction table, launch options); later calls with the same
-# tensors check only the gradients, read the counters, and upload two small tables.
+# tensors check only the gradients (not even those for a batch marked ``fixed``, which keeps
+# its preparation on itself), read the counters, and upload one or two small tables.
 
 #: Fields of the batch that must be the same tensors for a prepared call to be reused.
 _STATIC_FIELDS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "U", "Q_B",
