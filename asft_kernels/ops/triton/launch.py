@@ -299,7 +299,7 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
 # The optimizer calls ``fused_step`` every step with the same tensors (parameters, moments,
 # statistics, bases, terms, counters): only the gradients and the counters' values change.
 # The first call with a set of tensors validates them and builds everything that depends on
-# them (pair tables, scratch, reduction table, launch options); later calls with the same
+# them (pair tables, scratch layout, reduction table, launch options); later calls with the same
 # tensors check only the gradients (not even those for a batch marked ``fixed``, which keeps
 # its preparation on itself), read the counters, and upload one or two small tables.
 
@@ -320,7 +320,7 @@ class _Launch:
     rows: list[list[int]]  # pair-table rows; the gradient fields are filled in per call
     b_tiles: Tensor
     a_tiles: Tensor
-    scratch: Tensor
+    scratch: tuple[int, int]  # (offset, fp32 elements) of this bucket's partials in the call's scratch
     constexprs: dict
     whole: bool  # the bucket holds every pair of the call, in order
     pair_table: Tensor | None = None
@@ -336,7 +336,7 @@ class _Prepared:
     b_shapes: tuple
     param_dtypes: tuple
     launches: list[_Launch]
-    scratch: Tensor  # fp32 partial statistics of every bucket
+    scratch_numel: int  # fp32 partial statistics of every bucket, allocated per call
     reduce_table: Tensor | None
     reduce_grid: tuple[int, int]
     step_span: Tensor | None  # one tensor over the counters' memory, when they share it
@@ -379,7 +379,6 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
         layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
         plans.append((pdt, udt, block_r, idx, layout, total))
         total += layout[4]
-    scratch = torch.empty(total, dtype=torch.float32, device=device)
     launches, jobs = [], []
     for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base in plans:
         rows = []
@@ -391,8 +390,7 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
             rows.append(row)
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
                           DOT_PRECISION=DOT_PRECISION)
-        launch = _Launch(idx, rows, b_tiles, a_tiles, scratch[base : base + numel], constexprs,
-                         idx == list(range(len(shapes))))
+        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs, idx == list(range(len(shapes))))
         if not update:  # no gradient addresses to fill in
             launch.pair_table = _upload(rows, torch.int64, device)
         launches.append(launch)
@@ -408,7 +406,7 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
     grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
     span, index = _counter_span(tensors["step_B"] + tensors["step_A"]) if update else (None, None)
     return _Prepared(device, tuple(map(_shape, tensors["A"])), tuple(map(_shape, tensors["B"])),
-                     tuple(map(_dtype, tensors["B"])), launches, scratch, table, grid, span, index)
+                     tuple(map(_dtype, tensors["B"])), launches, total, table, grid, span, index)
 
 
 def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int] | None]:
@@ -494,19 +492,23 @@ def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]
     pair ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the statistics
     pass, whose kernels read none)."""
     kernel = jitted(_factor_kernel)
+    # Allocated per call (not kept with the preparation): the partials can reach hundreds of
+    # MB at k = 4096, and the caching allocator hands the same block back call after call.
+    scratch = torch.empty(prep.scratch_numel, dtype=torch.float32, device=prep.device)
     for i, launch in enumerate(prep.launches):
         rows = scalars[i] if scalars is not None else [[0.0] * int(SCALAR_FIELDS)] * len(launch.idx)
         table = _upload(rows, torch.float32, prep.device)
         update = launch.constexprs["UPDATE"]
+        offset, numel = launch.scratch
         for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
             if tiles.shape[0] == 0:
                 continue
             kernel[(tiles.shape[0],)](
-                launch.pair_table, table, tiles, launch.scratch, *kernel_hyper, FACTOR_A=factor_a,
+                launch.pair_table, table, tiles, scratch[offset : offset + numel], *kernel_hyper, FACTOR_A=factor_a,
                 **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
             )
     if prep.reduce_table is not None:
-        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, prep.scratch, BLOCK=REDUCE_BLOCK, num_warps=4,
+        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4,
                                                  num_stages=3, enable_fp_fusion=True)
 
 
