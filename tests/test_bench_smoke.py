@@ -34,6 +34,22 @@ def test_bench_suite_runs_with_benchmarks_disabled():
     assert re.search(r"\d+ passed", out) and not re.search(r"\d+ (failed|errors?)\b", out), out[-4000:]
 
 
+def test_triton_step_host_work_has_fixed_launches_and_ops():
+    """``bench/triton_host.py`` (interpreter, launches counted instead of run): a whole
+    triton optimizer step makes the same launches and torch ops at 2 and 12 pairs."""
+    pytest.importorskip("asft_kernels.ops.triton.launch")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench/triton_host.py", "--pairs", "2", "12", "--calls", "2", "--runs", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"\d+ \| ", line)]
+    assert [int(r[0]) for r in rows] == [2, 12]
+    (launches_2, ops_2), (launches_12, ops_12) = [(int(r[4]), int(r[5])) for r in rows]
+    assert launches_2 == launches_12 == 3  # B and A factor kernels, one reduction
+    assert ops_2 == ops_12 > 0
+    assert all(float(x) > 0 for r in rows for x in r[1:4])
+
+
 def test_smoke_suite_is_not_collected_by_default():
     tomllib = pytest.importorskip("tomllib")
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
