@@ -31,6 +31,8 @@ TEST_K="${ASFT_GPU_TEST_K-triton or gpu or cuda}"
 LIMIT="${ASFT_GPU_STAGE_TIMEOUT:-0}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the checkout's package, also where it is not installed (a GPU image with its own Python)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_suite.sh: torch sees no CUDA device" >&2
