@@ -52,7 +52,6 @@ from .kernels import (
     DOT_PRECISION,
     PAIR_FIELDS,
     REDUCE_BLOCK,
-    REDUCE_FIELDS,
     SCALAR_FIELDS,
     _factor_kernel,
     _interpreting,
@@ -322,7 +321,6 @@ class _Launch:
     a_tiles: Tensor
     scratch: tuple[int, int]  # (offset, fp32 elements) of this bucket's partials in the call's scratch
     constexprs: dict
-    whole: bool  # the bucket holds every pair of the call, in order
     pair_table: Tensor | None = None
     grad_ptrs: tuple = ()
 
@@ -390,7 +388,7 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
             rows.append(row)
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
                           DOT_PRECISION=DOT_PRECISION)
-        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs, idx == list(range(len(shapes))))
+        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs)
         if not update:  # no gradient addresses to fill in
             launch.pair_table = _upload(rows, torch.int64, device)
         launches.append(launch)
@@ -402,7 +400,7 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
                 jobs.append((outputs[0][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles))
             jobs.append((outputs[1][j].data_ptr(), base + p_off + k * r, p_stride, r * r, p_tiles))
             jobs.append((outputs[2][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
-    table = torch.tensor(jobs, dtype=torch.int64).reshape(-1, int(REDUCE_FIELDS)).to(device) if jobs else None
+    table = _upload(jobs, torch.int64, device) if jobs else None
     grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
     span, index = _counter_span(tensors["step_B"] + tensors["step_A"]) if update else (None, None)
     return _Prepared(device, tuple(map(_shape, tensors["A"])), tuple(map(_shape, tensors["B"])),
@@ -462,10 +460,8 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
     grad_A, grad_B = lists["grad_A"], lists["grad_B"]
     scalars = []
     for launch in prep.launches:
-        if launch.whole:
-            ptrs = (*map(Tensor.data_ptr, grad_B), *map(Tensor.data_ptr, grad_A))
-        else:
-            ptrs = tuple(grad_B[j].data_ptr() for j in launch.idx) + tuple(grad_A[j].data_ptr() for j in launch.idx)
+        ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
+                *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
         if ptrs != launch.grad_ptrs:
             half = len(launch.idx)
             for local, row in enumerate(launch.rows):
