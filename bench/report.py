@@ -70,20 +70,27 @@ def _shape_key(extra: dict) -> tuple:
     return (extra.get("layers", 0), extra.get("r", 0), extra.get("k", 0), extra.get("m", 0), extra.get("n", 0))
 
 
-def load_results(path: str | os.PathLike) -> Results:
-    """Read and validate a ``pytest-benchmark --benchmark-json`` file written by ``bench/``.
+def _read_json(path: Path):
+    """The parsed JSON of ``path``; AsFTError naming the file if it is missing or unreadable."""
+    if not path.is_file():
+        raise AsFTError(f"results file {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AsFTError(f"results file {str(path)!r} is not readable JSON: {exc}") from exc
+
+
+def load_results(path: str | os.PathLike, data: dict | None = None) -> Results:
+    """Read and validate a ``pytest-benchmark --benchmark-json`` file written by ``bench/``
+    (``data``: its contents, already parsed; ``path`` then only names it).
 
     Raises:
         AsFTError: missing or unreadable file, no benchmarks, or a benchmark without the
             fields this report needs (the message names the file and the benchmark).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AsFTError(f"results file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AsFTError(f"results file {str(path)!r} is not readable JSON: {exc}") from exc
+    if data is None:
+        data = _read_json(path)
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benchmarks, list) or not benchmarks:
         raise AsFTError(f"results file {str(path)!r} holds no 'benchmarks' (was it written with --benchmark-json?)")
@@ -118,9 +125,9 @@ def load_results(path: str | os.PathLike) -> Results:
 SAME_MACHINE_KEYS = ("node", "cuda_device", "torch_version", "suite", "dtype")
 
 
-def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Results:
     """Write the benchmarks of several ``--benchmark-json`` files of one machine and one
-    checkout (a run split into stages) into one results file ``out``.
+    checkout (a run split into stages) into one results file ``out``; return its results.
 
     ``machine_info`` comes from the first file, with ``suite_wall_s`` summed over the parts
     and ``loadavg_start``/``loadavg_end`` taken from the first and the last part.
@@ -131,9 +138,10 @@ def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             earlier part (nothing written).
     """
     parts = []
-    for path in paths:
-        load_results(path)  # validates each part, naming its file
-        parts.append((Path(path), json.loads(Path(path).read_text())))
+    for path in map(Path, paths):
+        data = _read_json(path)
+        load_results(path, data)  # validates each part, naming its file
+        parts.append((path, data))
     first_path, merged = parts[0]
     machine = dict(merged.get("machine_info") or {})
     commit = (merged.get("commit_info") or {}).get("id")
@@ -158,8 +166,9 @@ def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         machine["loadavg_end"] = parts[-1][1]["machine_info"]["loadavg_end"]
     merged = dict(merged, machine_info=machine, benchmarks=benchmarks)
     out = Path(out)
+    results = load_results(out, merged)  # validated before it is written
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
-    return out
+    return results
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -541,10 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("several results files need --json, the merged file to write")
     if args.json is not None:
         # every part is validated before the merged file is written
-        results_path = merge_results(args.results, args.json)
+        results = merge_results(args.results, args.json)
     else:
-        results_path = args.results[0]
-    results = load_results(results_path)  # validates before anything else is written
+        results = load_results(args.results[0])  # validates before anything is written
+    results_path = results.path
     markdown_path = args.markdown or results_path.with_suffix(".md")
     plot_path = args.plot or results_path.with_suffix(".png")
     wrote_plot = plot_steps(results, plot_path)
