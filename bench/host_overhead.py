@@ -103,16 +103,17 @@ def ops_per_step(optimizer) -> int:
     return counter.count
 
 
-def median_step_ms(optimizer, steps: int, warmup: int = 5) -> float:
-    device = optimizer.param_groups[0]["params"][0].device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def median_step_ms(step, device: str | torch.device, steps: int, warmup: int = 5) -> float:
+    """Median wall time of ``step()`` in ms over ``steps`` calls after ``warmup`` calls; on
+    CUDA each timed call ends with ``torch.cuda.synchronize()``."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        optimizer.step()
+        step()
     sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        optimizer.step()
+        step()
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
@@ -140,7 +141,7 @@ def measure(layers: int, steps: int, rounds: int, device: str | torch.device = "
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):  # interleaved, so a load change hits every variant alike
         for v, opt in opts.items():
-            samples[v].append(median_step_ms(opt, steps))
+            samples[v].append(median_step_ms(opt.step, device, steps))
     row = {"layers": layers, "pairs": len(binding), "params": len(params)}
     for v in variants:
         row[f"{v}_ms"] = round(statistics.median(samples[v]), 4)

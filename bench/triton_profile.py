@@ -11,9 +11,7 @@ same bytes (``copy_``, CUDA events). Prints one table per shape::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import _GPU_SHAPES, build_step_case, random_anchor  # noqa: E402
+from bench.host_overhead import median_step_ms  # noqa: E402
 
 
 def _shape(name: str):
@@ -30,16 +29,6 @@ def _shape(name: str):
     raise SystemExit(f"no GPU-suite shape matches {name!r}; shapes: {[s.group for s in _GPU_SHAPES]}")
 
 
-def _host_ms(step, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def profile(name: str, steps: int) -> None:
     shape = _shape(name)
     device = torch.device("cuda")
@@ -47,10 +36,7 @@ def profile(name: str, steps: int) -> None:
     print(f"\n## {shape.group} ({steps} steps)")
     for variant in ("triton", "adamw_fused", "floor"):
         case = build_step_case(variant, shape, device, torch.float32, anchor=anchor)
-        for _ in range(3):
-            case.step()
-        torch.cuda.synchronize()
-        host = _host_ms(case.step, steps)
+        host = median_step_ms(case.step, device, steps, warmup=3)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 case.step()
