@@ -646,8 +646,10 @@ void reduce_pair(const PairView& pv) {
 #pragma omp simd
       for (int64_t x = 0; x < r * kp; ++x) sum[x] += src[x];
     }
-    for (int64_t c = 0; c < r; ++c)
-      for (int64_t t = 0; t < k; ++t) P[t * r + c] = sum[c * kp + t];
+    // in tiles of 16 values of t: each tile's reads and writes stay within a few cache lines
+    for (int64_t t0 = 0; t0 < k; t0 += 16)
+      for (int64_t c = 0; c < r; ++c)
+        for (int64_t t = t0; t < std::min(k, t0 + 16); ++t) P[t * r + c] = sum[c * kp + t];
   }
   for (int64_t b = 0; b < pv.row_blocks; ++b) {
     const acc_t* Gb = static_cast<const acc_t*>(pv.G_part) + b * r * rp;
