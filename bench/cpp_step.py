@@ -108,6 +108,40 @@ def _model(m: int, n: int, r: int, k: int, layers: int):
     return params, binding, pairs
 
 
+COLUMNS = ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB", "U", "Q", "R", "H")  # schema order
+
+
+def kernel_columns(pairs, binding, k: int, r: int) -> dict[str, list[torch.Tensor]]:
+    """The fp32 inputs of one ``fused_step`` call on copies of the pairs of :func:`_model`
+    (their gradients set): per pair A, B, random moments, zero statistics, the gradients,
+    U of the binding and random anchoring terms Q_B (r, r), R_B (k, r), H (r, r)."""
+    cols = {key: [] for key in COLUMNS}
+    for key, (A, B) in pairs.items():
+        cols["A"].append(A.detach().clone())
+        cols["B"].append(B.detach().clone())
+        for name, like in (("mA", A), ("vA", A), ("mB", B), ("vB", B)):
+            cols[name].append(torch.rand_like(like.detach()) * 1e-3)
+        cols["P"].append(torch.zeros(k, r))
+        cols["G"].append(torch.zeros(r, r))
+        cols["M"].append(torch.zeros(r, r))
+        cols["gA"].append(A.grad.clone())
+        cols["gB"].append(B.grad.clone())
+        cols["U"].append(binding[key].entry.U.to(torch.float32).contiguous())
+        cols["Q"].append(torch.randn(r, r) * 1e-3)
+        cols["R"].append(torch.randn(k, r) * 1e-3)
+        cols["H"].append(torch.randn(r, r) * 1e-3)
+    return cols
+
+
+def kernel_batch(cols: dict[str, list[torch.Tensor]]):
+    """``(AnchoredBatch, AdamWHyper)`` of :func:`kernel_columns`: step counters at 5, lr 1e-4."""
+    from asft_kernels.ops import AdamWHyper, AnchoredBatch
+
+    steps = [torch.tensor(5.0) for _ in cols["A"]]
+    batch = AnchoredBatch(*(cols[key] for key in COLUMNS), steps, steps)
+    return batch, AdamWHyper(1e-4, 0.9, 0.999, 1e-8, 0.0, False)
+
+
 def _peak_library() -> ctypes.CDLL:
     """The multiply-add loop above, compiled once (cached by source, compiler and torch)."""
     cxx = os.environ.get("CXX", "c++")
@@ -155,7 +189,7 @@ def _time(fn) -> float:
 
 def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     import asft_kernels as asft
-    from asft_kernels.ops import AdamWHyper, AnchoredBatch, cpp, eager
+    from asft_kernels.ops import cpp, eager
 
     assert cpp.is_available(), "C++ backend unavailable"
     # every provider steps its own copy of the parameters: a step that sees another
@@ -172,31 +206,11 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     opt_adamw = torch.optim.AdamW(plain, lr=1e-4, fused=True)
 
     # kernel-level inputs (schema order), shared by both kernels
-    md = torch.float32
-    cols = {key: [] for key in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB", "U", "Q", "R", "H")}
-    for key, (A, B) in pairs.items():
-        U = binding[key].entry.U.to(md).contiguous()
-        cols["A"].append(A.detach().clone())
-        cols["B"].append(B.detach().clone())
-        for name, like in (("mA", A), ("vA", A), ("mB", B), ("vB", B)):
-            cols[name].append(torch.rand_like(like.detach()) * 1e-3)
-        cols["P"].append(torch.zeros(k, r))
-        cols["G"].append(torch.zeros(r, r))
-        cols["M"].append(torch.zeros(r, r))
-        cols["gA"].append(A.grad.clone())
-        cols["gB"].append(B.grad.clone())
-        cols["U"].append(U)
-        cols["Q"].append(torch.randn(r, r) * 1e-3)
-        cols["R"].append(torch.randn(k, r) * 1e-3)
-        cols["H"].append(torch.randn(r, r) * 1e-3)
-    npairs = len(cols["A"])
+    cols = kernel_columns(pairs, binding, k, r)
     kernel_cols = {"cpp": cols, "eager": {key: [t.clone() for t in ts] for key, ts in cols.items()}}
 
     def kernel(impl, cols):
-        steps = [torch.tensor(5.0) for _ in range(npairs)]
-        batch = AnchoredBatch(*(cols[key] for key in ("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M", "gA", "gB",
-                                                      "U", "Q", "R", "H")), steps, steps)
-        hyper = AdamWHyper(1e-4, 0.9, 0.999, 1e-8, 0.0, False)
+        batch, hyper = kernel_batch(cols)
         return lambda: impl(batch, hyper)
 
     lora_elems = sum(t.numel() for t in cols["A"] + cols["B"])

@@ -228,3 +228,82 @@ def test_report_merges_the_parts_of_one_run(tmp_path, capsys):
         assert not out.exists() and not out.with_suffix(".md").exists()
     with pytest.raises(SystemExit):
         report.main([str(parts[0]), str(parts[2])])  # several parts need --json
+
+
+def _phase_rows(out: str) -> list[dict[str, float]]:
+    """The tables of ``bench/cpp_phases.py``: one ``{phase: ms per call}`` per table."""
+    tables: list[dict[str, float]] = []
+    for line in out.splitlines():
+        if line.startswith("  phase "):
+            tables.append({})
+        match = re.match(r"^  (\S.*?)\s+(\d+\.\d+)\s+(\d+\.\d+)%", line)
+        if match and tables:
+            tables[-1][match.group(1)] = float(match.group(2))
+    return tables
+
+
+def test_cpp_phase_clock_accounts_for_the_call():
+    """``bench/cpp_phases.py`` builds the kernels with the phase clock and times every phase:
+    each phase of the kernel and of the one-call step runs, the phases of the blocks make up
+    the parallel region, which sits inside the op, which sits inside the call."""
+    from asft_kernels.ops import cpp
+
+    if not cpp.is_available():
+        pytest.skip("no C++ compiler here: the phase-clock build cannot be made")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    tables = []
+    for extra in ([], ["--step"]):
+        proc = subprocess.run([sys.executable, "bench/cpp_phases.py", "--shape", "300", "1100", "16", "24", "2",
+                               "--calls", "3", "--warm", "--threads", "1", *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        tables += _phase_rows(proc.stdout)
+    assert len(tables) == 2
+    blocks = cpp.PHASES[:cpp.PHASES.index("reduce partials") + 1]
+    for table, step in zip(tables, (False, True)):
+        assert set(table) == {"(whole call)", *cpp.PHASES}, table
+        assert all(table[name] > 0 for name in blocks), table  # 2 row blocks and 2 column blocks per pair
+        assert (table["anchoring terms"] > 0) == step
+        inside = sum(table[name] for name in blocks)
+        # 1 thread: the blocks' phases cover the parallel region (up to the task loop itself)
+        assert 0.7 * table["parallel region"] <= inside <= table["parallel region"] * 1.02 + 0.002, table
+        assert table["parallel region"] + table["prepare (checks, scratch)"] <= table["whole op"] * 1.02 + 0.002
+        assert table["whole op"] <= table["(whole call)"] * 1.02 + 0.002, table
+
+
+def test_cpp_phase_clock_build_computes_the_same_step():
+    """The phase-clock build runs the same kernels: its step matches the eager backend as
+    the normal build does (tests/test_cpp.py); a normal build refuses to read the clock."""
+    from asft_kernels.ops import cpp
+
+    if not cpp.is_available():
+        pytest.skip("no C++ compiler here: the phase-clock build cannot be made")
+    with pytest.raises(RuntimeError, match="ASFT_CPU_PHASE_CLOCK"):
+        cpp.phase_times()
+    code = """
+import torch
+from asft_kernels.ops import AdamWHyper, AnchoredBatch, cpp, eager
+assert cpp.is_available()
+g = torch.Generator().manual_seed(0)
+def batch():
+    g.manual_seed(0)
+    t = lambda *s: torch.randn(*s, generator=g) * 0.1
+    m, n, r, k = 130, 1030, 13, 9
+    cols = [[t(r, n)], [t(m, r)], [t(r, n)], [t(r, n).abs()], [t(m, r)], [t(m, r).abs()], [torch.zeros(k, r)],
+            [torch.zeros(r, r)], [torch.zeros(r, r)], [t(r, n)], [t(m, r)], [torch.linalg.qr(t(m, k))[0]], [t(r, r)],
+            [t(k, r)], [t(r, r)], [torch.tensor(3.0)], [torch.tensor(3.0)]]
+    return AnchoredBatch(*cols)
+hyper = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.01, False)
+a, b = batch(), batch()
+cpp.fused_step(a, hyper)
+eager.fused_step(b, hyper)
+for x, y in zip(a.op_args(), b.op_args()):
+    for s, t in zip(x, y):
+        assert (s - t).abs().max() <= 2e-6 * max(t.abs().max(), 1e-30), (s - t).abs().max()
+times = cpp.phase_times()
+assert times["B rows: U R_B"] > 0 and times["A cols: AdamW"] > 0, times
+print("same step")
+"""
+    env = dict(os.environ, ASFT_CPU_PHASE_CLOCK="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "same step" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]

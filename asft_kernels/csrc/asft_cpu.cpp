@@ -54,6 +54,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -168,6 +169,57 @@ struct PairView {
   void (*col_block)(const PairView&, const Hyper&, int64_t);
   void (*reduce)(const PairView&);
 };
+
+// ------------------------------------------------------------------------- phase clock
+// Built with -DASFT_PHASE_CLOCK (ASFT_CPU_PHASE_CLOCK=1 at build time, see cpp_build.py and
+// bench/cpp_phases.py), the kernels add the wall time of each phase below, summed over the
+// threads that run it, and asft::cpu_phase_clock returns the sums. Without the macro the
+// PHASE_* statements compile to nothing.
+enum Phase : int {
+  kPhaseBLoad,     // B rows: the sub-tile of B widened into the math dtype
+  kPhaseBQ,        // B rows: B Q_B
+  kPhaseUR,        // B rows: −U R_B
+  kPhaseBAdamW,    // B rows: g and the AdamW update, stored
+  kPhasePPanel,    // B rows: Pᵀ += B'ᵀ U
+  kPhaseGPanel,    // B rows: G += B'ᵀ B'
+  kPhaseALoad,     // A columns: the block of A widened into the math dtype
+  kPhaseAHA,       // A columns: H A
+  kPhaseAAdamW,    // A columns: g and the AdamW update, stored
+  kPhaseAGram,     // A columns: M += A' A'ᵀ
+  kPhaseReduce,    // sums of the partial statistics, per pair
+  kPhaseBlocks,    // the whole parallel region (wall time of the calling thread)
+  kPhasePrepare,   // checks of every input, the call's scratch and its padded copies of Q_B, R_B, H
+  kPhaseTerms,     // the anchoring terms (anchored_adamw_step_ only)
+  kPhaseOp,        // the whole op, from its first to its last statement
+  kPhaseCount
+};
+#ifdef ASFT_PHASE_CLOCK
+std::atomic<int64_t> g_phase_ns[kPhaseCount];
+inline int64_t phase_now() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+struct PhaseTimer {
+  int64_t t0 = phase_now();
+  void lap(Phase p) {
+    const int64_t t = phase_now();
+    g_phase_ns[p].fetch_add(t - t0, std::memory_order_relaxed);
+    t0 = t;
+  }
+};
+// times a whole op: the sum of kPhaseOp when it goes out of scope
+struct OpTimer {
+  int64_t t0 = phase_now();
+  ~OpTimer() { g_phase_ns[kPhaseOp].fetch_add(phase_now() - t0, std::memory_order_relaxed); }
+};
+#define PHASE_START PhaseTimer phase_timer_
+#define PHASE_LAP(p) phase_timer_.lap(p)
+#define PHASE_OP OpTimer phase_op_
+#else
+#define PHASE_START
+#define PHASE_LAP(p)
+#define PHASE_OP
+#endif
 
 // ------------------------------------------------------------------------- micro-kernels
 // The loops over a tile's rows and vectors are unrolled completely, so that the compiler
@@ -464,6 +516,7 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
   param_t* Bp = static_cast<param_t*>(pv.B);
   const acc_t* U = static_cast<const acc_t*>(pv.U);
 
+  PHASE_START;
   for (int64_t i = i0; i < i1; i += kSubRows) {
     const int64_t rows = std::min(kSubRows, i1 - i);
     const acc_t* Ui = U + i * k;
@@ -474,9 +527,11 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
       for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<acc_t>(src[c]);
       for (int64_t c = r; c < rp; ++c) dst[c] = acc_t(0);
     }
+    PHASE_LAP(kPhaseBLoad);
     if constexpr (kUpdate) {
       const acc_t* W = static_cast<const acc_t*>(pv.W);
       gemm_rows<acc_t>(bt, rp, r, W, nullptr, 0, 0, nullptr, rp, qt, rp, rows, rp);
+      PHASE_LAP(kPhaseBQ);
       // the next sub-tile's rows of U are fetched while this one computes (cold caches: the
       // step runs after forward/backward)
       const int64_t next_rows = std::min(kSubRows, i1 - i - rows);
@@ -487,6 +542,7 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
       else
         gemm_rows<acc_t>(nullptr, 0, 0, nullptr, Ui, k, k, W + r * rp, rp, ut, rp, rows, rp,
                          reinterpret_cast<const char*>(Ui + rows * k), pf_lines);
+      PHASE_LAP(kPhaseUR);
       const param_t* __restrict gB = static_cast<const param_t*>(pv.grad_B) + i * r;
       acc_t* __restrict mB = static_cast<acc_t*>(pv.exp_avg_B) + i * r;
       acc_t* __restrict vB = static_cast<acc_t*>(pv.exp_avg_sq_B) + i * r;
@@ -516,9 +572,12 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
         }
       }
     }
+    PHASE_LAP(kPhaseBAdamW);
     // Pᵀ += B'ᵀ U, G += B'ᵀ B' (rows of the sub-tile in order; U is still in L1)
     panel<acc_t>(bt, rp, r, Ui, k, k, rows, P, kp);
+    PHASE_LAP(kPhasePPanel);
     panel<acc_t>(bt, rp, r, bt, rp, r, rows, G, rp);
+    PHASE_LAP(kPhaseGPanel);
   }
 }
 
@@ -575,6 +634,7 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
   const int64_t wpad = (w + CW - 1) / CW * CW;
   // a: (rg, W) block of A in the math dtype, zero-padded to whole vectors and to whole gram
   // tiles of rows; ha: (r, W) H A. One buffer per thread, kept between calls (no page faults).
+  PHASE_START;
   const int64_t rg = round_up(r, kGramTile);
   thread_local std::vector<acc_t> buf;
   if (buf.size() < static_cast<size_t>((rg + r) * W)) buf.resize(static_cast<size_t>((rg + r) * W));
@@ -606,7 +666,9 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
     const acc_t* __restrict H = static_cast<const acc_t*>(pv.Hc);
     acc_t* __restrict ha = a + rg * W;
     // ha = H a: rows of H broadcast, rows of a loaded (as B Q_B above)
+    PHASE_LAP(kPhaseALoad);
     gemm_rows<acc_t>(H, r, r, a, nullptr, 0, 0, nullptr, W, ha, W, r, wpad);
+    PHASE_LAP(kPhaseAHA);
     // `a` is no longer needed as input: it receives the stored new values
     for (int64_t d = 0; d < r; ++d) {
       const int64_t off = d * n + c0;
@@ -620,10 +682,15 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
     }
   }
 
+  if constexpr (kUpdate)
+    PHASE_LAP(kPhaseAAdamW);
+  else
+    PHASE_LAP(kPhaseALoad);
   // M += A[:, block] A[:, block]ᵀ over tiles on and below the diagonal
   acc_t* M = static_cast<acc_t*>(pv.M_part) + blk * r * r;
   for (int64_t d0 = 0; d0 < r; d0 += kGramTile)
     for (int64_t e0 = 0; e0 <= d0; e0 += kGramTile) gram_tile<acc_t>(a, W, wpad, d0, e0, r, M);
+  PHASE_LAP(kPhaseAGram);
 }
 
 // Sum the partials of one pair in block order into its (k, r) / (r, r) outputs.
@@ -686,6 +753,7 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
   for (size_t j = 0; j < pairs.size(); ++j)
     for (int64_t b = 0; b < pairs[j].col_blocks; ++b) tasks.push_back({static_cast<int32_t>(j), 0, b});
 
+  PHASE_START;
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
   // blocks of each pair still running: the worker that finishes a pair's last block sums its
@@ -703,9 +771,14 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
         pv.row_block(pv, h, task.blk);
       else
         pv.col_block(pv, h, task.blk);
-      if (pending[task.pair].fetch_sub(1, std::memory_order_acq_rel) == 1) pv.reduce(pv);
+      if (pending[task.pair].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        PHASE_START;
+        pv.reduce(pv);
+        PHASE_LAP(kPhaseReduce);
+      }
     }
   });
+  PHASE_LAP(kPhaseBlocks);
 }
 
 // ------------------------------------------------------------------------------ validation
@@ -977,6 +1050,7 @@ FusedCall prepare_fused(const FusedArgs& a, double step_increment, bool terms_ou
 // Runs a prepared fused call (Q_B, R_B, H already final) and bumps the version counters of
 // everything it wrote.
 void run_fused(FusedCall& call, const FusedArgs& a, const Hyper& h) {
+  PHASE_START;
   // one allocation for every pair's weights and partial statistics
   at::Tensor fresh;
   uint8_t* scratch = call_scratch(call.total, fresh);
@@ -988,6 +1062,7 @@ void run_fused(FusedCall& call, const FusedArgs& a, const Hyper& h) {
     else
       fill_weights<float>(pv, a.Q_B[j], a.R_B[j], a.H[j]);
   }
+  PHASE_LAP(kPhasePrepare);
   run_pairs(call.pairs, h);
   // The kernels write through raw pointers; bump the version counters as in-place torch ops
   // would, so autograd and the optimizer's edit detection see the new values.
@@ -1001,9 +1076,12 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
                               at::TensorList grad_B, at::TensorList U, at::TensorList Q_B, at::TensorList R_B,
                               at::TensorList H, at::TensorList step_A, at::TensorList step_B, double lr,
                               double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+  PHASE_OP;
   const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
                     H, step_A, step_B};
+  PHASE_START;
   FusedCall call = prepare_fused(a, 0.0, false);  // validates everything before anything is written
+  PHASE_LAP(kPhasePrepare);
   run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
 }
 
@@ -1130,6 +1208,8 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
   const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
                     H, step_A, step_B};
   const size_t npairs = A.size();
+  PHASE_OP;
+  PHASE_START;
   FusedCall call = prepare_fused(a, 1.0, true);
   TORCH_CHECK_VALUE(w.size() == npairs && scale.size() == npairs, "asft::cpp: anchored_adamw_step_ needs one w and ",
                     "one scale per pair; A has ", npairs, ", w ", w.size(), ", scale ", scale.size());
@@ -1139,6 +1219,7 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
                       "math dtype of pair 0 (", acc, "), B[", j, "] is ", B[j].scalar_type());
     check_tensor(w[j], "w", j, {call.pairs[j].k, 1}, acc, true);
   }
+  PHASE_LAP(kPhasePrepare);
   // ---- every check passed: writes
   for (at::TensorList list : {step_A, step_B})
     for (const at::Tensor& t : list) {
@@ -1160,11 +1241,28 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
   });
   for (at::TensorList list : {Q_B, R_B, H})
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  PHASE_LAP(kPhaseTerms);
   run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
   return out;
 }
 
 }  // namespace
+
+#ifdef ASFT_PHASE_CLOCK
+// cpu_phase_clock(reset) -> (kPhaseCount,) fp64 seconds per phase since the last reset
+// (summed over threads; kPhaseBlocks is the calling thread's wall time), in Phase order.
+at::Tensor cpu_phase_clock(bool reset) {
+  at::Tensor out = at::empty({kPhaseCount}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int p = 0; p < kPhaseCount; ++p)
+    o[p] = 1e-9 * static_cast<double>(reset ? g_phase_ns[p].exchange(0) : g_phase_ns[p].load());
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(asft, m) {
+  m.def("cpu_phase_clock(bool reset=False) -> Tensor", &cpu_phase_clock);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(asft, CPU, m) {
   m.impl("stats_pass", &stats_pass_cpu);

@@ -132,3 +132,40 @@ def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[flo
             (nothing is written).
     """
     return _call(torch.ops.asft.anchored_adamw_step_, *batch.op_args(), list(w), list(scale), *hyper.op_args())
+
+
+#: the phases of ``asft::cpu_phase_clock``, in the order of its result (``enum Phase`` of
+#: ``csrc/asft_cpu.cpp``)
+PHASES = (
+    "B rows: load B", "B rows: B Q_B", "B rows: U R_B", "B rows: AdamW", "B rows: Pᵀ += B'ᵀ U", "B rows: G",
+    "A cols: load A", "A cols: H A", "A cols: AdamW", "A cols: M", "reduce partials", "parallel region",
+    "prepare (checks, scratch)", "anchoring terms", "whole op",
+)
+
+
+def phase_times(reset: bool = False) -> dict[str, float]:
+    """Seconds spent in each phase of the C++ kernels since the last reset, from a build
+    with the phase clock (``ASFT_CPU_PHASE_CLOCK=1`` in the environment before the first
+    use; see ``bench/cpp_phases.py``).
+
+    The phases of blocks (:data:`PHASES` up to ``"reduce partials"``) are summed over the
+    threads that ran them; ``"parallel region"`` is the calling thread's wall time of the
+    blocks and reductions; ``"prepare (checks, scratch)"`` and ``"anchoring terms"`` run on
+    the calling thread.
+
+    Args:
+        reset: set every sum back to zero after reading it.
+
+    Raises:
+        RuntimeError: the loaded library was built without the phase clock.
+    """
+    _require()
+    try:
+        op = torch.ops.asft.cpu_phase_clock
+    except (AttributeError, RuntimeError):
+        raise RuntimeError("the C++ kernels were built without the phase clock: set ASFT_CPU_PHASE_CLOCK=1 "
+                           "before the first use in the process") from None
+    values = op(reset).tolist()
+    if len(values) != len(PHASES):
+        raise RuntimeError(f"the phase clock returned {len(values)} phases, expected {len(PHASES)}")
+    return dict(zip(PHASES, values))

@@ -45,6 +45,15 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("asft_cpu.cpp",)
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-DNDEBUG")
 LDFLAGS = ("-fopenmp",)
+#: set to 1 before the first build/load of a process: a build with the phase clock
+#: (``-DASFT_PHASE_CLOCK``, its own cache directory): the kernels time their phases and
+#: ``asft::cpu_phase_clock`` reads the sums (``bench/cpp_phases.py``; docs/cpp.md)
+PHASE_CLOCK_ENV = "ASFT_CPU_PHASE_CLOCK"
+
+
+def phase_clock_requested() -> bool:
+    """Whether this process builds and loads the phase-clock variant of the kernels."""
+    return os.environ.get(PHASE_CLOCK_ENV, "") not in ("", "0")
 
 
 class CppBackendWarning(UserWarning):
@@ -92,7 +101,7 @@ def load_arguments() -> dict[str, Any]:
     ``build_directory`` and ``verbose`` (those follow from :func:`cache_key`)."""
     return dict(
         sources=[str(SOURCE_DIR / name) for name in SOURCES],
-        extra_cflags=list(CFLAGS),
+        extra_cflags=list(CFLAGS) + (["-DASFT_PHASE_CLOCK"] if phase_clock_requested() else []),
         extra_ldflags=list(LDFLAGS),
         extra_include_paths=[],
         is_python_module=False,
@@ -193,6 +202,9 @@ def build(verbose: bool = False) -> Path:
             _announce(directory)  # ninja rebuilt what looked up to date: still say so
         if not torch._C._dispatch_has_kernel_for_dispatch_key("asft::fused_anchored_adamw_", "CPU"):
             raise RuntimeError(f"{path} loaded but registered no CPU kernel for asft::fused_anchored_adamw_")
+        if phase_clock_requested():
+            print(f"asft_kernels: C++ kernels with the phase clock ({PHASE_CLOCK_ENV}=1): each phase is timed",
+                  file=sys.stderr, flush=True)
         _State.library = Path(path) if path else library
         _State.loaded = True
         _State.error = None
@@ -247,5 +259,5 @@ def _cli_build(args: argparse.Namespace) -> int:
 
 __all__ = [
     "CFLAGS", "LDFLAGS", "SOURCES", "SOURCE_DIR", "CppBackendWarning", "build", "cache_dir", "cache_key",
-    "is_available", "load_arguments", "register_cli",
+    "PHASE_CLOCK_ENV", "is_available", "load_arguments", "phase_clock_requested", "register_cli",
 ]

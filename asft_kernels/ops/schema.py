@@ -164,7 +164,7 @@ class AnchoredBatch:
 
     def op_args(self) -> tuple[list[Tensor], ...]:
         """The lists in the op schema's order."""
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return tuple(getattr(self, name) for name in BATCH_FIELDS)
 
     def select(self, index: list[int]) -> AnchoredBatch:
         """The sub-batch of the pairs at ``index``."""
