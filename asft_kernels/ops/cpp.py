@@ -151,7 +151,9 @@ def phase_times(reset: bool = False) -> dict[str, float]:
     The phases of blocks (:data:`PHASES` up to ``"reduce partials"``) are summed over the
     threads that ran them; ``"parallel region"`` is the calling thread's wall time of the
     blocks and reductions; ``"prepare (checks, scratch)"`` and ``"anchoring terms"`` run on
-    the calling thread.
+    the calling thread; ``"whole op"`` sums the calls of ``fused_anchored_adamw_`` and
+    ``anchored_adamw_step_`` from their first to their last statement (``stats_pass`` adds
+    to the block phases only).
 
     Args:
         reset: set every sum back to zero after reading it.
