@@ -30,21 +30,20 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["ASFT_CPU_PHASE_CLOCK"] = "1"  # before asft_kernels loads the C++ library
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's asft_kernels
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cpp_step  # noqa: E402
 
-FLUSH_BYTES = cpp_step.FLUSH_BYTES
+from asft_kernels.ops.cpp_build import PHASE_CLOCK_ENV  # noqa: E402  (imports no library)
+
+os.environ[PHASE_CLOCK_ENV] = "1"  # read when the C++ library is first built or loaded
 
 
-def measure(label: str, m: int, n: int, r: int, k: int, layers: int, calls: int, flush: bool, step: bool) -> dict:
-    """Run ``calls`` calls after 3 warm-up calls; returns ``{"call": seconds per call,
-    "phases": {name: seconds per call}}`` and prints the table."""
+def measure(label: str, m: int, n: int, r: int, k: int, layers: int, calls: int, flush: bool, step: bool) -> None:
+    """Run ``calls`` calls after 3 warm-up calls and print the table of phases."""
     import asft_kernels as asft
     from asft_kernels.ops import cpp
 
@@ -61,7 +60,7 @@ def measure(label: str, m: int, n: int, r: int, k: int, layers: int, calls: int,
         def fn():
             cpp.fused_step(batch, hyper)
 
-    scratch = torch.empty(FLUSH_BYTES // 4) if flush else None
+    scratch = torch.empty(cpp_step.FLUSH_BYTES // 4) if flush else None
     for _ in range(3):
         fn()
     cpp.phase_times(reset=True)
@@ -85,7 +84,6 @@ def measure(label: str, m: int, n: int, r: int, k: int, layers: int, calls: int,
         if name in fmas and sec > 0:
             line += f"   {fmas[name] / sec / 1e9:6.1f} G multiply-adds/s"
         print(line)
-    return {"call": call, "phases": phases}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -682,10 +682,7 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
     }
   }
 
-  if constexpr (kUpdate)
-    PHASE_LAP(kPhaseAAdamW);
-  else
-    PHASE_LAP(kPhaseALoad);
+  PHASE_LAP(kUpdate ? kPhaseAAdamW : kPhaseALoad);
   // M += A[:, block] A[:, block]ᵀ over tiles on and below the diagonal
   acc_t* M = static_cast<acc_t*>(pv.M_part) + blk * r * r;
   for (int64_t d0 = 0; d0 < r; d0 += kGramTile)
