@@ -131,7 +131,8 @@ def _data_ptrs(tensors: list[Tensor]) -> list[int]:
 @dataclass
 class _Bucket:
     """Anchored pairs stepped together: one backend, device, parameter dtype, basis dtype,
-    rank r, basis size k and param group (one set of hyperparameters).
+    rank r, basis size k, param group of B and param group of A (each factor steps with its
+    own group's hyperparameters).
 
     ``P`` (L, k, r), ``G`` (L, r, r), ``M`` (L, r, r) are the cached statistics; ``Q_B``,
     ``R_B``, ``H`` the anchoring terms, all stacked; ``batch`` holds per-pair views of them
@@ -139,7 +140,8 @@ class _Bucket:
     """
 
     backend: Backend
-    group_index: int
+    group_index: int  # B's param group (its anchor_lambda is the pairs' λ)
+    group_A: int  # A's param group
     pairs: list[AnchoredPair]
     A: list[Tensor]
     B: list[Tensor]
@@ -189,7 +191,8 @@ class _PartialPair:
     pair: AnchoredPair
     A: Tensor
     B: Tensor
-    group_index: int
+    group_index: int  # B's param group (its anchor_lambda is the pair's λ)
+    group_A: int  # A's param group
     train_A: bool  # else B is the trainable factor
     U: Tensor
     w: Tensor
@@ -372,7 +375,7 @@ class AsFTAdamW(torch.optim.AdamW):
         Raises:
             OptimizerInputError: a binding none of whose pairs is among the parameters (a
                 binding of another model instance), half a pair, an anchored factor listed
-                twice, the two factors in groups with different hyperparameters, or an
+                twice, the two factors in groups with different ``anchor_lambda``, or an
                 explicit backend that cannot run the pairs' device.
         """
         pairs_of = [[] for _ in self.param_groups]
@@ -402,13 +405,6 @@ class AsFTAdamW(torch.optim.AdamW):
                             f"{pair.module_name}: {label} is listed more than once in the optimizer's parameters; "
                             "pass each parameter once (e.g. AsFTAdamW(model.parameters()), not params + params)"
                         )
-                ga, gb = self.param_groups[loc_a[0]], self.param_groups[loc_b[0]]
-                for opt in ("lr", "betas", "eps", "weight_decay", "maximize"):
-                    if ga[opt] != gb[opt]:
-                        raise OptimizerInputError(
-                            f"{pair.module_name}: lora_A and lora_B are in param groups with different {opt!r} "
-                            f"({ga[opt]} vs {gb[opt]}); an anchored pair needs one set of hyperparameters"
-                        )
                 if self._backend_request in ("cpp", "triton"):
                     check_device(self._backend_request, B.device)
                 pairs_of[loc_b[0]].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
@@ -425,6 +421,34 @@ class AsFTAdamW(torch.optim.AdamW):
         for group, pairs in zip(self.param_groups, pairs_of):
             group["anchor_pairs"] = pairs
         self._plan = None
+        self._links = None
+        self._check_pair_lambdas()
+
+    def _check_pair_lambdas(self) -> None:
+        """Refuse pairs whose A and B sit in param groups of different ``anchor_lambda``: λ is
+        one number per pair (every other hyperparameter may differ between the factors, as
+        LoRA+ sets them). Runs at construction and at every step before anything is written,
+        over the distinct (group of A, group of B) links of the pairs.
+
+        Raises:
+            OptimizerInputError: naming a pair, its two groups and their λ.
+        """
+        links = self.__dict__.get("_links")
+        if links is None:
+            links = {}
+            for gi, group in enumerate(self.param_groups):
+                for key, a_gi, _, _ in group["anchor_pairs"]:
+                    if a_gi != gi:
+                        links.setdefault((a_gi, gi), key)
+            self._links = links
+        groups = self.param_groups
+        for (a_gi, b_gi), key in links.items():
+            lam_a, lam_b = groups[a_gi]["anchor_lambda"], groups[b_gi]["anchor_lambda"]
+            if float(lam_a) != float(lam_b):
+                raise OptimizerInputError(
+                    f"{key}: lora_A is in param group {a_gi} with anchor_lambda={lam_a}, lora_B in group {b_gi} with "
+                    f"anchor_lambda={lam_b}; the two factors of an anchored pair need one λ (lr, betas, eps, "
+                    "weight_decay and maximize may differ)")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.AdamW.load_state_dict``, plus: refuses state whose shapes do not
@@ -525,14 +549,25 @@ class AsFTAdamW(torch.optim.AdamW):
     def _anchored_step(self) -> None:
         for group in self.param_groups:
             _check_lambda(group["anchor_lambda"])
+        self._check_pair_lambdas()
         plan = self._current_plan()
+        # A GradScaler hands a fused optimizer its scale and inf flag instead of unscaling
+        # (``_step_supports_amp_scaling``): anchored gradients are divided by the scale here
+        # (``.grad`` is left as it is) and a step with an inf writes nothing anchored.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        skip = found_inf is not None and bool(found_inf.item() != 0)
         # ---- inputs and checks: nothing is written before this block ends
-        grads = [self._bucket_grads(b) for b in plan.buckets]
+        grads = [self._bucket_grads(b, grad_scale) for b in plan.buckets]
         for bucket in plan.buckets:
             self._refresh_statistics(bucket)
         losses: list[Tensor | None] = []
         for bucket in plan.buckets:
             lam = float(self.param_groups[bucket.group_index]["anchor_lambda"])
+            if skip:  # R at the unchanged parameters; nothing else runs
+                losses.append(eager.anchoring_terms(bucket.P, bucket.G, bucket.M, bucket.w, bucket.coef * (2.0 * lam),
+                                                    bucket.Q_B, bucket.R_B, bucket.H))
+                continue
             if bucket.one_call:  # terms, counters and step in one call below
                 if bucket.scale_lam != lam:
                     bucket.scale = [2.0 * lam * c for c in bucket.coefs]
@@ -541,13 +576,18 @@ class AsFTAdamW(torch.optim.AdamW):
                 continue
             losses.append(bucket.backend.terms(bucket.P, bucket.G, bucket.M, bucket.w, bucket.coef * (2.0 * lam),
                                                bucket.Q_B, bucket.R_B, bucket.H))
-        partial_updates = [self._partial_gradient(pp) for pp in plan.partial]
+        partial_updates = [self._partial_gradient(pp, grad_scale) for pp in plan.partial]
         # ---- writes
         for gi, group in enumerate(self.param_groups):
             self._plain_adamw(group, plan.plain[gi])
+            if skip:
+                continue
             for p in plan.plain_fp32_state[gi]:
                 if p.grad is not None:
-                    self._eager_adamw(group, p, p.grad)
+                    self._eager_adamw(group, p, p.grad if grad_scale is None else p.grad / grad_scale)
+        if skip:
+            self._anchor_loss = _sum_losses(losses + [loss for _, _, loss in partial_updates])
+            return
         if plan.steps is not None:  # the counters no one-call bucket advances itself
             if not any(b.one_call for b in plan.buckets):
                 plan.steps.add_(1)
@@ -557,27 +597,23 @@ class AsFTAdamW(torch.optim.AdamW):
                         bucket.steps.add_(1)
                 if plan.partial_steps is not None:
                     plan.partial_steps.add_(1)
+        groups = self.param_groups
         for i, (bucket, (grad_A, grad_B)) in enumerate(zip(plan.buckets, grads)):
-            group = self.param_groups[bucket.group_index]
             batch = bucket.batch
             batch.grad_A, batch.grad_B = grad_A, grad_B
-            beta1, beta2 = group["betas"]
-            hyper = AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                               float(group["weight_decay"]), bool(group["maximize"]))
+            hyper_B = _hyper(groups[bucket.group_index])
+            hyper_A = hyper_B if bucket.group_A == bucket.group_index else _hyper(groups[bucket.group_A])
             if bucket.one_call:
-                losses[i] = bucket.backend.anchored_step(batch, bucket.w_list, bucket.scale, hyper)
+                losses[i] = bucket.backend.anchored_step(batch, bucket.w_list, bucket.scale, hyper_A, hyper_B)
             elif bucket.shards is None:
-                bucket.backend.fused_step(batch, hyper)
+                bucket.backend.fused_step(batch, hyper_A, hyper_B)
             else:
-                self._sharded_fused_step(bucket, hyper)
+                self._sharded_fused_step(bucket, hyper_A, hyper_B)
             bucket.versions = bucket.current_versions()
         for pp, (param, grad, _) in zip(plan.partial, partial_updates):
-            self._eager_adamw(self.param_groups[pp.group_index], param, grad, stepped=True)
+            self._eager_adamw(groups[pp.group_A if pp.train_A else pp.group_index], param, grad, stepped=True)
         losses.extend(loss for _, _, loss in partial_updates)
-        total = None
-        for loss in losses:
-            total = loss if total is None else total + loss.to(total.device, total.dtype)
-        self._anchor_loss = total
+        self._anchor_loss = _sum_losses(losses)
 
     # ------------------------------------------------------------------ building the plan
     def _build_plan(self) -> _StepPlan:
@@ -623,23 +659,23 @@ class AsFTAdamW(torch.optim.AdamW):
                             f"{pair.module_name}: a frozen lora factor is not supported with FSDP2-sharded pairs")
                     if not (train_A or train_B):
                         continue
-                    pending.append((gi, pair, A, B, train_A, basis_dtype, md))
+                    pending.append((gi, a_gi, pair, A, B, train_A, basis_dtype, md))
                     continue
                 if device not in backends:
                     backends[device] = resolve_backend(self._backend_request, device)
                 backend = route(backends[device], dtype, int(A.shape[0]))
                 k = pair.entry.rank
-                bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, shard is not None)
-                buckets.setdefault(bkey, {"backend": backend, "gi": gi, "items": []})["items"].append(
+                bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, a_gi, shard is not None)
+                buckets.setdefault(bkey, {"backend": backend, "gi": (gi, a_gi), "items": []})["items"].append(
                     (pair, A, B, shard, basis_dtype, md))
         # ---- every check passed: create state and buffers
         out_buckets = []
         for spec in buckets.values():
             out_buckets.append(self._make_bucket(spec["backend"], spec["gi"], spec["items"], step_states))
-        for gi, pair, A, B, train_A, basis_dtype, md in pending:
+        for gi, a_gi, pair, A, B, train_A, basis_dtype, md in pending:
             param = A if train_A else B
             step_states.append(self._state_for(param))
-            partial.append(_PartialPair(pair, A, B, gi, train_A, pair.basis(B.device, basis_dtype),
+            partial.append(_PartialPair(pair, A, B, gi, a_gi, train_A, pair.basis(B.device, basis_dtype),
                                         pair.weights(B.device, md)))
         steps = _gather_steps(step_states)
         off = 0  # step_states: each bucket's A then B states, in bucket order, then the partial pairs'
@@ -684,7 +720,8 @@ class AsFTAdamW(torch.optim.AdamW):
             partial_steps=partial_steps,
         )
 
-    def _make_bucket(self, backend: Backend, gi: int, items: list, step_states: list[dict]) -> _Bucket:
+    def _make_bucket(self, backend: Backend, gi: tuple[int, int], items: list, step_states: list[dict]) -> _Bucket:
+        """A bucket of ``items`` (validated pairs) whose B sit in group ``gi[0]``, A in ``gi[1]``."""
         pairs = [it[0] for it in items]
         As = [it[1] for it in items]
         Bs = [it[2] for it in items]
@@ -724,7 +761,7 @@ class AsFTAdamW(torch.optim.AdamW):
         batch.fixed = True  # the plan hands this batch to every step and rebuilds it on any change
         sharded = any(s is not None for s in shards)
         return _Bucket(
-            backend=backend, group_index=gi, pairs=pairs, A=As, B=Bs, batch=batch, P=P, G=G, M=M,
+            backend=backend, group_index=gi[0], group_A=gi[1], pairs=pairs, A=As, B=Bs, batch=batch, P=P, G=G, M=M,
             Q_B=Q_B, R_B=R_B, H=H, w=w, coef=coef, watch=[local_tensor(t) for t in As + Bs],
             missing_A=missing_A, missing_B=missing_B, zeros_A=zeros_A, zeros_B=zeros_B,
             shards=shards if sharded else None, gathered_A=[None] * L, coefs=coefs, w_list=list(w.unbind(0)),
@@ -749,14 +786,18 @@ class AsFTAdamW(torch.optim.AdamW):
         return state
 
     # ------------------------------------------------------------------ per-step pieces
-    def _bucket_grads(self, bucket: _Bucket) -> tuple[list[Tensor], list[Tensor]]:
-        """The bucket's gradients (zeros where the plan saw none), checked for layout."""
+    def _bucket_grads(self, bucket: _Bucket, grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """The bucket's gradients (zeros where the plan saw none), checked for layout;
+        divided by ``grad_scale`` (a GradScaler's 0-d scale) into new tensors when given."""
         grad_A = list(map(_grad, bucket.A))
         grad_B = list(map(_grad, bucket.B))
         for j, z in bucket.zeros_A.items():
             grad_A[j] = z
         for j, z in bucket.zeros_B.items():
             grad_B[j] = z
+        if grad_scale is not None:
+            grad_A = torch._foreach_div(grad_A, grad_scale)
+            grad_B = torch._foreach_div(grad_B, grad_scale)
         if bucket.shards is not None:
             return grad_A, grad_B
         # autograd and the .grad setter guarantee shape, dtype and device; check the layout
@@ -795,7 +836,7 @@ class AsFTAdamW(torch.optim.AdamW):
                 bucket.gathered_A[j] = gathered
         bucket.versions = now
 
-    def _sharded_fused_step(self, bucket: _Bucket, hyper: AdamWHyper) -> None:
+    def _sharded_fused_step(self, bucket: _Bucket, hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
         """FSDP2: the backend writes local shards and partial sums; complete them
         (:mod:`asft_kernels.sharding`)."""
         b = bucket.batch
@@ -804,13 +845,14 @@ class AsFTAdamW(torch.optim.AdamW):
             item = {name: getattr(b, name)[j] for name in BATCH_FIELDS}
             local.append(shard.localize(item, bucket.gathered_A[j]))
         batch = AnchoredBatch(*([it[name] for it in local] for name in BATCH_FIELDS))
-        bucket.backend.fused_step(batch, hyper)
+        bucket.backend.fused_step(batch, hyper_A, hyper_B)
         gathered = complete_sharded_step(bucket.shards, b.P, b.G, b.M)
         bucket.gathered_A = list(gathered)
 
-    def _partial_gradient(self, pp: _PartialPair) -> tuple[Tensor, Tensor, Tensor]:
+    def _partial_gradient(self, pp: _PartialPair, grad_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(factor, g, R)``: the trainable factor, its gradient of task + R with the frozen
-        factor held constant (math dtype), and R (0-d); the terms of
+        factor held constant (math dtype; the task gradient divided by ``grad_scale`` when
+        given), and R (0-d); the terms of
         :func:`~asft_kernels.functional.anchoring_terms` for one pair."""
         lam = float(self.param_groups[pp.group_index]["anchor_lambda"]) * float(pp.pair.coef)
         A, B = pp.A.detach(), pp.B.detach()
@@ -824,7 +866,8 @@ class AsFTAdamW(torch.optim.AdamW):
         else:  # g_B = grad_B + B Q_B − U R_B
             param, g = pp.B, B.to(md) @ Q_B[0] - pp.U.to(md) @ R_B[0]
         if param.grad is not None:
-            g = g + param.grad.to(md)
+            task = param.grad.to(md)
+            g = g + (task if grad_scale is None else task / grad_scale)
         return param, g, loss
 
     def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
@@ -862,6 +905,20 @@ class AsFTAdamW(torch.optim.AdamW):
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
             decoupled_weight_decay=True,
         )
+
+
+def _hyper(group: dict) -> AdamWHyper:
+    """The AdamW hyperparameters of a param group."""
+    beta1, beta2 = group["betas"]
+    return AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                      float(group["weight_decay"]), bool(group["maximize"]))
+
+
+def _sum_losses(losses: list[Tensor]) -> Tensor | None:
+    total = None
+    for loss in losses:
+        total = loss if total is None else total + loss.to(total.device, total.dtype)
+    return total
 
 
 _DETACHED_MESSAGE = (

@@ -179,7 +179,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.asft.stats_pass.default, (cols["U"], cols["B"], cols["A"]))
     args = (cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"], cols["M"],
             cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"], [torch.tensor(2.0)] * 2,
-            [torch.tensor(2.0)] * 2, 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
+            [torch.tensor(2.0)] * 2, 1e-3, 0.9, 0.999, 1e-8, 0.01, False, 2e-3, 0.8, 0.99, 1e-7, 0.0, True)
     torch.library.opcheck(torch.ops.asft.fused_anchored_adamw_.default, args)
 
 
@@ -478,7 +478,7 @@ def test_anchored_step_opcheck_and_bad_input_changes_nothing():
     cols = _pairs([(37, 50, 3, 5), (1, 7, 2, 1)], torch.float32, seed=1)
     batch, w, scale, hyper = _step_args(cols)
     torch.library.opcheck(torch.ops.asft.anchored_adamw_step_.default,
-                          (*batch.op_args(), w, scale, *hyper.op_args()))
+                          (*batch.op_args(), w, scale, *hyper.op_args(), *hyper.op_args()))
     batch, w, scale, hyper = _step_args(_pairs([(37, 50, 3, 5), (20, 9, 2, 4)], torch.float32, seed=2))
     before = {name: [t.clone() for t in getattr(batch, name)] for name in BATCH_FIELDS}
     bad = [w[0], torch.zeros(5, 1)]  # pair 1 has k = 4

@@ -451,3 +451,156 @@ def test_trajectory_mixed_ranks_in_one_batch(backend):
     run_asft(m1, anchor.bind(m1), 3, loss, backend=backend)
     run_reference(m2, anchor.bind(m2), 3, loss)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+# ----------------------------------------------------------------------------- GradScaler with fused=True
+def _lora_a_up(model):
+    return model.base_model.model.up.lora_A["default"].weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("inf_step", [None, 1], ids=["finite", "inf"])
+def test_fused_grad_scaler_matches_fused_adamw(backend, inf_step, dtype):
+    """fused=True: GradScaler hands the optimizer grad_scale/found_inf instead of unscaling.
+    Anchored pairs unscale inside the step (their .grad untouched) and, on an inf, skip
+    everything (parameters, moments, counters, statistics), as torch.optim.AdamW(fused=True)
+    with the same scaler on task + R does."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2, dtype=dtype), odd_lora(r=2, dtype=dtype)
+    b2 = anchor.bind(m2)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0, fused=True,
+                        backend=backend)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2, fused=True)
+    assert o1._step_supports_amp_scaling
+    sc1, sc2 = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    anchored = {id(t) for pair in o1.anchor for t in (pair.A, pair.B)}
+    for s in range(4):
+        o1.zero_grad()
+        o2.zero_grad()
+        sc1.scale(odd_task_loss(m1, s, dtype)).backward()
+        sc2.scale(odd_task_loss(m2, s, dtype) + paper_regularizer(b2, 1.0).to(dtype)).backward()
+        if s == inf_step:
+            _lora_a_up(m1).grad[0, 0] = float("inf")
+            _lora_a_up(m2).grad[0, 0] = float("inf")
+            params = [p.detach().clone() for p in trainable(m1)]
+            state = [{k: v.clone() for k, v in o1.state[p].items()} for p in trainable(m1)]
+            stats = [t.clone() for b in o1._plan.buckets for t in (b.P, b.G, b.M)]
+        grads = [p.grad.clone() for p in trainable(m1)]
+        sc1.step(o1)
+        sc1.update()
+        sc2.step(o2)
+        sc2.update()
+        for p, g in zip(trainable(m1), grads):
+            if id(p) in anchored:  # left scaled: the step divides its own copy
+                assert torch.equal(p.grad, g)
+        if s == inf_step:  # nothing written
+            assert all(torch.equal(p, q) for p, q in zip(trainable(m1), params))
+            for p, st in zip(trainable(m1), state):
+                assert all(torch.equal(o1.state[p][k], v) for k, v in st.items())
+            assert all(torch.equal(t, u) for t, u in zip((t for b in o1._plan.buckets for t in (b.P, b.G, b.M)),
+                                                         stats))
+            assert torch.isfinite(o1.anchor_loss)
+        assert sc1.get_scale() == sc2.get_scale()
+        assert max_rel_err(trainable(m1), trainable(m2)) < TOLERANCE[dtype]
+        for p1, p2 in zip(trainable(m1), trainable(m2)):
+            assert float(o1.state[p1]["step"]) == float(o2.state[p2]["step"])
+    assert float(o1.state[_lora_a_up(m1)]["step"]) == (3 if inf_step is not None else 4)
+
+
+# ----------------------------------------------------------------------------- A and B in different groups
+def _split_groups(model, hyper_A, hyper_B):
+    """Param groups with every lora_A in one group and everything else in another."""
+    a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n]
+    return [dict(params=a, **hyper_A), dict(params=rest, **hyper_B)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factors_in_groups_of_different_hyperparameters(backend, dtype):
+    """Each factor steps with its own group's lr, betas, eps, weight_decay and maximize, also
+    after the groups are edited between steps (as a per-group scheduler does)."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2, dtype=dtype), odd_lora(r=2, dtype=dtype)
+    b2 = anchor.bind(m2)
+    hyper_A = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2, maximize=False)
+    hyper_B = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False)
+    o1 = asft.AsFTAdamW(_split_groups(m1, hyper_A, hyper_B), anchor=anchor.bind(m1), anchor_lambda=0.7,
+                        backend=backend)
+    o2 = torch.optim.AdamW(_split_groups(m2, hyper_A, hyper_B))
+    for s in range(4):
+        if s == 2:  # a scheduler's edit of A's group only
+            for opt in (o1, o2):
+                opt.param_groups[0]["lr"] *= 0.5
+                opt.param_groups[0]["weight_decay"] = 0.05
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, dtype).backward()
+        (odd_task_loss(m2, s, dtype) + paper_regularizer(b2, 0.7).to(dtype)).backward()
+        o1.step()
+        o2.step()
+        assert max_rel_err(trainable(m1), trainable(m2)) < TOLERANCE[dtype], s
+
+
+def test_factors_maximize_per_group(backend):
+    """``maximize`` of A's group applies to A only."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    b2 = anchor.bind(m2)
+    hyper_A = dict(lr=1e-2, maximize=True)
+    hyper_B = dict(lr=1e-2, maximize=False)
+    o1 = asft.AsFTAdamW(_split_groups(m1, hyper_A, hyper_B), anchor=anchor.bind(m1), anchor_lambda=0.5,
+                        backend=backend)
+    o2 = torch.optim.AdamW(_split_groups(m2, hyper_A, hyper_B))
+    for s in range(3):
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 0.5)).backward()
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_loraplus_end_to_end(backend):
+    """peft's LoRA+ recipe (create_loraplus_optimizer, lr of B 16× lr of A) with AsFTAdamW
+    equals the same recipe with torch.optim.AdamW on task + R."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    b2 = anchor.bind(m2)
+    kw = dict(lr=2e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.05)
+    o1 = create_loraplus_optimizer(m1, optimizer_cls=asft.AsFTAdamW, anchor=anchor.bind(m1), anchor_lambda=0.5,
+                                   backend=backend, **kw)
+    o2 = create_loraplus_optimizer(m2, optimizer_cls=torch.optim.AdamW, **kw)
+    assert isinstance(o1, asft.AsFTAdamW)
+    assert sum(len(g["anchor_pairs"]) for g in o1.param_groups) == 3
+    assert {g["lr"] for g in o1.param_groups if g["params"]} == {2e-3, 2e-3 * 16}
+    for s in range(4):
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 0.5)).backward()
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def test_factors_in_groups_of_different_lambda_are_refused_before_any_write():
+    """λ is one number per pair: a differing anchor_lambda in A's group is refused at
+    construction, and at the next step when set afterwards (nothing written)."""
+    anchor = odd_anchor(rank=3)
+    model = odd_lora(r=2)
+    with pytest.raises(asft.OptimizerInputError, match=r"anchor_lambda=0.5.*anchor_lambda=1.0"):
+        asft.AsFTAdamW(_split_groups(model, dict(anchor_lambda=0.5), dict(anchor_lambda=1.0)),
+                       anchor=anchor.bind(model))
+    opt = asft.AsFTAdamW(_split_groups(model, {}, {}), anchor=anchor.bind(model), anchor_lambda=1.0)
+    odd_task_loss(model, 0, torch.float64).backward()
+    opt.step()
+    opt.param_groups[0]["anchor_lambda"] = 0.25
+    params = [p.detach().clone() for p in trainable(model)]
+    steps = [float(opt.state[p]["step"]) for p in trainable(model)]
+    with pytest.raises(asft.OptimizerInputError, match=r"up: lora_A is in param group 0 with anchor_lambda=0.25"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(trainable(model), params))
+    assert [float(opt.state[p]["step"]) for p in trainable(model)] == steps

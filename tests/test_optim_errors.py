@@ -80,15 +80,15 @@ def test_half_a_pair_in_the_optimizer():
         asft.AsFTAdamW(params, anchor=binding)
 
 
-def test_pair_split_across_groups_with_different_lr():
+def test_pair_split_across_groups_with_different_lambda():
     model = odd_lora(r=2)
     binding = odd_anchor(rank=2).bind(model)
     a_params = [p for n, p in model.named_parameters() if "lora_A" in n]
     b_params = [p for n, p in model.named_parameters() if "lora_B" in n]
-    with pytest.raises(asft.OptimizerInputError, match="different 'lr'"):
-        asft.AsFTAdamW([{"params": a_params, "lr": 1e-3}, {"params": b_params, "lr": 1e-2}], anchor=binding)
-    # same hyperparameters in two groups is fine, and matches one group
-    opt = asft.AsFTAdamW([{"params": a_params}, {"params": b_params}], lr=1e-2, anchor=binding)
+    with pytest.raises(asft.OptimizerInputError, match="need one λ"):
+        asft.AsFTAdamW([{"params": a_params, "anchor_lambda": 0.5}, {"params": b_params}], anchor=binding)
+    # other hyperparameters may differ (LoRA+); the pairs are recorded in B's group
+    opt = asft.AsFTAdamW([{"params": a_params, "lr": 1e-3}, {"params": b_params}], lr=1e-2, anchor=binding)
     assert len(opt.param_groups[1]["anchor_pairs"]) == 3
 
 

@@ -426,7 +426,7 @@ def test_opcheck_default_and_fake_impls():
     gA, gB = _grads(cols, 1)
     torch.library.opcheck(torch.ops.asft.stats_pass.default, (cols["U"], cols["B"], cols["A"]))
     batch = _batch(cols, P, G, M, gA, gB, Q, R, H, 1)
-    args = (*batch.op_args(), 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
+    args = (*batch.op_args(), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, 2e-3, 0.8, 0.99, 1e-7, 0.0, True)
     torch.library.opcheck(torch.ops.asft.fused_anchored_adamw_.default, args)
 
 
@@ -444,7 +444,7 @@ def test_opcheck_and_dispatch_on_cuda(monkeypatch):
     gA, gB = _grads(cols, 1)
     torch.library.opcheck(torch.ops.asft.stats_pass.default, (cols["U"], cols["B"], cols["A"]))
     batch = _batch(cols, list(P), list(G), list(M), gA, gB, Q, R, H, 1)
-    args = (*batch.op_args(), 1e-3, 0.9, 0.999, 1e-8, 0.01, False)
+    args = (*batch.op_args(), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, 2e-3, 0.8, 0.99, 1e-7, 0.0, True)
     torch.library.opcheck(torch.ops.asft.fused_anchored_adamw_.default, args)
 
 

@@ -10,6 +10,7 @@
 // fused_anchored_adamw_(...): one pass per pair
 //   rows of B:     g = grad_B + B Q_B − U R_B, AdamW, P' += U[i]ᵀ B'[i], G' += B'[i]ᵀ B'[i]
 //   columns of A:  g = grad_A + H A,           AdamW, M' += A'[:, c] A'[:, c]ᵀ
+// each factor with its own AdamW hyperparameters (lr_A, ..., maximize_A; lr_B, ...),
 // with P', G', M' accumulated from the values as stored (after rounding to the param dtype).
 //
 // Work decomposition. Every pair is cut into row blocks of B (kRowBlock rows) and column
@@ -737,7 +738,9 @@ void select_kernels(PairView& pv) {
 }
 
 // Run every block of every pair, then every reduction. Deterministic: see the file header.
-void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
+// hA: A's hyperparameters (column blocks), hB: B's (row blocks); A and B may sit in param
+// groups of different lr, weight decay, ... (LoRA+).
+void run_pairs(std::vector<PairView>& pairs, const Hyper& hA, const Hyper& hB) {
   struct Task {
     int32_t pair;
     int32_t is_row;
@@ -765,9 +768,9 @@ void run_pairs(std::vector<PairView>& pairs, const Hyper& h) {
       const Task& task = tasks[t];
       const PairView& pv = pairs[task.pair];
       if (task.is_row)
-        pv.row_block(pv, h, task.blk);
+        pv.row_block(pv, hB, task.blk);
       else
-        pv.col_block(pv, h, task.blk);
+        pv.col_block(pv, hA, task.blk);
       if (pending[task.pair].fetch_sub(1, std::memory_order_acq_rel) == 1) {
         PHASE_START;
         pv.reduce(pv);
@@ -965,7 +968,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   at::Tensor fresh;
   uint8_t* scratch = call_scratch(total, fresh);
   for (size_t j = 0; j < npairs; ++j) place_scratch(pairs[j], offsets[j], scratch);
-  run_pairs(pairs, Hyper{0, 0, 0, 0, 0, false});
+  run_pairs(pairs, Hyper{0, 0, 0, 0, 0, false}, Hyper{0, 0, 0, 0, 0, false});
   return {Ps, Gs, Ms};
 }
 
@@ -1046,7 +1049,7 @@ FusedCall prepare_fused(const FusedArgs& a, double step_increment, bool terms_ou
 
 // Runs a prepared fused call (Q_B, R_B, H already final) and bumps the version counters of
 // everything it wrote.
-void run_fused(FusedCall& call, const FusedArgs& a, const Hyper& h) {
+void run_fused(FusedCall& call, const FusedArgs& a, const Hyper& hA, const Hyper& hB) {
   PHASE_START;
   // one allocation for every pair's weights and partial statistics
   at::Tensor fresh;
@@ -1060,7 +1063,7 @@ void run_fused(FusedCall& call, const FusedArgs& a, const Hyper& h) {
       fill_weights<float>(pv, a.Q_B[j], a.R_B[j], a.H[j]);
   }
   PHASE_LAP(kPhasePrepare);
-  run_pairs(call.pairs, h);
+  run_pairs(call.pairs, hA, hB);
   // The kernels write through raw pointers; bump the version counters as in-place torch ops
   // would, so autograd and the optimizer's edit detection see the new values.
   for (at::TensorList list : {a.A, a.B, a.exp_avg_A, a.exp_avg_sq_A, a.exp_avg_B, a.exp_avg_sq_B, a.P, a.G, a.M})
@@ -1071,15 +1074,18 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
                               at::TensorList exp_avg_sq_A, at::TensorList exp_avg_B, at::TensorList exp_avg_sq_B,
                               at::TensorList P, at::TensorList G, at::TensorList M, at::TensorList grad_A,
                               at::TensorList grad_B, at::TensorList U, at::TensorList Q_B, at::TensorList R_B,
-                              at::TensorList H, at::TensorList step_A, at::TensorList step_B, double lr,
-                              double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                              at::TensorList H, at::TensorList step_A, at::TensorList step_B, double lr_A,
+                              double beta1_A, double beta2_A, double eps_A, double weight_decay_A, bool maximize_A,
+                              double lr_B, double beta1_B, double beta2_B, double eps_B, double weight_decay_B,
+                              bool maximize_B) {
   PHASE_OP;
   const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
                     H, step_A, step_B};
   PHASE_START;
   FusedCall call = prepare_fused(a, 0.0, false);  // validates everything before anything is written
   PHASE_LAP(kPhasePrepare);
-  run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
+  run_fused(call, a, Hyper{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A},
+            Hyper{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B});
 }
 
 // -------------------------------------------------------------------------- anchoring terms
@@ -1189,8 +1195,8 @@ at::Tensor anchoring_terms_cpu(const at::Tensor& P, const at::Tensor& G, const a
 
 
 // ------------------------------------------------------------------------- the whole step
-// anchored_adamw_step_(<the lists of fused_anchored_adamw_>, w, scale, lr, ...) -> R: the
-// step of one bucket in one call. After every list entry is validated: every step counter
+// anchored_adamw_step_(<the lists of fused_anchored_adamw_>, w, scale, <A's and B's AdamW
+// hyperparameters>) -> R: the step of one bucket in one call. After every list entry is validated: every step counter
 // is advanced by one (as torch.optim.AdamW advances state["step"]); per pair j, the
 // anchoring terms from P, G, M with 2λ = scale[j] into Q_B, R_B, H (anchoring_terms_, one
 // pair at a time); then the fused step. Returns R = ½ Σ_j ⟨H_j, M_j⟩ at the statistics
@@ -1200,8 +1206,10 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
                                    at::TensorList exp_avg_sq_B, at::TensorList P, at::TensorList G, at::TensorList M,
                                    at::TensorList grad_A, at::TensorList grad_B, at::TensorList U,
                                    at::TensorList Q_B, at::TensorList R_B, at::TensorList H, at::TensorList step_A,
-                                   at::TensorList step_B, at::TensorList w, at::ArrayRef<double> scale, double lr,
-                                   double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                                   at::TensorList step_B, at::TensorList w, at::ArrayRef<double> scale,
+                                   double lr_A, double beta1_A, double beta2_A, double eps_A, double weight_decay_A,
+                                   bool maximize_A, double lr_B, double beta1_B, double beta2_B, double eps_B,
+                                   double weight_decay_B, bool maximize_B) {
   const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
                     H, step_A, step_B};
   const size_t npairs = A.size();
@@ -1239,7 +1247,8 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
   for (at::TensorList list : {Q_B, R_B, H})
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
   PHASE_LAP(kPhaseTerms);
-  run_fused(call, a, Hyper{lr, beta1, beta2, eps, weight_decay, maximize});
+  run_fused(call, a, Hyper{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A},
+            Hyper{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B});
   return out;
 }
 

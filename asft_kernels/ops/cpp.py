@@ -82,17 +82,19 @@ def supports(dtype: torch.dtype, rank: int) -> bool:
     return dtype in _DTYPES and rank <= FUSED_MAX_RANK
 
 
-def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
+def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | None = None) -> None:
     """One anchored AdamW step for a batch of pairs, one grouped C++ call.
 
     Semantics of ``asft::fused_anchored_adamw_`` (:mod:`asft_kernels.ops.schema`): A (r, n),
     B (m, r) and their moments are updated in place, P (k, r), G (r, r), M (r, r) receive the
-    statistics of the stored new values. Every input is validated before anything is written.
+    statistics of the stored new values. A steps with ``hyper_A``, B with ``hyper_B``
+    (default: ``hyper_A``). Every input is validated before anything is written.
 
     Raises:
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow.
     """
-    _call(torch.ops.asft.fused_anchored_adamw_, *batch.op_args(), *hyper.op_args())
+    hyper_B = hyper_A if hyper_B is None else hyper_B
+    _call(torch.ops.asft.fused_anchored_adamw_, *batch.op_args(), *hyper_A.op_args(), *hyper_B.op_args())
 
 
 def terms(
@@ -118,11 +120,12 @@ def terms(
     return _call(torch.ops.asft.anchoring_terms_, P, G, M, w, coef, scale, Q_B, R_B, H)
 
 
-def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[float], hyper: AdamWHyper) -> Tensor:
+def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[float], hyper_A: AdamWHyper,
+                  hyper_B: AdamWHyper | None = None) -> Tensor:
     """The step of one bucket in one C++ call (``asft::anchored_adamw_step_``): every input
     validated, then the step counters advanced, the anchoring terms written into ``Q_B``,
     ``R_B``, ``H`` (2λ = ``scale[j]``, ``w[j]`` (k, 1)) and the fused step of
-    :func:`fused_step`.
+    :func:`fused_step` (A with ``hyper_A``, B with ``hyper_B``, default: ``hyper_A``).
 
     Returns:
         ``R = ½ Σ_j ⟨H_j, M_j⟩`` at the statistics before the step (0-d, math dtype).
@@ -131,7 +134,9 @@ def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[flo
         OptimizerInputError: a shape, dtype, device or layout the contract does not allow
             (nothing is written).
     """
-    return _call(torch.ops.asft.anchored_adamw_step_, *batch.op_args(), list(w), list(scale), *hyper.op_args())
+    hyper_B = hyper_A if hyper_B is None else hyper_B
+    return _call(torch.ops.asft.anchored_adamw_step_, *batch.op_args(), list(w), list(scale), *hyper_A.op_args(),
+                 *hyper_B.op_args())
 
 
 #: the phases of ``asft::cpu_phase_clock``, in the order of its result (``enum Phase`` of

@@ -131,7 +131,8 @@ def anchoring_terms_op(
     return anchoring_terms(P, G, M, w, scale, Q_B, R_B, H)
 
 
-def anchored_step(batch: AnchoredBatch, w: list[Tensor], scale: list[float], hyper: AdamWHyper) -> Tensor:
+def anchored_step(batch: AnchoredBatch, w: list[Tensor], scale: list[float], hyper_A: AdamWHyper,
+                  hyper_B: AdamWHyper | None = None) -> Tensor:
     """``asft::anchored_adamw_step_`` (:mod:`asft_kernels.ops.schema`) in torch ops: the step
     counters advanced, the anchoring terms of every pair (:func:`anchoring_terms`, one pair at
     a time, ``2λ = scale[j]``, ``w[j]`` (k, 1)), then :func:`fused_step`. Returns ``R`` (0-d,
@@ -144,7 +145,7 @@ def anchored_step(batch: AnchoredBatch, w: list[Tensor], scale: list[float], hyp
         part = anchoring_terms(batch.P[j][None], batch.G[j][None], batch.M[j][None], w[j][None], float(scale[j]),
                                batch.Q_B[j][None], batch.R_B[j][None], batch.H[j][None])
         loss = part if loss is None else loss + part.to(loss.dtype)
-    fused_step(batch, hyper)
+    fused_step(batch, hyper_A, hyper_B)
     return loss
 
 
@@ -152,7 +153,8 @@ def anchored_step_op(*args) -> Tensor:
     """:func:`anchored_step` in the op's positional argument order."""
     n = len(BATCH_FIELDS)
     batch = AnchoredBatch(*(list(xs) for xs in args[:n]))
-    return anchored_step(batch, list(args[n]), list(args[n + 1]), AdamWHyper(*args[n + 2:]))
+    return anchored_step(batch, list(args[n]), list(args[n + 1]), AdamWHyper(*args[n + 2:n + 8]),
+                         AdamWHyper(*args[n + 8:n + 14]))
 
 
 def supports(dtype: torch.dtype, rank: int) -> bool:
@@ -160,22 +162,23 @@ def supports(dtype: torch.dtype, rank: int) -> bool:
     return True
 
 
-def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
+def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | None = None) -> None:
     """Anchored AdamW step for a batch of pairs (contract: :mod:`asft_kernels.ops.schema`).
 
     Per pair ``j``: A (r, n), B (m, r) and their moments are updated in place, and
     ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) receive the statistics of the stored values.
     The AdamW update runs as ``torch.optim.AdamW``'s foreach implementation does, over every
-    factor of the batch at once; the anchoring products are a few matmuls per pair.
+    factor of the batch at once (A with ``hyper_A``, B with ``hyper_B``, default: ``hyper_A``;
+    one foreach pass when they are equal); the anchoring products are a few matmuls per pair.
     """
+    hyper_B = hyper_A if hyper_B is None else hyper_B
     if len(batch) == 0:
         return
     dtypes = {b.dtype for b in batch.B}
     if len(dtypes) > 1:  # one math dtype per foreach call
         for dtype in dtypes:
-            fused_step(batch.select([j for j, b in enumerate(batch.B) if b.dtype == dtype]), hyper)
+            fused_step(batch.select([j for j, b in enumerate(batch.B) if b.dtype == dtype]), hyper_A, hyper_B)
         return
-    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
     b = batch
     L = len(b)
     dt = b.exp_avg_B[0].dtype
@@ -191,12 +194,23 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
         grads.append(g_b.addmm_(b.U[j].to(dt), b.R_B[j], alpha=-1.0))
     for j in range(L):
         grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], A_old[j]))
-    if maximize:
-        torch._foreach_neg_(grads)
     steps = torch.stack(list(b.step_B) + list(b.step_A)).tolist()
-    stored = adamw_foreach_(list(b.B) + list(b.A), grads, list(b.exp_avg_B) + list(b.exp_avg_A),
-                            list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A), steps, lr, beta1, beta2, eps, weight_decay,
-                            work=B_old + A_old)
+    if hyper_A == hyper_B:  # one foreach pass over both factors
+        if hyper_A.maximize:
+            torch._foreach_neg_(grads)
+        stored = adamw_foreach_(list(b.B) + list(b.A), grads, list(b.exp_avg_B) + list(b.exp_avg_A),
+                                list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A), steps, *hyper_A.op_args()[:5],
+                                work=B_old + A_old)
+    else:  # B's factors with B's hyperparameters, A's with A's
+        stored = []
+        for hyper, part in ((hyper_B, slice(0, L)), (hyper_A, slice(L, 2 * L))):
+            g = grads[part]
+            if hyper.maximize:
+                torch._foreach_neg_(g)
+            factors = (list(b.B), list(b.exp_avg_B), list(b.exp_avg_sq_B), B_old) if part.start == 0 else \
+                (list(b.A), list(b.exp_avg_A), list(b.exp_avg_sq_A), A_old)
+            stored += adamw_foreach_(factors[0], g, factors[1], factors[2], steps[part], *hyper.op_args()[:5],
+                                     work=factors[3])
     # Next step's statistics, from the values as stored.
     for j in range(L):
         b_new, a_new = stored[j], stored[L + j]

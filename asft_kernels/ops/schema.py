@@ -20,16 +20,17 @@ Symbols (docs/method.md), per pair ``j``:
     Fresh statistics from the stored parameters.
 
 ``asft::fused_anchored_adamw_(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B,
-P, G, M, grad_A, grad_B, U, Q_B, R_B, H, step_A, step_B, lr, beta1, beta2, eps,
-weight_decay, maximize)``
+P, G, M, grad_A, grad_B, U, Q_B, R_B, H, step_A, step_B, lr_A, beta1_A, beta2_A, eps_A,
+weight_decay_A, maximize_A, lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B)``
     One pass per pair:
 
-    * rows of B: ``g = grad_B + B Q_B − U R_B`` (``g = −g`` if ``maximize``), then the
+    * rows of B: ``g = grad_B + B Q_B − U R_B`` (``g = −g`` if ``maximize_B``), then the
       AdamW update exactly as ``torch.optim.AdamW`` (decoupled weight decay
       ``p *= 1 − lr·wd``, ``m = β₁m + (1−β₁)g``, ``v = β₂v + (1−β₂)g²``,
       ``p −= lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``), with ``t = step_B[j]`` (already
-      incremented);
-    * A: ``g = grad_A + H A``, same update with ``t = step_A[j]``;
+      incremented) and B's hyperparameters ``lr_B, …, maximize_B``;
+    * A: ``g = grad_A + H A``, same update with ``t = step_A[j]`` and A's hyperparameters
+      (A and B may sit in param groups of different lr, weight decay, …: LoRA+);
     * the *next* statistics, computed from the values actually stored (after rounding to
       the parameter dtype), written into ``P``, ``G``, ``M`` in place.
 
@@ -53,8 +54,8 @@ weight_decay, maximize)``
 
     and returned: ``R = ½ Σ_j ⟨H_j, M_j⟩``, a new 0-d tensor in the math dtype.
 
-``asft::anchored_adamw_step_(<the 17 lists of fused_anchored_adamw_>, w, scale, lr, beta1,
-beta2, eps, weight_decay, maximize) -> R``
+``asft::anchored_adamw_step_(<the 17 lists of fused_anchored_adamw_>, w, scale, <the 12
+hyperparameters of fused_anchored_adamw_>) -> R``
     The whole step of one bucket in one call: every list entry is validated first; then
     every ``step_A``/``step_B`` counter is advanced by one (as ``torch.optim.AdamW``
     advances ``state["step"]``), the anchoring terms of each pair ``j`` are written into
@@ -78,6 +79,10 @@ LIBRARY_NAME = "asft"
 
 STATS_PASS_SCHEMA = "stats_pass(Tensor[] U, Tensor[] B, Tensor[] A) -> (Tensor[], Tensor[], Tensor[])"
 
+#: AdamW hyperparameters of A, then of B (each factor takes its own param group's)
+_HYPER_ARGS = ", ".join(f"float lr_{f}, float beta1_{f}, float beta2_{f}, float eps_{f}, float weight_decay_{f}, "
+                        f"bool maximize_{f}" for f in "AB")
+
 FUSED_STEP_SCHEMA = (
     "fused_anchored_adamw_("
     "Tensor(a!)[] A, Tensor(b!)[] B, "
@@ -87,7 +92,7 @@ FUSED_STEP_SCHEMA = (
     "Tensor[] grad_A, Tensor[] grad_B, Tensor[] U, "
     "Tensor[] Q_B, Tensor[] R_B, Tensor[] H, "
     "Tensor[] step_A, Tensor[] step_B, "
-    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize"
+    f"{_HYPER_ARGS}"
     ") -> ()"
 )
 
@@ -106,7 +111,7 @@ ANCHORED_STEP_SCHEMA = (
     "Tensor(j!)[] Q_B, Tensor(k!)[] R_B, Tensor(l!)[] H, "
     "Tensor(m!)[] step_A, Tensor(n!)[] step_B, "
     "Tensor[] w, float[] scale, "
-    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize"
+    f"{_HYPER_ARGS}"
     ") -> Tensor"
 )
 
@@ -190,15 +195,15 @@ class AdamWHyper:
         return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.maximize)
 
 
-def split_op_args(args: tuple) -> tuple[AnchoredBatch, AdamWHyper]:
-    """``(batch, hyper)`` from the positional arguments of ``fused_anchored_adamw_``."""
+def split_op_args(args: tuple) -> tuple[AnchoredBatch, AdamWHyper, AdamWHyper]:
+    """``(batch, hyper_A, hyper_B)`` from the positional arguments of ``fused_anchored_adamw_``."""
     n = len(BATCH_FIELDS)
-    return AnchoredBatch(*(list(xs) for xs in args[:n])), AdamWHyper(*args[n:])
+    return AnchoredBatch(*(list(xs) for xs in args[:n])), AdamWHyper(*args[n:n + 6]), AdamWHyper(*args[n + 6:n + 12])
 
 
 def op_kernel(fused_step):
-    """Adapt a backend's ``fused_step(batch, hyper)`` to the op's positional signature, to
-    register it with ``torch.library``."""
+    """Adapt a backend's ``fused_step(batch, hyper_A, hyper_B)`` to the op's positional
+    signature, to register it with ``torch.library``."""
 
     def kernel(*args):
         fused_step(*split_op_args(args))

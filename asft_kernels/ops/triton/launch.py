@@ -213,7 +213,7 @@ def stats_pass(
     return outputs
 
 
-def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
+def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | None = None) -> None:
     """Anchored AdamW step for a batch of pairs in grouped launches (contract:
     :mod:`asft_kernels.ops.schema`).
 
@@ -221,7 +221,8 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     ``exp_avg*_B``: (m, r); ``U``: (m, k); ``P``, ``R_B``: (k, r); ``G``, ``M``, ``Q_B``,
     ``H``: (r, r); ``step_A``, ``step_B``: one-element CPU tensors, already incremented.
     Parameters fp32/bf16/fp16 with r <= :data:`MAX_TRITON_RANK`; optimizer state and
-    statistics fp32; ``hyper.lr`` in parameter units per step. Updates ``A``, ``B``, the
+    statistics fp32; A steps with ``hyper_A``, B with ``hyper_B`` (default: ``hyper_A``),
+    ``lr`` in parameter units per step. Updates ``A``, ``B``, the
     moments, and ``P``, ``G``, ``M`` (the statistics of the stored new parameters) in place.
 
     Raises:
@@ -230,10 +231,11 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
             :func:`asft_kernels.ops.route` sends those to the eager backend); raised before
             anything is written.
     """
+    hyper = (hyper_A, hyper_A if hyper_B is None else hyper_B)
     if batch.fixed:  # the same batch as the last call, its gradients guaranteed by its owner
         prep = batch.__dict__.get("_triton_prepared")
         if prep is not None:
-            _run_prepared(prep, batch.__dict__, hyper)
+            _run_prepared(prep, batch.__dict__, *hyper)
             return
     count = len(batch)
     lists = {name: list(values) for name, values in zip(BATCH_FIELDS, batch.op_args())}
@@ -247,7 +249,7 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     if prep is not None and _grads_fit(prep, lists["grad_A"], lists["grad_B"]):
         if batch.fixed:
             batch.__dict__["_triton_prepared"] = prep
-        _run_prepared(prep, lists, hyper)
+        _run_prepared(prep, lists, *hyper)
         return
     # Read-only inputs: a contiguous copy is as good as the original.
     for name in ("grad_A", "grad_B", "U", "Q_B", "R_B", "H"):
@@ -276,7 +278,7 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
     if key is None or not all(t.dtype == f32 for t in chain.from_iterable(stats)):
         # reduced into fp32 contiguous stand-ins, copied back: nothing kept for a next call
         outputs = tuple([_output(t) for t in stat] for stat in stats)
-        _run_prepared(_prepare(lists, shapes, device, outputs, update=True), lists, hyper)
+        _run_prepared(_prepare(lists, shapes, device, outputs, update=True), lists, *hyper)
         for out, stat in zip(outputs, stats):
             for o, t in zip(out, stat):
                 if o is not t:
@@ -290,7 +292,7 @@ def fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None:
             _PREPARED[key] = prep
             if len(_PREPARED) > _PREPARED_MAX:
                 _PREPARED.popitem(last=False)
-    _run_prepared(prep, lists, hyper)
+    _run_prepared(prep, lists, *hyper)
 
 
 # ---------------------------------------------------------------------------- prepared calls
@@ -441,11 +443,11 @@ def _upload(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(data, dtype=dtype, device=device)
 
 
-def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWHyper) -> None:
+def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
     """An update with a prepared call: the counters read at once, the bias corrections,
-    the gradients' addresses (tables re-uploaded only when one changed), the launches."""
+    the gradients' addresses (tables re-uploaded only when one changed), the launches.
+    A's launches take ``hyper_A``, B's ``hyper_B``."""
     count = len(lists["A"])
-    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
     if prep.step_span is not None:
         values = prep.step_span.tolist()
         steps = values if prep.step_index is None else [values[i] for i in prep.step_index]
@@ -453,10 +455,12 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
         steps = _read_steps(lists["step_B"] + lists["step_A"])
     # One set of bias corrections when every counter holds the same step (the usual case).
     uniform = steps.count(steps[0]) == len(steps)
-    terms: dict[float, list[float]] = {}
+    terms_A: dict[float, list[float]] = {}
+    terms_B: dict[float, list[float]] = {}
     for t in steps[:1] if uniform else steps:
-        if t not in terms:
-            terms[t] = _bias_terms(float(t), lr, beta1, beta2)
+        if t not in terms_A:
+            terms_A[t] = _bias_terms(float(t), hyper_A.lr, hyper_A.beta1, hyper_A.beta2)
+            terms_B[t] = _bias_terms(float(t), hyper_B.lr, hyper_B.beta1, hyper_B.beta2)
     grad_A, grad_B = lists["grad_A"], lists["grad_B"]
     scalars = []
     for launch in prep.launches:
@@ -469,22 +473,29 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
             launch.pair_table = _upload(launch.rows, torch.int64, prep.device)
             launch.grad_ptrs = ptrs
         if uniform:
-            scalars.append([terms[steps[0]] * 2] * len(launch.idx))
+            scalars.append([terms_B[steps[0]] + terms_A[steps[0]]] * len(launch.idx))
         else:
-            scalars.append([terms[steps[j]] + terms[steps[count + j]] for j in launch.idx])
+            scalars.append([terms_B[steps[j]] + terms_A[steps[count + j]] for j in launch.idx])
     # Scalars in double precision on the host, as torch.optim.AdamW computes them.
-    _launch(prep, (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0),
-            scalars)
+    _launch(prep, _kernel_hyper(hyper_A), scalars, _kernel_hyper(hyper_B))
+
+
+def _kernel_hyper(hyper: AdamWHyper) -> tuple:
+    """The kernel's runtime AdamW scalars ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)``."""
+    lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
+    return (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
 
 
 #: The kernel's runtime AdamW scalars for the statistics pass (unused without UPDATE).
 _STATS_HYPER = (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0)
 
 
-def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]]] | None = None) -> None:
+def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]]] | None = None,
+            kernel_hyper_B: tuple | None = None) -> None:
     """The factor-kernel launches of every bucket, then one reduction of all partials.
 
-    ``kernel_hyper``: ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)``; ``scalars``: per bucket, per
+    ``kernel_hyper``: ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)`` of A's launches, and of B's
+    unless ``kernel_hyper_B`` is given; ``scalars``: per bucket, per
     pair ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the statistics
     pass, whose kernels read none)."""
     kernel = jitted(_factor_kernel)
@@ -499,8 +510,9 @@ def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]
         for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
             if tiles.shape[0] == 0:
                 continue
+            factor_hyper = kernel_hyper if factor_a or kernel_hyper_B is None else kernel_hyper_B
             kernel[(tiles.shape[0],)](
-                launch.pair_table, table, tiles, scratch[offset : offset + numel], *kernel_hyper, FACTOR_A=factor_a,
+                launch.pair_table, table, tiles, scratch[offset : offset + numel], *factor_hyper, FACTOR_A=factor_a,
                 **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
             )
     if prep.reduce_table is not None:
