@@ -11,20 +11,16 @@ Algorithm (per anchored LoRA pair, docs/method.md; λ = ``anchor_lambda``)::
 equal ``n`` steps of ``torch.optim.AdamW`` on ``task_loss + R``.
 
 How a step runs (docs/architecture.md): the pairs named in ``param_groups`` are resolved,
-validated and bucketed once into a *step plan* (:class:`_StepPlan`), reused until something
-it depends on changes. ``P, G, M`` live in stacked per-bucket buffers, carried from the
-previous step (the kernels accumulate them while writing the parameters) and recomputed
-when a parameter's version counter shows an outside edit.
+validated and bucketed once into a *step plan* (:mod:`asft_kernels.plan`), reused until
+something it depends on changes; a step is torch's AdamW on the plain parameters and one
+backend call per bucket of anchored pairs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import operator
 import warnings
-from dataclasses import dataclass, field
-from functools import partial
 from itertools import chain
 
 import torch
@@ -32,32 +28,13 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.adam import adam as _functional_adam
 
-from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair
+from .anchor import AlignmentAnchor, AnchorBinding
 from .errors import OptimizerInputError
-from .functional import anchoring_terms
-from .ops import (
-    BACKENDS,
-    BATCH_FIELDS,
-    AdamWHyper,
-    AnchoredBatch,
-    Backend,
-    check_device,
-    eager,
-    math_dtype,
-    resolve_backend,
-    route,
-)
-from .sharding import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
+from .ops import BACKENDS, check_device, eager
+from .plan import StepPlan, build_plan, init_state
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-
-# C-level getters: one pass over a list of tensors without a Python frame per tensor
-_version = operator.attrgetter("_version")
-_grad = operator.attrgetter("grad")
-_requires_grad = operator.attrgetter("requires_grad")
-_is_none = partial(operator.is_, None)
 
 
 def _step_with_hooks(step):
@@ -105,143 +82,6 @@ def _unhooked(step):
     """A ``step`` without the hook wrapper ``torch.optim`` puts on it once an instance of its
     class exists (ours already ran the hooks)."""
     return step.__wrapped__ if getattr(step, "hooked", False) and hasattr(step, "__wrapped__") else step
-
-
-def _step_dtype() -> torch.dtype:
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _gather_steps(states: list[dict]) -> Tensor | None:
-    """One (N,) buffer holding the ``step`` of every state in ``states``, each
-    ``state["step"]`` replaced by its 0-d view: one in-place add advances them all, and
-    ``state_dict()`` still holds a 0-d ``step`` tensor per parameter, as AdamW's does."""
-    if not states:
-        return None
-    buffer = torch.stack([st["step"].reshape(()).to(_step_dtype()) for st in states])
-    for st, view in zip(states, buffer.unbind(0)):
-        st["step"] = view
-    return buffer
-
-
-def _data_ptrs(tensors: list[Tensor]) -> list[int]:
-    return list(map(Tensor.data_ptr, tensors))
-
-
-# ----------------------------------------------------------------------------- the plan
-@dataclass
-class _Bucket:
-    """Anchored pairs stepped together: one backend, device, parameter dtype, basis dtype,
-    rank r, basis size k, param group of B and param group of A (each factor steps with its
-    own group's hyperparameters).
-
-    ``P`` (L, k, r), ``G`` (L, r, r), ``M`` (L, r, r) are the cached statistics; ``Q_B``,
-    ``R_B``, ``H`` the anchoring terms, all stacked; ``batch`` holds per-pair views of them
-    and every other per-pair tensor of the contract (gradients are filled in each step).
-    """
-
-    backend: Backend
-    group_index: int  # B's param group (its anchor_lambda is the pairs' λ)
-    group_A: int  # A's param group
-    pairs: list[AnchoredPair]
-    A: list[Tensor]
-    B: list[Tensor]
-    batch: AnchoredBatch
-    P: Tensor
-    G: Tensor
-    M: Tensor
-    Q_B: Tensor
-    R_B: Tensor
-    H: Tensor
-    w: Tensor  # (L, k, 1)
-    coef: float | Tensor  # λ multiplier per pair: a number, or (L, 1, 1)
-    watch: list[Tensor]  # tensors whose storage/version reveal outside edits (local shards)
-    missing_A: list[int]  # pairs whose A has no grad (zeros are passed)
-    missing_B: list[int]
-    zeros_A: dict[int, Tensor]
-    zeros_B: dict[int, Tensor]
-    shards: list[ShardedPair] | None = None  # FSDP2 DTensor pairs (see asft_kernels.sharding)
-    gathered_A: list[Tensor | None] = field(default_factory=list)
-    versions: list[int] | None = None  # None: statistics must be recomputed
-    coefs: list[float] = field(default_factory=list)  # λ multiplier per pair (the floats of coef)
-    w_list: list[Tensor] = field(default_factory=list)  # per-pair (k, 1) views of w
-    steps: Tensor | None = None  # (2L,) view of the plan's counters: A's, then B's
-    scale_lam: float | None = None  # the λ that `scale` was computed for
-    scale: list[float] = field(default_factory=list)  # 2λ·coef per pair
-
-    @property
-    def one_call(self) -> bool:
-        """The whole step of this bucket is one backend call (``anchored_step``)."""
-        return self.shards is None and self.backend.anchored_step is not None
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def current_versions(self) -> list[int]:
-        """Version counters of A then B of every pair (of the local shards for DTensors,
-        whose local tensors are looked up again: FSDP2 may replace them)."""
-        watch = self.watch if self.shards is None else [local_tensor(t) for t in self.A + self.B]
-        return list(map(_version, watch))
-
-
-@dataclass
-class _PartialPair:
-    """An anchored pair with one frozen factor (e.g. LoRA-FA): only the trainable factor is
-    written, with the gradient of task + R taken with the frozen factor held constant."""
-
-    pair: AnchoredPair
-    A: Tensor
-    B: Tensor
-    group_index: int  # B's param group (its anchor_lambda is the pair's λ)
-    group_A: int  # A's param group
-    train_A: bool  # else B is the trainable factor
-    U: Tensor
-    w: Tensor
-
-
-@dataclass
-class _StepPlan:
-    """Everything a step needs that does not change from one step to the next.
-
-    Valid while: no param group was added or loaded (``generation``), the param objects in
-    ``param_groups`` are the same (accelerate/FSDP2 swaps), their storage is the same
-    (``model.half()``, ``.to()``), ``requires_grad`` and the presence of gradients of
-    anchored params are unchanged, and λ has not moved to or from 0.
-    """
-
-    generation: int
-    group_params: list[list[Tensor]]
-    lam_zero: list[bool]
-    anchored: list[Tensor]  # every anchored factor (the ones watched below)
-    watch: list[Tensor]  # their storage holders (local shards for DTensors)
-    ptrs: list[int]
-    requires_grad: tuple
-    grad_missing: tuple
-    sharded: bool
-    buckets: list[_Bucket]
-    partial: list[_PartialPair]
-    plain: list[list[Tensor]]  # per group: params stepped by torch's AdamW
-    plain_fp32_state: list[list[Tensor]]  # per group: λ = 0 low-precision factors with fp32 moments
-    steps: Tensor | None  # (N,) every anchored step counter; each state["step"] is a 0-d view of it
-    partial_steps: Tensor | None = None  # the view of `steps` holding the frozen-factor pairs' counters
-
-    def still_valid(self, opt: AsFTAdamW) -> bool:
-        if self.generation != opt._generation:
-            return False
-        groups = opt.param_groups
-        if len(groups) != len(self.group_params):
-            return False
-        for group, params, zero in zip(groups, self.group_params, self.lam_zero):
-            current = group["params"]
-            if len(current) != len(params) or not all(map(operator.is_, current, params)):
-                return False
-            if (float(group["anchor_lambda"]) == 0.0) != zero:
-                return False
-        watch = [local_tensor(t) for t in self.anchored] if self.sharded else self.watch
-        return (
-            _data_ptrs(watch) == self.ptrs
-            and tuple(map(_requires_grad, self.anchored)) == self.requires_grad
-            and tuple(map(_is_none, map(_grad, self.anchored))) == self.grad_missing
-        )
 
 
 class AsFTAdamW(torch.optim.AdamW):
@@ -304,8 +144,8 @@ class AsFTAdamW(torch.optim.AdamW):
             raise OptimizerInputError(f"anchor must be an AnchorBinding or None, got {type(anchor).__name__}")
         if anchor is not None and getattr(anchor, "detached", False):
             raise OptimizerInputError(_DETACHED_MESSAGE)
-        if anchor is not None and (amsgrad or capturable or differentiable):
-            raise OptimizerInputError("amsgrad, capturable and differentiable are not supported with an anchor")
+        if anchor is not None and (amsgrad or differentiable):
+            raise OptimizerInputError("amsgrad and differentiable are not supported with an anchor")
         if basis_dtype not in (None, torch.float32, torch.float64, torch.bfloat16):
             raise OptimizerInputError(f"basis_dtype must be float32, float64 or bfloat16, got {basis_dtype}")
         self._init_anchor_lambda = float(anchor_lambda)
@@ -313,7 +153,7 @@ class AsFTAdamW(torch.optim.AdamW):
         self._backend_request = backend
         self._basis_dtype = basis_dtype
         self._anchor_loss: Tensor | None = None
-        self._plan: _StepPlan | None = None
+        self._plan: StepPlan | None = None
         self._generation = 0
         self._plan_builds = 0
         self._initialized = False
@@ -513,8 +353,7 @@ class AsFTAdamW(torch.optim.AdamW):
         """Forget the cached statistics; needed only after editing parameters through
         ``.data`` (which bypasses the version counters that normally detect edits)."""
         if self._plan is not None:
-            for bucket in self._plan.buckets:
-                bucket.versions = None
+            self._plan.invalidate_statistics()
 
     # ------------------------------------------------------------------ step
     @_step_with_hooks
@@ -540,340 +379,44 @@ class AsFTAdamW(torch.optim.AdamW):
             self._anchored_step()
         return loss
 
-    def _current_plan(self) -> _StepPlan:
+    def _current_plan(self) -> StepPlan:
         plan = self._plan
         if plan is None or not plan.still_valid(self):
-            plan = self._plan = self._build_plan()
+            plan = self._plan = None  # the old handles go before the new ones are made
+            plan = self._plan = build_plan(self)
+            self._plan_builds += 1
         return plan
 
     def _anchored_step(self) -> None:
-        for group in self.param_groups:
+        """One step: checks (λ, the plan), then torch's AdamW on the plain parameters and one
+        backend call per bucket (:meth:`asft_kernels.plan.StepPlan.step`)."""
+        groups = self.param_groups
+        for group in groups:
             _check_lambda(group["anchor_lambda"])
         self._check_pair_lambdas()
         plan = self._current_plan()
         # A GradScaler hands a fused optimizer its scale and inf flag instead of unscaling
-        # (``_step_supports_amp_scaling``): anchored gradients are divided by the scale here
-        # (``.grad`` is left as it is) and a step with an inf writes nothing anchored.
+        # (``_step_supports_amp_scaling``); the backends unscale inside the step and write
+        # nothing on an inf, as torch's fused AdamW does.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        skip = found_inf is not None and bool(found_inf.item() != 0)
-        # ---- inputs and checks: nothing is written before this block ends
-        grads = [self._bucket_grads(b, grad_scale) for b in plan.buckets]
-        for bucket in plan.buckets:
-            self._refresh_statistics(bucket)
-        losses: list[Tensor | None] = []
-        for bucket in plan.buckets:
-            lam = float(self.param_groups[bucket.group_index]["anchor_lambda"])
-            if skip:  # R at the unchanged parameters; nothing else runs
-                losses.append(eager.anchoring_terms(bucket.P, bucket.G, bucket.M, bucket.w, bucket.coef * (2.0 * lam),
-                                                    bucket.Q_B, bucket.R_B, bucket.H))
-                continue
-            if bucket.one_call:  # terms, counters and step in one call below
-                if bucket.scale_lam != lam:
-                    bucket.scale = [2.0 * lam * c for c in bucket.coefs]
-                    bucket.scale_lam = lam
-                losses.append(None)
-                continue
-            losses.append(bucket.backend.terms(bucket.P, bucket.G, bucket.M, bucket.w, bucket.coef * (2.0 * lam),
-                                               bucket.Q_B, bucket.R_B, bucket.H))
-        partial_updates = [self._partial_gradient(pp, grad_scale) for pp in plan.partial]
-        # ---- writes
-        for gi, group in enumerate(self.param_groups):
-            self._plain_adamw(group, plan.plain[gi])
-            if skip:
-                continue
-            for p in plan.plain_fp32_state[gi]:
-                if p.grad is not None:
-                    self._eager_adamw(group, p, p.grad if grad_scale is None else p.grad / grad_scale)
-        if skip:
-            self._anchor_loss = _sum_losses(losses + [loss for _, _, loss in partial_updates])
-            return
-        if plan.steps is not None:  # the counters no one-call bucket advances itself
-            if not any(b.one_call for b in plan.buckets):
-                plan.steps.add_(1)
-            else:
-                for bucket in plan.buckets:
-                    if not bucket.one_call:
-                        bucket.steps.add_(1)
-                if plan.partial_steps is not None:
-                    plan.partial_steps.add_(1)
-        groups = self.param_groups
-        for i, (bucket, (grad_A, grad_B)) in enumerate(zip(plan.buckets, grads)):
-            batch = bucket.batch
-            batch.grad_A, batch.grad_B = grad_A, grad_B
-            hyper_B = _hyper(groups[bucket.group_index])
-            hyper_A = hyper_B if bucket.group_A == bucket.group_index else _hyper(groups[bucket.group_A])
-            if bucket.one_call:
-                losses[i] = bucket.backend.anchored_step(batch, bucket.w_list, bucket.scale, hyper_A, hyper_B)
-            elif bucket.shards is None:
-                bucket.backend.fused_step(batch, hyper_A, hyper_B)
-            else:
-                self._sharded_fused_step(bucket, hyper_A, hyper_B)
-            bucket.versions = bucket.current_versions()
-        for pp, (param, grad, _) in zip(plan.partial, partial_updates):
-            self._eager_adamw(groups[pp.group_A if pp.train_A else pp.group_index], param, grad, stepped=True)
-        losses.extend(loss for _, _, loss in partial_updates)
-        self._anchor_loss = _sum_losses(losses)
-
-    # ------------------------------------------------------------------ building the plan
-    def _build_plan(self) -> _StepPlan:
-        """Resolve, validate and bucket the anchored pairs; create missing state. Writes no
-        parameter; raises :class:`OptimizerInputError` on anything the step cannot run."""
-        binding = self._binding
-        groups = self.param_groups
-        anchored_ids: set[int] = set()
-        anchored: list[Tensor] = []
-        buckets: dict[tuple, dict] = {}
-        partial: list[_PartialPair] = []
-        step_states: list[dict] = []
-        backends: dict[torch.device, Backend] = {}
-        lam_zero = [float(g["anchor_lambda"]) == 0.0 for g in groups]
-        sharded_any = False
-        pending = []  # validated pairs: creation of state only after every check passed
+        grads = plan.gradients()  # checked before anything is written
         for gi, group in enumerate(groups):
-            for key, a_gi, a_pi, b_pi in group["anchor_pairs"]:
-                if key not in binding:
-                    raise OptimizerInputError(f"param_groups name anchor entry {key!r}, absent from the binding")
-                pair = binding[key]
-                A = groups[a_gi]["params"][a_pi]
-                B = group["params"][b_pi]
-                anchored.extend((A, B))
-                if lam_zero[gi]:
-                    continue  # plain AdamW for this group (below)
-                anchored_ids.update((id(A), id(B)))
-                train_A = A.requires_grad and A.grad is not None
-                train_B = B.requires_grad and B.grad is not None
-                if not A.requires_grad and not B.requires_grad:
-                    continue
-                if A.grad is None and B.grad is None:
-                    continue
-                _validate_pair(pair, A, B)
-                shard = sharded_pair(pair.module_name, A, B)
-                sharded_any = sharded_any or shard is not None
-                device, dtype = B.device, B.dtype
-                md = math_dtype(dtype)
-                basis_dtype = self._basis_dtype if (self._basis_dtype and md != torch.float64) else md
-                if A.requires_grad != B.requires_grad:
-                    if shard is not None:
-                        raise OptimizerInputError(
-                            f"{pair.module_name}: a frozen lora factor is not supported with FSDP2-sharded pairs")
-                    if not (train_A or train_B):
-                        continue
-                    pending.append((gi, a_gi, pair, A, B, train_A, basis_dtype, md))
-                    continue
-                if device not in backends:
-                    backends[device] = resolve_backend(self._backend_request, device)
-                backend = route(backends[device], dtype, int(A.shape[0]))
-                k = pair.entry.rank
-                bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, a_gi, shard is not None)
-                buckets.setdefault(bkey, {"backend": backend, "gi": (gi, a_gi), "items": []})["items"].append(
-                    (pair, A, B, shard, basis_dtype, md))
-        # ---- every check passed: create state and buffers
-        out_buckets = []
-        for spec in buckets.values():
-            out_buckets.append(self._make_bucket(spec["backend"], spec["gi"], spec["items"], step_states))
-        for gi, a_gi, pair, A, B, train_A, basis_dtype, md in pending:
-            param = A if train_A else B
-            step_states.append(self._state_for(param))
-            partial.append(_PartialPair(pair, A, B, gi, a_gi, train_A, pair.basis(B.device, basis_dtype),
-                                        pair.weights(B.device, md)))
-        steps = _gather_steps(step_states)
-        off = 0  # step_states: each bucket's A then B states, in bucket order, then the partial pairs'
-        for bucket in out_buckets:
-            bucket.steps = steps[off:off + 2 * len(bucket)]
-            off += 2 * len(bucket)
-        partial_steps = steps[off:] if partial else None
-        for bucket in out_buckets:
-            bucket.batch.step_A = [self.state[a]["step"] for a in bucket.A]
-            bucket.batch.step_B = [self.state[b]["step"] for b in bucket.B]
-        plain, plain_fp32 = [], []
-        for group in groups:
-            ps, fp32 = [], []
-            for p in group["params"]:
-                if id(p) in anchored_ids:
-                    continue
-                st = self.state.get(p)
-                if st and p.dtype in _LOW_PRECISION and st.get("exp_avg") is not None \
-                        and st["exp_avg"].dtype == torch.float32:
-                    fp32.append(p)  # a λ = 0 factor that keeps the fp32 moments of anchored steps
-                else:
-                    ps.append(p)
-            plain.append(ps)
-            plain_fp32.append(fp32)
-        watch = [local_tensor(t) for t in anchored]
-        self._plan_builds += 1
-        return _StepPlan(
-            generation=self._generation,
-            group_params=[list(g["params"]) for g in groups],
-            lam_zero=lam_zero,
-            anchored=anchored,
-            watch=watch,
-            ptrs=_data_ptrs(watch),
-            requires_grad=tuple(map(_requires_grad, anchored)),
-            grad_missing=tuple(map(_is_none, map(_grad, anchored))),
-            sharded=sharded_any,
-            buckets=out_buckets,
-            partial=partial,
-            plain=plain,
-            plain_fp32_state=plain_fp32,
-            steps=steps,
-            partial_steps=partial_steps,
-        )
-
-    def _make_bucket(self, backend: Backend, gi: tuple[int, int], items: list, step_states: list[dict]) -> _Bucket:
-        """A bucket of ``items`` (validated pairs) whose B sit in group ``gi[0]``, A in ``gi[1]``."""
-        pairs = [it[0] for it in items]
-        As = [it[1] for it in items]
-        Bs = [it[2] for it in items]
-        shards = [it[3] for it in items]
-        basis_dtype, md = items[0][4], items[0][5]
-        device = Bs[0].device
-        L, r, k = len(items), int(As[0].shape[0]), pairs[0].entry.rank
-        states_A = [self._state_for(a) for a in As]
-        states_B = [self._state_for(b) for b in Bs]
-        stats = dict(device=device, dtype=md)
-        P = torch.zeros((L, k, r), **stats)
-        G = torch.zeros((L, r, r), **stats)
-        M = torch.zeros((L, r, r), **stats)
-        Q_B = torch.empty((L, r, r), **stats)
-        R_B = torch.empty((L, k, r), **stats)
-        H = torch.empty((L, r, r), **stats)
-        w = torch.stack([p.weights(device, md) for p in pairs])[:, :, None]
-        coefs = [float(p.coef) for p in pairs]
-        coef = coefs[0] if all(c == coefs[0] for c in coefs) else \
-            torch.tensor(coefs, dtype=md, device=device)[:, None, None]
-        missing_A = [j for j, a in enumerate(As) if a.grad is None]
-        missing_B = [j for j, b in enumerate(Bs) if b.grad is None]
-        zeros_A = {j: torch.zeros_like(As[j]) for j in missing_A}
-        zeros_B = {j: torch.zeros_like(Bs[j]) for j in missing_B}
-        step_states.extend(states_A)
-        step_states.extend(states_B)
-        batch = AnchoredBatch(
-            A=As, B=Bs,
-            exp_avg_A=[s["exp_avg"] for s in states_A], exp_avg_sq_A=[s["exp_avg_sq"] for s in states_A],
-            exp_avg_B=[s["exp_avg"] for s in states_B], exp_avg_sq_B=[s["exp_avg_sq"] for s in states_B],
-            P=list(P.unbind(0)), G=list(G.unbind(0)), M=list(M.unbind(0)),
-            grad_A=[], grad_B=[],
-            U=[p.basis(device, basis_dtype) for p in pairs],
-            Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
-            step_A=[], step_B=[],  # views of the plan's step buffer, set once it exists
-        )
-        batch.fixed = True  # the plan hands this batch to every step and rebuilds it on any change
-        sharded = any(s is not None for s in shards)
-        return _Bucket(
-            backend=backend, group_index=gi[0], group_A=gi[1], pairs=pairs, A=As, B=Bs, batch=batch, P=P, G=G, M=M,
-            Q_B=Q_B, R_B=R_B, H=H, w=w, coef=coef, watch=[local_tensor(t) for t in As + Bs],
-            missing_A=missing_A, missing_B=missing_B, zeros_A=zeros_A, zeros_B=zeros_B,
-            shards=shards if sharded else None, gathered_A=[None] * L, coefs=coefs, w_list=list(w.unbind(0)),
-        )
-
-    def _state_for(self, p: Tensor) -> dict:
-        state = self.state[p]
-        md = math_dtype(p.dtype)
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
-            state["exp_avg"] = torch.zeros_like(p, dtype=md, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=md, memory_format=torch.contiguous_format)
-        else:
-            step = state["step"]
-            if not torch.is_tensor(step):
-                state["step"] = torch.tensor(float(step), dtype=_step_dtype())
-            elif step.device.type != "cpu" or step.dtype not in (torch.float32, torch.float64):
-                state["step"] = step.detach().to("cpu", _step_dtype())
-            for name in _MOMENTS:
-                if state[name].dtype != md or not state[name].is_contiguous():
-                    state[name] = state[name].to(dtype=md).contiguous()
-        return state
-
-    # ------------------------------------------------------------------ per-step pieces
-    def _bucket_grads(self, bucket: _Bucket, grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-        """The bucket's gradients (zeros where the plan saw none), checked for layout;
-        divided by ``grad_scale`` (a GradScaler's 0-d scale) into new tensors when given."""
-        grad_A = list(map(_grad, bucket.A))
-        grad_B = list(map(_grad, bucket.B))
-        for j, z in bucket.zeros_A.items():
-            grad_A[j] = z
-        for j, z in bucket.zeros_B.items():
-            grad_B[j] = z
-        if grad_scale is not None:
-            grad_A = torch._foreach_div(grad_A, grad_scale)
-            grad_B = torch._foreach_div(grad_B, grad_scale)
-        if bucket.shards is not None:
-            return grad_A, grad_B
-        # autograd and the .grad setter guarantee shape, dtype and device; check the layout
-        for grads, label in ((grad_A, "lora_A"), (grad_B, "lora_B")):
-            if not all(map(Tensor.is_contiguous, grads)) or any(map(operator.attrgetter("is_sparse"), grads)):
-                for j, g in enumerate(grads):
-                    if g.is_sparse:
-                        raise OptimizerInputError(
-                            f"{bucket.pairs[j].module_name}: sparse gradient for {label} is not supported")
-                    grads[j] = g.contiguous()
-        return grad_A, grad_B
-
-    def _refresh_statistics(self, bucket: _Bucket) -> None:
-        """Recompute ``P, G, M`` of the pairs edited outside the optimizer (or all, first)."""
-        now = bucket.current_versions()
-        if now == bucket.versions:
-            return
-        L = len(bucket)
-        old = bucket.versions
-        stale = list(range(L)) if old is None else \
-            [j for j in range(L) if now[j] != old[j] or now[L + j] != old[L + j]]
-        U = bucket.batch.U
-        if bucket.shards is None:
-            P, G, M = bucket.backend.stats_pass([U[j] for j in stale], [bucket.B[j].detach() for j in stale],
-                                                [bucket.A[j].detach() for j in stale])
-            for i, j in enumerate(stale):
-                bucket.P[j].copy_(P[i])
-                bucket.G[j].copy_(G[i])
-                bucket.M[j].copy_(M[i])
-        else:
-            for j in stale:
-                P, G, M, gathered = bucket.shards[j].statistics(bucket.backend.stats_pass, U[j])
-                bucket.P[j].copy_(P)
-                bucket.G[j].copy_(G)
-                bucket.M[j].copy_(M)
-                bucket.gathered_A[j] = gathered
-        bucket.versions = now
-
-    def _sharded_fused_step(self, bucket: _Bucket, hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
-        """FSDP2: the backend writes local shards and partial sums; complete them
-        (:mod:`asft_kernels.sharding`)."""
-        b = bucket.batch
-        local = []
-        for j, shard in enumerate(bucket.shards):
-            item = {name: getattr(b, name)[j] for name in BATCH_FIELDS}
-            local.append(shard.localize(item, bucket.gathered_A[j]))
-        batch = AnchoredBatch(*([it[name] for it in local] for name in BATCH_FIELDS))
-        bucket.backend.fused_step(batch, hyper_A, hyper_B)
-        gathered = complete_sharded_step(bucket.shards, b.P, b.G, b.M)
-        bucket.gathered_A = list(gathered)
-
-    def _partial_gradient(self, pp: _PartialPair, grad_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(factor, g, R)``: the trainable factor, its gradient of task + R with the frozen
-        factor held constant (math dtype; the task gradient divided by ``grad_scale`` when
-        given), and R (0-d); the terms of
-        :func:`~asft_kernels.functional.anchoring_terms` for one pair."""
-        lam = float(self.param_groups[pp.group_index]["anchor_lambda"]) * float(pp.pair.coef)
-        A, B = pp.A.detach(), pp.B.detach()
-        (P,), (G,), (M,) = eager.stats_pass([pp.U], [B], [A])
-        k, r = P.shape
-        Q_B, R_B, H = P.new_empty((1, r, r)), P.new_empty((1, k, r)), P.new_empty((1, r, r))
-        loss = anchoring_terms(P[None], G[None], M[None], pp.w[None, :, None], 2.0 * lam, Q_B, R_B, H)
-        md = P.dtype
-        if pp.train_A:  # g_A = grad_A + H A
-            param, g = pp.A, H[0] @ A.to(md)
-        else:  # g_B = grad_B + B Q_B − U R_B
-            param, g = pp.B, B.to(md) @ Q_B[0] - pp.U.to(md) @ R_B[0]
-        if param.grad is not None:
-            task = param.grad.to(md)
-            g = g + (task if grad_scale is None else task / grad_scale)
-        return param, g, loss
+            self._plain_adamw(group, plan.plain[gi])
+            fp32 = [p for p in plan.plain_fp32_state[gi] if p.grad is not None]
+            if fp32 and not (found_inf is not None and bool(found_inf.item() != 0)):
+                for p in fp32:
+                    self._eager_adamw(group, p, p.grad if grad_scale is None else p.grad / grad_scale)
+        losses = plan.step(groups, grads, grad_scale, found_inf)
+        total = None
+        for loss in losses:
+            total = loss if total is None else total + loss.to(total.device, total.dtype)
+        self._anchor_loss = total
 
     def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
         """AdamW on one tensor with math-dtype moments (``stepped``: its counter has been
         advanced already)."""
-        state = self._state_for(p)
+        state = init_state(self.state[p], p)
         if not stepped:
             state["step"] += 1
         g = grad.to(state["exp_avg"].dtype)
@@ -907,20 +450,6 @@ class AsFTAdamW(torch.optim.AdamW):
         )
 
 
-def _hyper(group: dict) -> AdamWHyper:
-    """The AdamW hyperparameters of a param group."""
-    beta1, beta2 = group["betas"]
-    return AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                      float(group["weight_decay"]), bool(group["maximize"]))
-
-
-def _sum_losses(losses: list[Tensor]) -> Tensor | None:
-    total = None
-    for loss in losses:
-        total = loss if total is None else total + loss.to(total.device, total.dtype)
-    return total
-
-
 _DETACHED_MESSAGE = (
     "this optimizer's anchor binding was not carried over (the optimizer was unpickled without its model), so "
     "it cannot anchor anything: build a new AsFTAdamW with anchor=anchor.bind(model) over the model you train "
@@ -935,25 +464,3 @@ def _check_lambda(lam) -> None:
         raise OptimizerInputError(f"anchor_lambda must be a number, got {lam!r}") from None
     if not math.isfinite(value) or value < 0:
         raise OptimizerInputError(f"anchor_lambda must be finite and >= 0, got {lam!r}")
-
-
-def _validate_pair(pair: AnchoredPair, A: Tensor, B: Tensor) -> None:
-    m, n = pair.entry.shape
-    name = pair.module_name
-    if A.dtype not in _SUPPORTED or B.dtype not in _SUPPORTED:
-        raise OptimizerInputError(f"{name}: lora parameters must be fp64/fp32/bf16/fp16, found {A.dtype}/{B.dtype}")
-    if A.dtype != B.dtype:
-        raise OptimizerInputError(f"{name}: lora_A is {A.dtype} but lora_B is {B.dtype}")
-    if A.device != B.device:
-        raise OptimizerInputError(f"{name}: lora_A on {A.device} but lora_B on {B.device}")
-    r = A.shape[0] if A.ndim == 2 else -1
-    if A.ndim != 2 or B.ndim != 2 or tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
-        raise OptimizerInputError(
-            f"{name}: anchor expects lora_A (r, {n}) and lora_B ({m}, r); found {tuple(A.shape)} and {tuple(B.shape)}"
-        )
-    for t, label in ((A, "lora_A"), (B, "lora_B")):
-        if not t.is_contiguous():
-            raise OptimizerInputError(f"{name}: {label} must be contiguous")
-        g = t.grad
-        if g is not None and g.is_sparse:
-            raise OptimizerInputError(f"{name}: sparse gradient for {label} is not supported")

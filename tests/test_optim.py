@@ -454,6 +454,10 @@ def test_trajectory_mixed_ranks_in_one_batch(backend):
 
 
 # ----------------------------------------------------------------------------- GradScaler with fused=True
+def _statistics(opt):
+    return [t for b in opt._plan.buckets for t in (b.tensors.P, b.tensors.G, b.tensors.M)]
+
+
 def _lora_a_up(model):
     return model.base_model.model.up.lora_A["default"].weight
 
@@ -484,7 +488,7 @@ def test_fused_grad_scaler_matches_fused_adamw(backend, inf_step, dtype):
             _lora_a_up(m2).grad[0, 0] = float("inf")
             params = [p.detach().clone() for p in trainable(m1)]
             state = [{k: v.clone() for k, v in o1.state[p].items()} for p in trainable(m1)]
-            stats = [t.clone() for b in o1._plan.buckets for t in (b.P, b.G, b.M)]
+            stats = [t.clone() for t in _statistics(o1)]
         grads = [p.grad.clone() for p in trainable(m1)]
         sc1.step(o1)
         sc1.update()
@@ -497,8 +501,7 @@ def test_fused_grad_scaler_matches_fused_adamw(backend, inf_step, dtype):
             assert all(torch.equal(p, q) for p, q in zip(trainable(m1), params))
             for p, st in zip(trainable(m1), state):
                 assert all(torch.equal(o1.state[p][k], v) for k, v in st.items())
-            assert all(torch.equal(t, u) for t, u in zip((t for b in o1._plan.buckets for t in (b.P, b.G, b.M)),
-                                                         stats))
+            assert all(torch.equal(t, u) for t, u in zip(_statistics(o1), stats))
             assert torch.isfinite(o1.anchor_loss)
         assert sc1.get_scale() == sc2.get_scale()
         assert max_rel_err(trainable(m1), trainable(m2)) < TOLERANCE[dtype]

@@ -205,10 +205,11 @@ def test_rebuilt_after_dtype_change():
     assert o1.plan_builds == 2
 
 
-def test_one_call_cpp_buckets_beside_eager_and_frozen_factor_pairs():
-    """A plan with a cpp bucket (its one op advances its own counters), a pair routed to
-    eager (r = 80 > 64) and a pair with a frozen factor: every counter advances once per
-    step and the trajectory is the float64 ground truth."""
+def test_cpp_bucket_beside_eager_and_frozen_factor_buckets():
+    """A plan with a cpp bucket, a pair routed to eager (r = 80 > 64) and a pair with a
+    frozen factor (an eager bucket): each bucket's step advances its own counters, every
+    counter advances once per step, the frozen factor and its state are never written, and
+    the trajectory is the float64 ground truth."""
     if not cpp.is_available():
         pytest.skip("no C++ compiler on this machine")
     anchor = odd_anchor(rank=4)
@@ -226,8 +227,15 @@ def test_one_call_cpp_buckets_beside_eager_and_frozen_factor_pairs():
     for s in range(4):
         lockstep(m1, o1, m2, o2, b2, s, lam=0.5)
     plan = o1._plan
-    assert sorted(b.backend.name for b in plan.buckets) == ["cpp", "eager"] and len(plan.partial) == 1
-    assert [b.one_call for b in plan.buckets if b.backend.name == "cpp"] == [True]
+    assert sorted((b.backend.name, b.tensors.train_A is not None) for b in plan.buckets) == [
+        ("cpp", False), ("eager", False), ("eager", True)]
+    frozen = next(b for b in plan.buckets if b.tensors.train_A is not None)
+    assert frozen.tensors.train_A == [False] and frozen.tensors.train_B == [True]
     assert all(float(o1.state[p]["step"]) == 4.0 for p in trainable(m1))
+    frozen_A = m1.base_model.model.out.lora_A["default"].weight
+    assert frozen_A not in o1.state and torch.equal(frozen_A, m2.base_model.model.out.lora_A["default"].weight)
+    views = {p: o1.state[p]["step"] for p in trainable(m1)}
+    assert all(v.untyped_storage().data_ptr() == plan.counters[0].untyped_storage().data_ptr()
+               for v in views.values())
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
     assert o1.plan_builds == 1

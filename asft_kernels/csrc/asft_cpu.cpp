@@ -92,9 +92,12 @@ constexpr int kPanelTT = kRegisters >= 32 ? 4 : 3;
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 // AdamW hyperparameters, as torch.optim.AdamW derives them (double, then the math dtype).
+// `unscale`: the task gradient's multiplier, 1 / a GradScaler's scale (1 without one; exact
+// for the power-of-two scales GradScaler uses).
 struct Hyper {
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;
+  double unscale = 1.0;
 };
 
 template <typename acc_t>
@@ -107,6 +110,7 @@ struct StepScalars {
   acc_t bc2_sqrt;        // √(1 − β₂ᵗ)
   acc_t eps;
   acc_t sign;            // −1 when maximizing
+  acc_t unscale;         // multiplier of the task gradient (1 / grad scale)
   bool lerp_from_start;  // torch's lerp: start + w·(end − start) when |w| < 0.5
 
   StepScalars(const Hyper& h, double step) {
@@ -120,6 +124,7 @@ struct StepScalars {
     bc2_sqrt = static_cast<acc_t>(std::sqrt(bc2));
     eps = static_cast<acc_t>(h.eps);
     sign = h.maximize ? acc_t(-1) : acc_t(1);
+    unscale = static_cast<acc_t>(h.unscale);
     lerp_from_start = std::abs(one_minus_beta1) < acc_t(0.5);
   }
 };
@@ -568,7 +573,7 @@ void b_row_block(const PairView& pv, const Hyper& h, int64_t blk) {
 #pragma omp simd
         for (int64_t c = 0; c < r; ++c) {
           const int64_t x = j * r + c;
-          const acc_t g = s->sign * ((static_cast<acc_t>(gB[x]) + qj[c]) + uj[c]);
+          const acc_t g = s->sign * ((static_cast<acc_t>(gB[x]) * s->unscale + qj[c]) + uj[c]);
           bj[c] = adamw_element<param_t, acc_t>(Bi[x], mB[x], vB[x], g, *s);
         }
       }
@@ -677,7 +682,7 @@ void a_col_block(const PairView& pv, const Hyper& h, int64_t blk) {
       acc_t* out = a + d * W;
 #pragma omp simd
       for (int64_t x = 0; x < w; ++x) {
-        const acc_t g = s.sign * (static_cast<acc_t>(gA[off + x]) + had[x]);
+        const acc_t g = s.sign * (static_cast<acc_t>(gA[off + x]) * s.unscale + had[x]);
         out[x] = adamw_element<param_t, acc_t>(Ap[off + x], mA[off + x], vA[off + x], g, s);
       }
     }
@@ -885,14 +890,10 @@ void place_scratch(PairView& pv, const ScratchOffsets& o, uint8_t* base) {
 
 // W = [Q_B; −R_B] with zero-padded columns, Hc = H (any strides in, contiguous out).
 template <typename acc_t>
-void fill_weights(const PairView& pv, const at::Tensor& Q, const at::Tensor& R, const at::Tensor& H) {
+void fill_weights(const PairView& pv, const acc_t* q, int64_t q0, int64_t q1, const acc_t* rb, int64_t r0,
+                  int64_t r1, const acc_t* hh, int64_t h0, int64_t h1) {
   const int64_t r = pv.r, k = pv.k, rp = pv.rp;
   acc_t* W = static_cast<acc_t*>(pv.W);
-  const acc_t* q = Q.const_data_ptr<acc_t>();
-  const acc_t* rb = R.const_data_ptr<acc_t>();
-  const acc_t* hh = H.const_data_ptr<acc_t>();
-  const int64_t q0 = Q.stride(0), q1 = Q.stride(1), r0 = R.stride(0), r1 = R.stride(1);
-  const int64_t h0 = H.stride(0), h1 = H.stride(1);
   for (int64_t d = 0; d < r; ++d)
     for (int64_t c = 0; c < rp; ++c) W[d * rp + c] = c < r ? q[d * q0 + c * q1] : acc_t(0);
   for (int64_t t = 0; t < k; ++t)
@@ -906,6 +907,12 @@ void fill_weights(const PairView& pv, const at::Tensor& Q, const at::Tensor& R, 
   acc_t* Hc = static_cast<acc_t*>(pv.Hc);
   for (int64_t d = 0; d < r; ++d)
     for (int64_t e = 0; e < r; ++e) Hc[d * r + e] = hh[d * h0 + e * h1];
+}
+
+template <typename acc_t>
+void fill_weights(const PairView& pv, const at::Tensor& Q, const at::Tensor& R, const at::Tensor& H) {
+  fill_weights<acc_t>(pv, Q.const_data_ptr<acc_t>(), Q.stride(0), Q.stride(1), R.const_data_ptr<acc_t>(), R.stride(0),
+                      R.stride(1), H.const_data_ptr<acc_t>(), H.stride(0), H.stride(1));
 }
 
 // The scratch of one call (64-byte aligned): the calling thread's buffer of its earlier
@@ -1194,61 +1201,177 @@ at::Tensor anchoring_terms_cpu(const at::Tensor& P, const at::Tensor& G, const a
 }
 
 
-// ------------------------------------------------------------------------- the whole step
-// anchored_adamw_step_(<the lists of fused_anchored_adamw_>, w, scale, <A's and B's AdamW
-// hyperparameters>) -> R: the step of one bucket in one call. After every list entry is validated: every step counter
-// is advanced by one (as torch.optim.AdamW advances state["step"]); per pair j, the
-// anchoring terms from P, G, M with 2λ = scale[j] into Q_B, R_B, H (anchoring_terms_, one
-// pair at a time); then the fused step. Returns R = ½ Σ_j ⟨H_j, M_j⟩ at the statistics
-// before the step (fp64 sum in pair order, stored in the pairs' math dtype).
-at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::TensorList exp_avg_A,
-                                   at::TensorList exp_avg_sq_A, at::TensorList exp_avg_B,
-                                   at::TensorList exp_avg_sq_B, at::TensorList P, at::TensorList G, at::TensorList M,
-                                   at::TensorList grad_A, at::TensorList grad_B, at::TensorList U,
-                                   at::TensorList Q_B, at::TensorList R_B, at::TensorList H, at::TensorList step_A,
-                                   at::TensorList step_B, at::TensorList w, at::ArrayRef<double> scale,
-                                   double lr_A, double beta1_A, double beta2_A, double eps_A, double weight_decay_A,
-                                   bool maximize_A, double lr_B, double beta1_B, double beta2_B, double eps_B,
-                                   double weight_decay_B, bool maximize_B) {
-  const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
-                    H, step_A, step_B};
-  const size_t npairs = A.size();
-  PHASE_OP;
+// ------------------------------------------------------------------------- the bucket step
+// anchored_adamw_step_(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A,
+// grad_B, U, w, scale, counters, <A's and B's AdamW hyperparameters>, grad_scale, found_inf) -> R:
+// the whole step of one bucket (L pairs of one rank r, basis size k and math dtype) in one call.
+// P (L, k, r), G, M (L, r, r), w (L, k, 1), scale (L,) are stacked and contiguous in the math
+// dtype; counters (2L,) holds A's step counters then B's (fp32/fp64, CPU, contiguous). After
+// every input is validated: if found_inf holds a nonzero value nothing is written but the
+// returned R; else the counters are advanced by one, the anchoring terms of each pair j
+// (anchoring_terms_ with 2λ = scale[j]) are computed into the call's scratch, and the fused
+// update runs with the task gradients multiplied by 1 / grad_scale (when given). Returns
+// R = ½ Σ_j ⟨H_j, M_j⟩ at the statistics before the step (fp64 sum in pair order, stored in
+// the math dtype).
+void check_stacked(const at::Tensor& t, const char* name, at::IntArrayRef shape, const char* symbols,
+                   at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "asft::cpp: anchored_adamw_step_: ", name, " must be a CPU tensor, found ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "asft::cpp: anchored_adamw_step_: ", name, " must have shape ", symbols,
+                    " = ", dims_str(shape), ", found ", shape_str(t));
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "asft::cpp: anchored_adamw_step_: ", name, " must be ", dtype,
+                    ", found ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "asft::cpp: anchored_adamw_step_: ", name, " must be contiguous");
+}
+
+// A GradScaler's 0-d fp32 CPU tensor (grad_scale, found_inf), read without a dispatched op.
+double scaler_value(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == at::kFloat,
+                    "asft::cpp: anchored_adamw_step_: ", name, " must be a one-element fp32 CPU tensor, found ",
+                    t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+  return static_cast<double>(*t.const_data_ptr<float>());
+}
+
+template <typename acc_t>
+double bucket_step(std::vector<PairView>& pairs,
+                   std::vector<ScratchOffsets>& offsets, int64_t total, const at::Tensor& P, const at::Tensor& G,
+                   const at::Tensor& M, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& counters,
+                   bool skip, const Hyper& hA, const Hyper& hB) {
+  const int64_t L = static_cast<int64_t>(pairs.size());
+  const int64_t r = P.size(2), k = P.size(1);
+  // the terms of every pair: Q_B (L, r, r), R_B (L, k, r), H (L, r, r), one buffer per thread
+  thread_local std::vector<acc_t> terms;
+  const size_t need = static_cast<size_t>(L * (2 * r * r + k * r));
+  if (terms.size() < need) terms.resize(need);
+  acc_t* Q = terms.data();
+  acc_t* R = Q + L * r * r;
+  acc_t* H = R + L * k * r;
   PHASE_START;
-  FusedCall call = prepare_fused(a, 1.0, true);
-  TORCH_CHECK_VALUE(w.size() == npairs && scale.size() == npairs, "asft::cpp: anchored_adamw_step_ needs one w and ",
-                    "one scale per pair; A has ", npairs, ", w ", w.size(), ", scale ", scale.size());
-  const auto acc = npairs > 0 ? acc_type(B[0].scalar_type()) : at::kFloat;
-  for (size_t j = 0; j < npairs; ++j) {
-    TORCH_CHECK_VALUE(acc_type(B[j].scalar_type()) == acc, "asft::cpp: anchored_adamw_step_: every pair needs the ",
-                      "math dtype of pair 0 (", acc, "), B[", j, "] is ", B[j].scalar_type());
-    check_tensor(w[j], "w", j, {call.pairs[j].k, 1}, acc, true);
+  const double loss = anchoring_terms_kernel<acc_t>(L, k, r, P.const_data_ptr<acc_t>(), G.const_data_ptr<acc_t>(),
+                                                    M.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+                                                    scale.const_data_ptr<acc_t>(), 1, 1.0, Q, R, H);
+  PHASE_LAP(kPhaseTerms);
+  if (skip) return loss;
+  // ---- writes: the counters, then the fused pass
+  if (counters.scalar_type() == at::kFloat) {
+    float* c = counters.data_ptr<float>();
+    for (int64_t i = 0; i < 2 * L; ++i) c[i] += 1.0f;
+  } else {
+    double* c = counters.data_ptr<double>();
+    for (int64_t i = 0; i < 2 * L; ++i) c[i] += 1.0;
+  }
+  at::Tensor fresh;
+  uint8_t* scratch = call_scratch(total, fresh);
+  for (int64_t j = 0; j < L; ++j) {
+    PairView& pv = pairs[j];
+    place_scratch(pv, offsets[j], scratch);
+    fill_weights<acc_t>(pv, Q + j * r * r, r, 1, R + j * k * r, r, 1, H + j * r * r, r, 1);
   }
   PHASE_LAP(kPhasePrepare);
-  // ---- every check passed: writes
-  for (at::TensorList list : {step_A, step_B})
-    for (const at::Tensor& t : list) {
-      if (t.scalar_type() == at::kFloat)
-        *t.data_ptr<float>() += 1.0f;
-      else
-        *t.data_ptr<double>() += 1.0;
-      t.unsafeGetTensorImpl()->bump_version();
-    }
+  run_pairs(pairs, hA, hB);
+  return loss;
+}
+
+at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::TensorList exp_avg_A,
+                                   at::TensorList exp_avg_sq_A, at::TensorList exp_avg_B,
+                                   at::TensorList exp_avg_sq_B, const at::Tensor& P, const at::Tensor& G,
+                                   const at::Tensor& M, at::TensorList grad_A, at::TensorList grad_B,
+                                   at::TensorList U, const at::Tensor& w, const at::Tensor& scale,
+                                   const at::Tensor& counters, double lr_A, double beta1_A, double beta2_A,
+                                   double eps_A, double weight_decay_A, bool maximize_A, double lr_B, double beta1_B,
+                                   double beta2_B, double eps_B, double weight_decay_B, bool maximize_B,
+                                   const std::optional<at::Tensor>& grad_scale,
+                                   const std::optional<at::Tensor>& found_inf) {
+  PHASE_OP;
+  PHASE_START;
+  const size_t npairs = A.size();
+  for (size_t s : {B.size(), exp_avg_A.size(), exp_avg_sq_A.size(), exp_avg_B.size(), exp_avg_sq_B.size(),
+                   grad_A.size(), grad_B.size(), U.size()})
+    TORCH_CHECK_VALUE(s == npairs, "asft::cpp: anchored_adamw_step_ needs one entry per pair in every list; A has ",
+                      npairs, ", another list has ", s);
+  TORCH_CHECK_VALUE(P.dim() == 3 && P.size(0) == static_cast<int64_t>(npairs),
+                    "asft::cpp: anchored_adamw_step_: P must be (L, k, r) with L = ", npairs, " pairs, found ",
+                    shape_str(P));
+  const int64_t L = P.size(0), k = P.size(1), r = P.size(2);
+  const auto acc = P.scalar_type();
+  TORCH_CHECK_VALUE(acc == at::kFloat || acc == at::kDouble, "asft::cpp: anchored_adamw_step_: P must be fp32/fp64, ",
+                    "found ", acc);
+  check_stacked(P, "P", {L, k, r}, "(L, k, r)", acc);
+  check_stacked(G, "G", {L, r, r}, "(L, r, r)", acc);
+  check_stacked(M, "M", {L, r, r}, "(L, r, r)", acc);
+  check_stacked(w, "w", {L, k, 1}, "(L, k, 1)", acc);
+  check_stacked(scale, "scale", {L}, "(L,)", acc);
+  const auto ct = counters.scalar_type();
+  TORCH_CHECK_VALUE(ct == at::kFloat || ct == at::kDouble, "asft::cpp: anchored_adamw_step_: counters must be ",
+                    "fp32/fp64, found ", ct);
+  check_stacked(counters, "counters", {2 * L}, "(2L,)", ct);
+  const double unscale = grad_scale.has_value() ? 1.0 / scaler_value(*grad_scale, "grad_scale") : 1.0;
+  const bool skip = found_inf.has_value() && scaler_value(*found_inf, "found_inf") != 0.0;
+  std::vector<at::Tensor> keep;
+  std::vector<PairView> pairs(npairs);
+  std::vector<ScratchOffsets> offsets(npairs);
+  int64_t total = 0;
+  const uint8_t* Pp = static_cast<const uint8_t*>(P.const_data_ptr());
+  const uint8_t* Gp = static_cast<const uint8_t*>(G.const_data_ptr());
+  const uint8_t* Mp = static_cast<const uint8_t*>(M.const_data_ptr());
+  const int64_t elem = acc == at::kDouble ? 8 : 4;
+  const int64_t ct_elem = ct == at::kDouble ? 8 : 4;
+  const uint8_t* cp = static_cast<const uint8_t*>(counters.const_data_ptr());
+  for (size_t j = 0; j < npairs; ++j) {
+    auto [m, n, rj, kj] = check_pair(U[j], B[j], A[j], j);
+    TORCH_CHECK_VALUE(rj == r && kj == k, "asft::cpp: anchored_adamw_step_: pair ", j, " has r = ", rj, ", k = ", kj,
+                      "; the bucket's P has r = ", r, ", k = ", k);
+    const auto pt = B[j].scalar_type();
+    TORCH_CHECK_VALUE(acc_type(pt) == acc, "asft::cpp: anchored_adamw_step_: every pair needs the math dtype ", acc,
+                      " of P, B[", j, "] is ", pt);
+    check_tensor(grad_A[j], "grad_A", j, {r, n}, pt, true);
+    check_tensor(grad_B[j], "grad_B", j, {m, r}, pt, true);
+    check_tensor(exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
+    check_tensor(exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
+    check_tensor(exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
+    check_tensor(exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
+    auto counter = [&](int64_t i) {
+      const uint8_t* at_i = cp + i * ct_elem;
+      return ct == at::kFloat ? static_cast<double>(*reinterpret_cast<const float*>(at_i))
+                              : *reinterpret_cast<const double*>(at_i);
+    };
+    const double t_A = counter(static_cast<int64_t>(j)) + 1.0, t_B = counter(L + static_cast<int64_t>(j)) + 1.0;
+    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: anchored_adamw_step_: the counters of pair ", j,
+                      " must be >= 0 (incremented by this op), found ", t_A - 1, " and ", t_B - 1);
+    PairView& pv = pairs[j];
+    pv.A = A[j].data_ptr();
+    pv.B = B[j].data_ptr();
+    pv.grad_A = grad_A[j].data_ptr();
+    pv.grad_B = grad_B[j].data_ptr();
+    pv.exp_avg_A = exp_avg_A[j].data_ptr();
+    pv.exp_avg_sq_A = exp_avg_sq_A[j].data_ptr();
+    pv.exp_avg_B = exp_avg_B[j].data_ptr();
+    pv.exp_avg_sq_B = exp_avg_sq_B[j].data_ptr();
+    pv.U = basis_in(U[j], acc, keep);
+    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
+    pv.step_A = t_A;
+    pv.step_B = t_B;
+    pv.P_out = const_cast<uint8_t*>(Pp + j * k * r * elem);
+    pv.G_out = const_cast<uint8_t*>(Gp + j * r * r * elem);
+    pv.M_out = const_cast<uint8_t*>(Mp + j * r * r * elem);
+    offsets[j] = plan_scratch(pv, acc, true, total);
+    bind_kernels<true>(pv, pt);
+  }
+  PHASE_LAP(kPhasePrepare);
+  // ---- every check passed
+  Hyper hA{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A, unscale};
+  Hyper hB{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B, unscale};
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(acc).device(at::kCPU));
-  AT_DISPATCH_FLOATING_TYPES(acc, "asft_anchored_step_terms", [&] {
-    double loss = 0;
-    for (size_t j = 0; j < npairs; ++j)
-      loss += anchoring_terms_kernel<scalar_t>(
-          1, call.pairs[j].k, call.pairs[j].r, P[j].const_data_ptr<scalar_t>(), G[j].const_data_ptr<scalar_t>(),
-          M[j].const_data_ptr<scalar_t>(), w[j].const_data_ptr<scalar_t>(), nullptr, 0, scale[j],
-          Q_B[j].data_ptr<scalar_t>(), R_B[j].data_ptr<scalar_t>(), H[j].data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(acc, "asft_bucket_step", [&] {
+    const double loss = bucket_step<scalar_t>(pairs, offsets, total, P, G, M, w, scale, counters, skip, hA, hB);
     *out.data_ptr<scalar_t>() = static_cast<scalar_t>(loss);
   });
-  for (at::TensorList list : {Q_B, R_B, H})
-    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
-  PHASE_LAP(kPhaseTerms);
-  run_fused(call, a, Hyper{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A},
-            Hyper{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B});
+  if (!skip) {
+    // written through raw pointers: bump the version counters as in-place torch ops would
+    for (at::TensorList list : {A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B})
+      for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+    for (const at::Tensor* t : {&P, &G, &M, &counters}) t->unsafeGetTensorImpl()->bump_version();
+  }
   return out;
 }
 

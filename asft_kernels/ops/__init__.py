@@ -1,25 +1,35 @@
 """Backends of the anchored AdamW step, and the one routing policy between them.
 
-All backends implement the contract of :mod:`asft_kernels.ops.schema`: a module with
+The backend contract (docs/architecture.md has the flow and an add-a-backend checklist): a
+module with
 
 * ``is_available() -> bool``;
 * ``supports(dtype, rank) -> bool``: which pairs it runs (parameter dtype, LoRA rank r);
-* ``stats_pass(U, B, A) -> (P, G, M)`` on lists of pairs;
-* ``fused_step(batch: AnchoredBatch, hyper: AdamWHyper) -> None``;
-* optionally ``terms(P, G, M, w, two_lam, Q_B, R_B, H) -> R``: the anchoring terms of a
-  bucket (:func:`.eager.anchoring_terms`'s signature; ``two_lam`` a number or an (L, 1, 1)
-  tensor). ``cpp`` runs them as one ``asft::anchoring_terms_`` call; a backend without
-  ``terms`` (eager, triton) gets the eager math.
+* ``stats_pass(U, B, A) -> (P, G, M)`` on lists of pairs (fresh statistics);
+* ``prepare(bucket: BucketTensors, counters) -> handle``: validates the tensors of one
+  bucket once and keeps what its step needs; ``counters`` is the bucket's (2L,) view of the
+  plan's step-counter buffer, A's counters then B's;
+* ``step(handle, grad_A, grad_B, scale, hyper_A, hyper_B, grad_scale=None, found_inf=None)
+  -> R``: one call advances the handle's counters by one, computes the anchoring terms from
+  the cached ``P, G, M`` (``scale`` (L,) = 2λ·coef per pair), runs the fused update of every
+  pair (A with ``hyper_A``, B with ``hyper_B``: each factor's own param group), writes the
+  next statistics, and returns ``R`` (0-d, math dtype) at the statistics before the step.
+  ``grad_scale``/``found_inf`` come from a GradScaler: task gradients are divided by the
+  scale (the ``.grad`` tensors are not modified); when ``found_inf`` is nonzero nothing is
+  written;
+* ``fused_step(batch: AnchoredBatch, hyper_A, hyper_B=None)``: the fused update alone, the
+  ``asft::fused_anchored_adamw_`` op (and :func:`asft_kernels.functional.anchored_adamw`).
 
-A backend is given only pairs it supports; it never falls back by itself. The one place
-that decides which backend runs a pair is :func:`route`:
+A backend module without ``prepare``/``step`` of its own (the Triton one today) is run
+through :func:`.eager.prepare` with its ``fused_step``: the terms in eager math, the counters
+on the CPU. A backend is given only pairs it supports; it never falls back by itself. The
+one place that decides which backend runs a pair is :func:`route`, called once per pair when
+the step plan is built:
 
-* ``eager``: plain torch (:mod:`.eager`), any device, every pair;
+* ``eager``: plain torch (:mod:`.eager`), any device, every pair (and frozen-factor pairs);
 * ``cpp``: the C++ kernel for CPU tensors (:mod:`.cpp`, built on first use);
 * ``triton``: the Triton kernels for CUDA tensors (:mod:`.triton`);
 * ``auto``: ``triton`` for CUDA, ``cpp`` for CPU, ``eager`` where those are unavailable.
-
-Pairs a compiled backend does not support run the eager backend (:func:`route`).
 """
 
 from __future__ import annotations
@@ -27,11 +37,21 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from . import eager
-from .schema import BATCH_FIELDS, LIBRARY_NAME, AdamWHyper, AnchoredBatch, _lib, math_dtype, op_kernel
+from .schema import (
+    BATCH_FIELDS,
+    LIBRARY_NAME,
+    AdamWHyper,
+    AnchoredBatch,
+    BucketTensors,
+    _lib,
+    math_dtype,
+    op_kernel,
+)
 
 BACKENDS = ("auto", "eager", "cpp", "triton")
 
@@ -43,16 +63,14 @@ class Backend:
     name: str
     supports: Callable[[torch.dtype, int], bool]
     stats_pass: Callable
-    fused_step: Callable[[AnchoredBatch, AdamWHyper], None]
-    #: ``(P, G, M, w, two_lam, Q_B, R_B, H) -> R``: the anchoring terms of a bucket
-    terms: Callable = eager.anchoring_terms
-    #: ``(batch, w, scale, hyper) -> R``: counters, terms and fused step of a bucket in one
-    #: call (``asft::anchored_adamw_step_``), where the backend has one; else the optimizer
-    #: runs ``terms``, advances the counters and calls ``fused_step``
-    anchored_step: Callable | None = None
+    fused_step: Callable
+    prepare: Callable
+    step: Callable
+    #: whether the step counters live on the parameters' device (else on the CPU)
+    device_counters: bool = False
 
 
-EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step, eager.anchoring_terms)
+EAGER = Backend("eager", eager.supports, eager.stats_pass, eager.fused_step, eager.prepare, eager.step)
 
 # The eager implementation is the ops' default on every device.
 _lib.impl("stats_pass", eager.stats_pass, "CompositeExplicitAutograd")
@@ -69,8 +87,11 @@ def _compiled_backend(name: str) -> Backend | None:
         return None
     if not mod.is_available():
         return None
-    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, getattr(mod, "terms", eager.anchoring_terms),
-                   getattr(mod, "anchored_step", None))
+    if hasattr(mod, "prepare") and hasattr(mod, "step"):
+        return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, mod.prepare, mod.step,
+                       device_counters=name == "triton")
+    return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, partial(eager.prepare, fused=mod.fused_step),
+                   eager.step)
 
 
 def _triton_interpreting() -> bool:
@@ -126,6 +147,6 @@ def route(backend: Backend, dtype: torch.dtype, rank: int) -> Backend:
 
 
 __all__ = [
-    "BACKENDS", "BATCH_FIELDS", "EAGER", "LIBRARY_NAME", "AdamWHyper", "AnchoredBatch", "Backend", "check_device",
-    "math_dtype", "resolve_backend", "route",
+    "BACKENDS", "BATCH_FIELDS", "EAGER", "LIBRARY_NAME", "AdamWHyper", "AnchoredBatch", "Backend", "BucketTensors",
+    "check_device", "math_dtype", "resolve_backend", "route",
 ]

@@ -16,6 +16,7 @@ cannot be built, :func:`is_available` returns False and warns once;
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,7 +36,11 @@ from .cpp_build import (  # noqa: F401  (re-exported: the backend contract and `
     load_arguments,
     register_cli,
 )
-from .schema import AdamWHyper, AnchoredBatch  # importing schema declares the ops before the kernels load
+from .schema import (  # importing schema declares the ops before the kernels load
+    AdamWHyper,
+    AnchoredBatch,
+    BucketTensors,
+)
 
 #: pairs of larger LoRA rank are routed to the eager implementation (:func:`asft_kernels.ops.route`)
 FUSED_MAX_RANK = 64
@@ -120,23 +125,78 @@ def terms(
     return _call(torch.ops.asft.anchoring_terms_, P, G, M, w, coef, scale, Q_B, R_B, H)
 
 
-def anchored_step(batch: AnchoredBatch, w: Sequence[Tensor], scale: Sequence[float], hyper_A: AdamWHyper,
-                  hyper_B: AdamWHyper | None = None) -> Tensor:
-    """The step of one bucket in one C++ call (``asft::anchored_adamw_step_``): every input
-    validated, then the step counters advanced, the anchoring terms written into ``Q_B``,
-    ``R_B``, ``H`` (2λ = ``scale[j]``, ``w[j]`` (k, 1)) and the fused step of
-    :func:`fused_step` (A with ``hyper_A``, B with ``hyper_B``, default: ``hyper_A``).
+@dataclass
+class Handle:
+    """A bucket prepared for :func:`step`: the op's arguments that stay the same from one
+    step to the next (the pairs' lists, the stacked statistics and weights, the counters),
+    validated once by :func:`prepare`."""
+
+    head: tuple  # A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M
+    U: list[Tensor]
+    w: Tensor
+    counters: Tensor
+
+
+def prepare(bucket: BucketTensors, counters: Tensor) -> Handle:
+    """A :class:`Handle` for ``bucket`` (contract: :mod:`asft_kernels.ops`): every tensor is
+    checked here once (the op re-checks them in C++, without a dispatched op); nothing is
+    written.
+
+    Args:
+        bucket: L pairs of one dtype, rank and basis size, every factor trained.
+        counters: (2L,) fp32/fp64 CPU step counters, A's then B's.
+
+    Raises:
+        OptimizerInputError: a frozen factor, or a shape, dtype, device or layout the op
+            does not allow.
+    """
+    _require()
+    if bucket.train_A is not None or bucket.train_B is not None:
+        raise OptimizerInputError("the C++ backend steps pairs whose factors are both trained; frozen-factor pairs "
+                                  "run the eager backend")
+    L = len(bucket)
+    if counters.device.type != "cpu" or counters.dtype not in (torch.float32, torch.float64) \
+            or tuple(counters.shape) != (2 * L,) or not counters.is_contiguous():
+        raise OptimizerInputError(f"asft::cpp: counters must be a contiguous ({2 * L},) fp32/fp64 CPU tensor, found "
+                                  f"{tuple(counters.shape)} {counters.dtype} on {counters.device}")
+    handle = Handle((list(bucket.A), list(bucket.B), list(bucket.exp_avg_A), list(bucket.exp_avg_sq_A),
+                     list(bucket.exp_avg_B), list(bucket.exp_avg_sq_B), bucket.P, bucket.G, bucket.M),
+                    list(bucket.U), bucket.w, counters)
+    # the op's own checks, on a call that writes nothing (found_inf set), with the gradients'
+    # place taken by the moments (factor-shaped, math dtype) where the dtypes agree
+    if L and bucket.B[0].dtype == bucket.P.dtype:
+        scale = bucket.P.new_zeros((L,))
+        _call(torch.ops.asft.anchored_adamw_step_, *handle.head, list(bucket.exp_avg_A), list(bucket.exp_avg_B),
+              handle.U, handle.w, scale, counters, *_NO_HYPER, None, torch.ones((), dtype=torch.float32))
+    return handle
+
+
+_NO_HYPER = (0.0, 0.9, 0.999, 1e-8, 0.0, False) * 2
+
+
+def step(handle: Handle, grad_A: list[Tensor], grad_B: list[Tensor], scale: Tensor, hyper_A: AdamWHyper,
+         hyper_B: AdamWHyper, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Tensor:
+    """The step of a prepared bucket in one C++ call (``asft::anchored_adamw_step_``): the
+    counters advanced, the anchoring terms (2λ = ``scale[j]``) and the fused update (A with
+    ``hyper_A``, B with ``hyper_B``, task gradients divided by ``grad_scale`` inside the
+    kernel); nothing written when ``found_inf`` is nonzero.
+
+    Args:
+        grad_A: per pair (r, n), grad_B: per pair (m, r), parameter dtype, contiguous.
+        scale: (L,) ``2λ·coef`` per pair, math dtype.
 
     Returns:
         ``R = ½ Σ_j ⟨H_j, M_j⟩`` at the statistics before the step (0-d, math dtype).
 
     Raises:
-        OptimizerInputError: a shape, dtype, device or layout the contract does not allow
-            (nothing is written).
+        OptimizerInputError: a gradient of another shape, dtype or layout (nothing written).
     """
-    hyper_B = hyper_A if hyper_B is None else hyper_B
-    return _call(torch.ops.asft.anchored_adamw_step_, *batch.op_args(), list(w), list(scale), *hyper_A.op_args(),
-                 *hyper_B.op_args())
+    try:
+        return torch.ops.asft.anchored_adamw_step_(*handle.head, grad_A, grad_B, handle.U, handle.w, scale,
+                                                   handle.counters, *hyper_A.op_args(), *hyper_B.op_args(),
+                                                   grad_scale, found_inf)
+    except ValueError as exc:
+        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
 
 
 #: the phases of ``asft::cpu_phase_clock``, in the order of its result (``enum Phase`` of

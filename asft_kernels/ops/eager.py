@@ -9,12 +9,13 @@ fused kernels do. Nothing of size ``m × n`` or ``m × m`` is ever created.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .schema import BATCH_FIELDS, AdamWHyper, AnchoredBatch
+from .schema import AdamWHyper, AnchoredBatch, BucketTensors
 
 
 def _math(t: Tensor) -> torch.dtype:
@@ -131,30 +132,125 @@ def anchoring_terms_op(
     return anchoring_terms(P, G, M, w, scale, Q_B, R_B, H)
 
 
-def anchored_step(batch: AnchoredBatch, w: list[Tensor], scale: list[float], hyper_A: AdamWHyper,
-                  hyper_B: AdamWHyper | None = None) -> Tensor:
-    """``asft::anchored_adamw_step_`` (:mod:`asft_kernels.ops.schema`) in torch ops: the step
-    counters advanced, the anchoring terms of every pair (:func:`anchoring_terms`, one pair at
-    a time, ``2λ = scale[j]``, ``w[j]`` (k, 1)), then :func:`fused_step`. Returns ``R`` (0-d,
-    math dtype)."""
-    if len(batch) == 0:
-        return torch.zeros(())
-    torch._foreach_add_(list(batch.step_A) + list(batch.step_B), 1.0)
-    loss = None
-    for j in range(len(batch)):
-        part = anchoring_terms(batch.P[j][None], batch.G[j][None], batch.M[j][None], w[j][None], float(scale[j]),
-                               batch.Q_B[j][None], batch.R_B[j][None], batch.H[j][None])
-        loss = part if loss is None else loss + part.to(loss.dtype)
-    fused_step(batch, hyper_A, hyper_B)
+@dataclass
+class Handle:
+    """A bucket prepared for :func:`step`: its tensors, its counters, the stacked terms
+    ``Q_B`` (L, r, r), ``R_B`` (L, k, r), ``H`` (L, r, r), the :class:`AnchoredBatch` of the
+    fused update (per-pair views of all of them; the gradients are set per step) and the
+    fused update that runs it (this module's, or a compiled backend's ``fused_step``).
+    ``train``: None, or the pairs whose A and whose B are written (frozen factors)."""
+
+    bucket: BucketTensors
+    counters: Tensor
+    Q_B: Tensor
+    R_B: Tensor
+    H: Tensor
+    batch: AnchoredBatch
+    fused: Callable
+    train: tuple[list[int], list[int]] | None
+
+
+def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = None) -> Handle:
+    """A :class:`Handle` for ``bucket`` (contract: :mod:`asft_kernels.ops`).
+
+    Args:
+        bucket: the bucket's tensors (frozen factors allowed: ``train_A``/``train_B``).
+        counters: (2L,) the bucket's step counters, A's then B's (a view of the plan's buffer).
+        fused: the fused update ``fused(batch, hyper_A, hyper_B)`` (default: :func:`fused_step`;
+            a compiled backend without a ``prepare`` of its own passes its ``fused_step``).
+    """
+    L, k, r = bucket.P.shape
+    Q_B, R_B, H = bucket.M.new_empty((L, r, r)), bucket.P.new_empty((L, k, r)), bucket.M.new_empty((L, r, r))
+    batch = AnchoredBatch(
+        A=list(bucket.A), B=list(bucket.B), exp_avg_A=list(bucket.exp_avg_A), exp_avg_sq_A=list(bucket.exp_avg_sq_A),
+        exp_avg_B=list(bucket.exp_avg_B), exp_avg_sq_B=list(bucket.exp_avg_sq_B),
+        P=list(bucket.P.unbind(0)), G=list(bucket.G.unbind(0)), M=list(bucket.M.unbind(0)), grad_A=[], grad_B=[],
+        U=list(bucket.U), Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
+        step_A=list(counters[:L].unbind(0)), step_B=list(counters[L:].unbind(0)),
+    )
+    train = None
+    if bucket.train_A is not None or bucket.train_B is not None:
+        train_A = bucket.train_A if bucket.train_A is not None else [True] * L
+        train_B = bucket.train_B if bucket.train_B is not None else [True] * L
+        train = ([j for j in range(L) if train_A[j]], [j for j in range(L) if train_B[j]])
+    return Handle(bucket, counters, Q_B, R_B, H, batch, fused or fused_step, train)
+
+
+def step(handle: Handle, grad_A: list[Tensor], grad_B: list[Tensor], scale: Tensor, hyper_A: AdamWHyper,
+         hyper_B: AdamWHyper, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Tensor:
+    """One anchored AdamW step of a prepared bucket (contract: :mod:`asft_kernels.ops`): the
+    anchoring terms of every pair from the cached statistics (one batched computation,
+    ``2λ = scale[j]``), then, unless ``found_inf`` is nonzero, the counters advanced by one
+    and the fused update (A with ``hyper_A``, B with ``hyper_B``, task gradients divided by
+    ``grad_scale`` into new tensors). Frozen factors are never written.
+
+    Args:
+        grad_A: per pair (r, n), grad_B: per pair (m, r) task gradients (parameter dtype).
+        scale: (L,) ``2λ·coef`` per pair, math dtype.
+
+    Returns:
+        ``R`` summed over the bucket at the statistics before the step (0-d, math dtype).
+    """
+    b = handle.bucket
+    loss = anchoring_terms(b.P, b.G, b.M, b.w, scale[:, None, None], handle.Q_B, handle.R_B, handle.H)
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return loss
+    if grad_scale is not None:
+        grad_A, grad_B = torch._foreach_div(grad_A, grad_scale), torch._foreach_div(grad_B, grad_scale)
+    handle.counters.add_(1)
+    batch = handle.batch
+    batch.grad_A, batch.grad_B = grad_A, grad_B
+    if handle.train is None:
+        handle.fused(batch, hyper_A, hyper_B)
+    else:
+        _frozen_factor_step(batch, *handle.train, hyper_A, hyper_B)
     return loss
 
 
-def anchored_step_op(*args) -> Tensor:
-    """:func:`anchored_step` in the op's positional argument order."""
-    n = len(BATCH_FIELDS)
-    batch = AnchoredBatch(*(list(xs) for xs in args[:n]))
-    return anchored_step(batch, list(args[n]), list(args[n + 1]), AdamWHyper(*args[n + 2:n + 8]),
-                         AdamWHyper(*args[n + 8:n + 14]))
+def _frozen_factor_step(batch: AnchoredBatch, train_A: list[int], train_B: list[int], hyper_A: AdamWHyper,
+                        hyper_B: AdamWHyper) -> None:
+    """The fused update of :func:`fused_step` for pairs with a frozen factor: only the pairs
+    in ``train_A`` write A and only those in ``train_B`` write B (the gradient of task + R
+    with the other factor held constant); the statistics of every pair are recomputed."""
+    b = batch
+    dt = b.P[0].dtype
+    steps = torch.stack(list(b.step_A) + list(b.step_B)).tolist()
+    L = len(b)
+    for hyper, idx, is_a in ((hyper_B, train_B, False), (hyper_A, train_A, True)):
+        if not idx:
+            continue
+        grads = []
+        for j in idx:
+            if is_a:  # g_A = grad_A + H A
+                grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], b.A[j].to(dt)))
+            else:  # g_B = grad_B + B Q_B − U R_B
+                g = torch.addmm(b.grad_B[j].to(dt), b.B[j].to(dt), b.Q_B[j])
+                grads.append(g.addmm_(b.U[j].to(dt), b.R_B[j], alpha=-1.0))
+        if hyper.maximize:
+            torch._foreach_neg_(grads)
+        params = [(b.A if is_a else b.B)[j] for j in idx]
+        m = [(b.exp_avg_A if is_a else b.exp_avg_B)[j] for j in idx]
+        v = [(b.exp_avg_sq_A if is_a else b.exp_avg_sq_B)[j] for j in idx]
+        t = [steps[j if is_a else L + j] for j in idx]
+        for dtype in {p.dtype for p in params}:  # one parameter dtype per foreach call
+            sel = [i for i, p in enumerate(params) if p.dtype == dtype]
+            adamw_foreach_([params[i] for i in sel], [grads[i] for i in sel], [m[i] for i in sel],
+                           [v[i] for i in sel], [t[i] for i in sel], *hyper.op_args()[:5])
+    for j in range(L):
+        a, bb = b.A[j].to(dt), b.B[j].to(dt)
+        torch.mm(b.U[j].to(dt).T, bb, out=b.P[j])
+        torch.mm(bb.T, bb, out=b.G[j])
+        torch.mm(a, a.T, out=b.M[j])
+
+
+def anchored_step_op(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, w, scale,
+                     counters, *rest) -> Tensor:
+    """``asft::anchored_adamw_step_`` (:mod:`asft_kernels.ops.schema`) in torch ops:
+    :func:`prepare` and :func:`step` of the bucket the op's arguments describe."""
+    hyper_A, hyper_B, (grad_scale, found_inf) = AdamWHyper(*rest[:6]), AdamWHyper(*rest[6:12]), rest[12:14]
+    handle = prepare(BucketTensors(list(A), list(B), list(exp_avg_A), list(exp_avg_sq_A), list(exp_avg_B),
+                                   list(exp_avg_sq_B), list(U), P, G, M, w), counters)
+    return step(handle, list(grad_A), list(grad_B), scale, hyper_A, hyper_B, grad_scale, found_inf)
 
 
 def supports(dtype: torch.dtype, rank: int) -> bool:

@@ -54,15 +54,21 @@ weight_decay_A, maximize_A, lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maxim
 
     and returned: ``R = ½ Σ_j ⟨H_j, M_j⟩``, a new 0-d tensor in the math dtype.
 
-``asft::anchored_adamw_step_(<the 17 lists of fused_anchored_adamw_>, w, scale, <the 12
-hyperparameters of fused_anchored_adamw_>) -> R``
-    The whole step of one bucket in one call: every list entry is validated first; then
-    every ``step_A``/``step_B`` counter is advanced by one (as ``torch.optim.AdamW``
-    advances ``state["step"]``), the anchoring terms of each pair ``j`` are written into
-    ``Q_B[j]``, ``R_B[j]``, ``H[j]`` (contiguous outputs here) as ``anchoring_terms_`` with
-    ``2λ = scale[j]`` and ``w[j]`` (k, 1), and ``fused_anchored_adamw_`` runs. Returns ``R``
-    (as ``anchoring_terms_``, at the statistics before the step; every pair in the math
-    dtype of pair 0). Saves the optimizer two dispatched ops per step and bucket.
+``asft::anchored_adamw_step_(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M,
+grad_A, grad_B, U, w, scale, counters, <the 12 hyperparameters of fused_anchored_adamw_>,
+grad_scale, found_inf) -> R``
+    The whole step of one *bucket* (L pairs of one r, k and math dtype) in one call, the
+    op behind the backends' ``step`` (:mod:`asft_kernels.ops`). The per-pair lists are those
+    of ``fused_anchored_adamw_``; the bucket's buffers are stacked: ``P`` (L, k, r), ``G``,
+    ``M`` (L, r, r), ``w`` (L, k, 1) and ``scale`` (L,) (``2λ·coef`` per pair) in the math
+    dtype, ``counters`` (2L,) A's step counters then B's (fp32/fp64). ``grad_scale`` and
+    ``found_inf``: None, or a GradScaler's 0-d fp32 tensors. Every input is validated first;
+    then, when ``found_inf`` is nonzero, nothing is written (parameters, moments, counters,
+    statistics); otherwise the counters are advanced by one (as ``torch.optim.AdamW``
+    advances ``state["step"]``), the anchoring terms of each pair are computed as
+    ``anchoring_terms_`` with ``2λ = scale[j]``, and the fused update runs with the task
+    gradients divided by ``grad_scale`` (the gradient tensors are not modified). Returns
+    ``R`` (as ``anchoring_terms_``, at the statistics before the step).
 
 The default implementation (any device) is the eager one; ``cpp`` registers the CPU
 kernel and ``triton`` the CUDA kernel under these names.
@@ -106,12 +112,11 @@ ANCHORED_STEP_SCHEMA = (
     "Tensor(a!)[] A, Tensor(b!)[] B, "
     "Tensor(c!)[] exp_avg_A, Tensor(d!)[] exp_avg_sq_A, "
     "Tensor(e!)[] exp_avg_B, Tensor(f!)[] exp_avg_sq_B, "
-    "Tensor(g!)[] P, Tensor(h!)[] G, Tensor(i!)[] M, "
+    "Tensor(g!) P, Tensor(h!) G, Tensor(i!) M, "
     "Tensor[] grad_A, Tensor[] grad_B, Tensor[] U, "
-    "Tensor(j!)[] Q_B, Tensor(k!)[] R_B, Tensor(l!)[] H, "
-    "Tensor(m!)[] step_A, Tensor(n!)[] step_B, "
-    "Tensor[] w, float[] scale, "
-    f"{_HYPER_ARGS}"
+    "Tensor w, Tensor scale, Tensor(j!) counters, "
+    f"{_HYPER_ARGS}, "
+    "Tensor? grad_scale, Tensor? found_inf"
     ") -> Tensor"
 )
 
@@ -137,14 +142,7 @@ class AnchoredBatch:
     ``G``, ``M``, ``Q_B``, ``H``: (r, r); ``step_A``, ``step_B``: one-element CPU tensors.
     Mutated in place by the step: ``A``, ``B``, the four moments, ``P``, ``G``, ``M``.
 
-    ``fixed`` (not a field of the schema): set by an owner that hands the same batch to every
-    call and changes nothing in it between calls but the gradient lists (factor-shaped,
-    of the factor's dtype and device, contiguous) and the counters' values; the optimizer's
-    step plan does, and builds a new batch when anything else changes. A backend may then
-    keep what it derived from the other tensors on the batch itself.
     """
-
-    fixed = False  # a class attribute, not a dataclass field: see the docstring
 
     A: list[Tensor]
     B: list[Tensor]
@@ -231,5 +229,35 @@ def _anchoring_terms_fake(P, G, M, w, coef, two_lam, Q_B, R_B, H):
 
 @torch.library.register_fake(f"{LIBRARY_NAME}::anchored_adamw_step_")
 def _anchored_step_fake(*args):
-    B = args[1]
-    return B[0].new_empty((), dtype=math_dtype(B[0].dtype)) if B else torch.empty(())
+    return args[6].new_empty(())
+
+
+@dataclass
+class BucketTensors:
+    """What a backend's ``prepare`` receives: the tensors of one bucket of L anchored pairs of
+    one parameter dtype, rank r, basis size k and device (contract: :mod:`asft_kernels.ops`).
+
+    Per pair ``j`` (lists): ``A`` (r, n), ``B`` (m, r), their moments ``exp_avg_A``,
+    ``exp_avg_sq_A`` (r, n), ``exp_avg_B``, ``exp_avg_sq_B`` (m, r) in the math dtype (None for a
+    frozen factor), ``U`` (m, k). Stacked, math dtype, contiguous: ``P`` (L, k, r), ``G``,
+    ``M`` (L, r, r) (the cached statistics, rewritten by each step), ``w`` (L, k, 1).
+    ``train_A``/``train_B``: None (every factor is trained) or per pair whether the factor is
+    written (a frozen factor, LoRA-FA: only the eager backend takes those).
+    """
+
+    A: list[Tensor]
+    B: list[Tensor]
+    exp_avg_A: list[Tensor | None]
+    exp_avg_sq_A: list[Tensor | None]
+    exp_avg_B: list[Tensor | None]
+    exp_avg_sq_B: list[Tensor | None]
+    U: list[Tensor]
+    P: Tensor
+    G: Tensor
+    M: Tensor
+    w: Tensor
+    train_A: list[bool] | None = None
+    train_B: list[bool] | None = None
+
+    def __len__(self) -> int:
+        return len(self.A)

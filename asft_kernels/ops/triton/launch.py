@@ -12,8 +12,7 @@ one exception is the stats pass, which allocates its three outputs per pair.
 An update with the same tensors as an earlier one (the optimizer's, every step) reuses
 what that one prepared (:func:`_prepare`): it uploads the scalar table, and the pair table
 only when a gradient's address changed, both from pinned memory without waiting for the
-GPU; a batch its owner marks ``fixed`` keeps its preparation on itself and is not checked
-again (docs/triton.md, "Prepared calls").
+GPU (docs/triton.md, "Prepared calls").
 """
 
 from __future__ import annotations
@@ -232,11 +231,6 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
             anything is written.
     """
     hyper = (hyper_A, hyper_A if hyper_B is None else hyper_B)
-    if batch.fixed:  # the same batch as the last call, its gradients guaranteed by its owner
-        prep = batch.__dict__.get("_triton_prepared")
-        if prep is not None:
-            _run_prepared(prep, batch.__dict__, *hyper)
-            return
     count = len(batch)
     lists = {name: list(values) for name, values in zip(BATCH_FIELDS, batch.op_args())}
     for name, values in lists.items():
@@ -247,8 +241,6 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     key = _prepared_key(lists)
     prep = _PREPARED.get(key) if key is not None else None
     if prep is not None and _grads_fit(prep, lists["grad_A"], lists["grad_B"]):
-        if batch.fixed:
-            batch.__dict__["_triton_prepared"] = prep
         _run_prepared(prep, lists, *hyper)
         return
     # Read-only inputs: a contiguous copy is as good as the original.
@@ -286,12 +278,9 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
         return
     if prep is None:
         prep = _prepare(lists, shapes, device, stats, update=True)
-        if batch.fixed:
-            batch.__dict__["_triton_prepared"] = prep
-        else:
-            _PREPARED[key] = prep
-            if len(_PREPARED) > _PREPARED_MAX:
-                _PREPARED.popitem(last=False)
+        _PREPARED[key] = prep
+        if len(_PREPARED) > _PREPARED_MAX:
+            _PREPARED.popitem(last=False)
     _run_prepared(prep, lists, *hyper)
 
 
@@ -301,8 +290,7 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
 # statistics, bases, terms, counters): only the gradients and the counters' values change.
 # The first call with a set of tensors validates them and builds everything that depends on
 # them (pair tables, scratch layout, reduction table, launch options); later calls with the same
-# tensors check only the gradients (not even those for a batch marked ``fixed``, which keeps
-# its preparation on itself), read the counters, and upload one or two small tables.
+# tensors check only the gradients, read the counters, and upload one or two small tables.
 
 #: Fields of the batch that must be the same tensors for a prepared call to be reused.
 _STATIC_FIELDS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "U", "Q_B",
