@@ -65,7 +65,7 @@ def measure(pairs: int, calls: int, runs: int) -> dict:
     try:
         for _ in range(3):
             opt.step()
-        batch = opt._current_plan().buckets[0].batch
+        batch = opt._current_plan().buckets[0].handle.batch
         fresh = batch.select(list(range(len(batch))))  # not fixed: the address-keyed cache
         hyper = AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.01, False)
         before = _Stub.launches

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from asft_kernels.errors import OptimizerInputError
-from asft_kernels.ops import BATCH_FIELDS, EAGER, AdamWHyper, AnchoredBatch, cpp, eager, resolve_backend
+from asft_kernels.ops import EAGER, AdamWHyper, AnchoredBatch, BucketTensors, cpp, eager, resolve_backend
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # max |cpp − eager| / max |eager| per parameter dtype: the two differ by summation order
@@ -416,80 +416,129 @@ def test_unforeseen_rebuild_still_prints_the_line(monkeypatch, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------
-# asft::anchored_adamw_step_: counters, anchoring terms and fused step of a bucket in one op
+# asft::anchored_adamw_step_: the backend step of a bucket (counters, terms, fused update)
+
+BUCKET_SHAPES = {  # (m, n) per pair, then the bucket's (r, k)
+    "narrow": ([(37, 50), (123, 300), (1, 7), (300, 257)], (3, 5)),
+    "wide": ([(45, 70), (130, 40), (600, 20)], (33, 19)),
+}
 
 
-def _step_args(cols, steps=3.0, seed=5):
-    """A batch with contiguous Q_B/R_B/H outputs, per-pair w (k, 1) and 2λ·coef."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(cols["A"])
-    md = cols["P"][0].dtype
-    for j in range(n):  # statistics of the current parameters, as the optimizer carries them
-        U, B, A = cols["U"][j], cols["B"][j].to(md), cols["A"][j].to(md)
-        cols["P"][j].copy_(U.mT @ B)
-        cols["G"][j].copy_(B.mT @ B)
-        cols["M"][j].copy_(A @ A.mT)
-        cols["Q"][j] = torch.full_like(cols["Q"][j], float("nan"))
-        cols["R"][j] = torch.full_like(cols["R"][j], float("nan"))
-        cols["H"][j] = torch.full_like(cols["H"][j], float("nan"))
-    batch = AnchoredBatch(
-        cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["P"], cols["G"], cols["M"],
-        cols["gA"], cols["gB"], cols["U"], cols["Q"], cols["R"], cols["H"],
-        [torch.tensor(float(steps)) for _ in range(n)], [torch.tensor(float(steps) + 1) for _ in range(n)])
-    c = [torch.rand(u.shape[1], 1, generator=g, dtype=torch.float64).to(md) for u in cols["U"]]
-    w = [2 * x - x * x for x in c]
-    scale = [0.3 * (1 + j) for j in range(n)]
-    return batch, w, scale, AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, False)
+def _bucket(dtype, shape="narrow", steps=3.0, seed=3):
+    """A prepared-step input: BucketTensors with statistics of the current parameters,
+    counters (A's = steps, B's = steps + 1), gradients and 2λ·coef per pair."""
+    mn, (r, k) = BUCKET_SHAPES[shape]
+    cols = _pairs([(m, n, r, k) for m, n in mn], dtype, seed=seed)
+    md = torch.float64 if dtype == torch.float64 else torch.float32
+    L = len(mn)
+    P, G, M = (torch.stack(eager.stats_pass(cols["U"], cols["B"], cols["A"])[i]) for i in range(3))
+    g = torch.Generator().manual_seed(seed + 1)
+    c = torch.rand(L, k, 1, generator=g, dtype=torch.float64).to(md)
+    bucket = BucketTensors(cols["A"], cols["B"], cols["mA"], cols["vA"], cols["mB"], cols["vB"], cols["U"],
+                           P.contiguous(), G.contiguous(), M.contiguous(), 2 * c - c * c)
+    counters = torch.tensor([steps] * L + [steps + 1] * L, dtype=torch.float32)
+    scale = torch.tensor([0.3 * (1 + j) for j in range(L)], dtype=md)
+    return bucket, counters, cols["gA"], cols["gB"], scale
 
 
+HYPER_A = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, False)
+HYPER_B = AdamWHyper(3e-2, 0.8, 0.99, 1e-6, 0.0, True)
+
+
+def _copy(args):
+    bucket, counters, gA, gB, scale = args
+    cl = lambda xs: [x.clone() for x in xs]  # noqa: E731
+    t = BucketTensors(cl(bucket.A), cl(bucket.B), cl(bucket.exp_avg_A), cl(bucket.exp_avg_sq_A),
+                      cl(bucket.exp_avg_B), cl(bucket.exp_avg_sq_B), cl(bucket.U), bucket.P.clone(),
+                      bucket.G.clone(), bucket.M.clone(), bucket.w.clone())
+    return t, counters.clone(), cl(gA), cl(gB), scale.clone()
+
+
+def _written(bucket, counters):
+    return {"A": bucket.A, "B": bucket.B, "exp_avg_A": bucket.exp_avg_A, "exp_avg_sq_A": bucket.exp_avg_sq_A,
+            "exp_avg_B": bucket.exp_avg_B, "exp_avg_sq_B": bucket.exp_avg_sq_B,
+            "P": [bucket.P], "G": [bucket.G], "M": [bucket.M], "counters": [counters]}
+
+
+@pytest.mark.parametrize("shape", list(BUCKET_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_anchored_step_is_terms_counters_and_fused_step(dtype):
-    """One call equals the three steps it replaces: bitwise against the C++ terms + counter
-    increment + C++ fused step, and within the usual tolerance against the eager op."""
-    shapes = [(37, 50, 3, 5), (123, 300, 8, 17), (300, 257, 16, 64), (45, 70, 33, 19)]
-    cols = _pairs(shapes, dtype, seed=3)
-    one, w, scale, hyper = _step_args(_clone(cols))
-    three, _, _, _ = _step_args(_clone(cols))
-    ref, _, _, _ = _step_args(_clone(cols))
-    R_one = cpp.anchored_step(one, w, scale, hyper)
+def test_step_is_terms_counters_and_fused_step(dtype, shape):
+    """cpp.step equals what it replaces: bitwise against the C++ terms + counter increment +
+    C++ fused step, and within the usual tolerance against the eager backend's step; A and B
+    take their own hyperparameters."""
+    args = _bucket(dtype, shape)
+    one, three, ref = _copy(args), _copy(args), _copy(args)
+    R_one = cpp.step(cpp.prepare(one[0], one[1]), one[2], one[3], one[4], HYPER_A, HYPER_B)
     # the same work in three calls
-    R_three = 0.0
-    for j in range(len(shapes)):
-        R_three += float(cpp.terms(three.P[j][None], three.G[j][None], three.M[j][None], w[j][None], scale[j],
-                                   three.Q_B[j][None], three.R_B[j][None], three.H[j][None]))
-    torch._foreach_add_(three.step_A + three.step_B, 1.0)
-    cpp.fused_step(three, hyper)
-    R_ref = eager.anchored_step(ref, w, scale, hyper)
+    b, counters, gA, gB, scale = three
+    L, k, r = b.P.shape
+    Q, R, H = torch.empty(L, r, r, dtype=b.P.dtype), torch.empty(L, k, r, dtype=b.P.dtype), \
+        torch.empty(L, r, r, dtype=b.P.dtype)
+    R_three = cpp.terms(b.P, b.G, b.M, b.w, scale[:, None, None].contiguous(), Q, R, H)
+    counters.add_(1)
+    batch = AnchoredBatch(b.A, b.B, b.exp_avg_A, b.exp_avg_sq_A, b.exp_avg_B, b.exp_avg_sq_B, list(b.P), list(b.G),
+                          list(b.M), gA, gB, b.U, list(Q), list(R), list(H), list(counters[:L]), list(counters[L:]))
+    cpp.fused_step(batch, HYPER_A, HYPER_B)
+    R_ref = eager.step(eager.prepare(ref[0], ref[1]), ref[2], ref[3], ref[4], HYPER_A, HYPER_B)
     md = torch.float64 if dtype == torch.float64 else torch.float32
     assert R_one.shape == () and R_one.dtype == md == R_ref.dtype
-    assert abs(float(R_one) - R_three) <= 1e-6 * abs(R_three)
+    assert abs(float(R_one) - float(R_three)) <= 1e-6 * abs(float(R_three))
     _assert_close("R", R_one, R_ref, md)
-    for name in BATCH_FIELDS:
-        if name in ("grad_A", "grad_B", "U"):
-            continue
-        for j, (a, b, c) in enumerate(zip(getattr(one, name), getattr(three, name), getattr(ref, name))):
-            assert torch.equal(a, b), f"{name}[{j}]"
+    for (name, xs), ys, zs in zip(_written(one[0], one[1]).items(), _written(three[0], three[1]).values(),
+                                  _written(ref[0], ref[1]).values()):
+        for j, (a, b_, c) in enumerate(zip(xs, ys, zs)):
+            assert torch.equal(a, b_), f"{name}[{j}]"
             _assert_close(f"{name}[{j}] vs eager", a, c, dtype if name in ("A", "B") else md)
-    assert [float(t) for t in one.step_A] == [4.0] * len(shapes)
-    assert [float(t) for t in one.step_B] == [5.0] * len(shapes)
+    assert one[1].tolist() == [4.0] * L + [5.0] * L
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_step_unscales_inside_and_skips_on_found_inf(dtype):
+    """grad_scale: the step equals a step on gradients divided by the scale (a power of two:
+    bitwise), the gradient tensors unchanged; found_inf: nothing written, R returned."""
+    args = _bucket(dtype, seed=7)
+    scaled, plain, skipped = _copy(args), _copy(args), _copy(args)
+    s = torch.tensor(1024.0)
+    grads = [x * 1024 for x in scaled[2]], [x * 1024 for x in scaled[3]]
+    before = [[x.clone() for x in g] for g in grads]
+    R1 = cpp.step(cpp.prepare(scaled[0], scaled[1]), *grads, scaled[4], HYPER_A, HYPER_B, grad_scale=s,
+                  found_inf=torch.tensor(0.0))
+    R2 = cpp.step(cpp.prepare(plain[0], plain[1]), plain[2], plain[3], plain[4], HYPER_A, HYPER_B)
+    assert torch.equal(R1, R2)
+    assert all(torch.equal(x, y) for g, h in zip(grads, before) for x, y in zip(g, h))
+    for xs, ys in zip(_written(scaled[0], scaled[1]).values(), _written(plain[0], plain[1]).values()):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+    snap = {name: [x.clone() for x in xs] for name, xs in _written(skipped[0], skipped[1]).items()}
+    versions = [x._version for xs in _written(skipped[0], skipped[1]).values() for x in xs]
+    R3 = cpp.step(cpp.prepare(skipped[0], skipped[1]), skipped[2], skipped[3], skipped[4], HYPER_A, HYPER_B,
+                  grad_scale=s, found_inf=torch.tensor(1.0))
+    assert torch.equal(R3, R2)
+    for (name, xs), ys in zip(_written(skipped[0], skipped[1]).items(), snap.values()):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys)), name
+    assert [x._version for xs in _written(skipped[0], skipped[1]).values() for x in xs] == versions
 
 
 def test_anchored_step_opcheck_and_bad_input_changes_nothing():
-    cols = _pairs([(37, 50, 3, 5), (1, 7, 2, 1)], torch.float32, seed=1)
-    batch, w, scale, hyper = _step_args(cols)
-    torch.library.opcheck(torch.ops.asft.anchored_adamw_step_.default,
-                          (*batch.op_args(), w, scale, *hyper.op_args(), *hyper.op_args()))
-    batch, w, scale, hyper = _step_args(_pairs([(37, 50, 3, 5), (20, 9, 2, 4)], torch.float32, seed=2))
-    before = {name: [t.clone() for t in getattr(batch, name)] for name in BATCH_FIELDS}
-    bad = [w[0], torch.zeros(5, 1)]  # pair 1 has k = 4
-    with pytest.raises(OptimizerInputError, match=r"w\[1\].*\(4, 1\).*\(5, 1\)"):
-        cpp.anchored_step(batch, bad, scale, hyper)
-    with pytest.raises(OptimizerInputError, match="one w and one scale per pair"):
-        cpp.anchored_step(batch, w, scale[:1], hyper)
-    batch.R_B[1] = torch.zeros(2, 4).T  # an output must be contiguous here
-    with pytest.raises(OptimizerInputError, match=r"R_B\[1\] must be contiguous"):
-        cpp.anchored_step(batch, w, scale, hyper)
-    batch.R_B[1] = before["R_B"][1].clone()
-    for name in BATCH_FIELDS:  # counters included: nothing was written
-        for j, (a, b) in enumerate(zip(getattr(batch, name), before[name])):
-            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), f"{name}[{j}]"
+    b, counters, gA, gB, scale = _bucket(torch.float32, seed=1)
+    hyper = (*HYPER_A.op_args(), *HYPER_B.op_args())
+    head = (b.A, b.B, b.exp_avg_A, b.exp_avg_sq_A, b.exp_avg_B, b.exp_avg_sq_B, b.P, b.G, b.M, gA, gB, b.U, b.w, scale,
+            counters)
+    for tail in ((None, None), (torch.tensor(8.0), torch.tensor(0.0)), (None, torch.tensor(1.0))):
+        torch.library.opcheck(torch.ops.asft.anchored_adamw_step_.default, (*head, *hyper, *tail))
+    b, counters, gA, gB, scale = _bucket(torch.float32, seed=2)
+    handle = cpp.prepare(b, counters)
+    before = {name: [x.clone() for x in xs] for name, xs in _written(b, counters).items()}
+    with pytest.raises(OptimizerInputError, match=r"grad_B\[1\] must have shape \(123, 3\)"):
+        cpp.step(handle, gA, [gB[0], gB[0]] + gB[2:], scale, HYPER_A, HYPER_B)
+    with pytest.raises(OptimizerInputError, match=r"scale must have shape \(L,\) = \(4,\)"):
+        cpp.step(handle, gA, gB, scale[:2], HYPER_A, HYPER_B)
+    with pytest.raises(OptimizerInputError, match=r"grad_A\[2\] must be contiguous"):
+        cpp.step(handle, gA[:2] + [torch.zeros(7, 3).T] + gA[3:], gB, scale, HYPER_A, HYPER_B)
+    with pytest.raises(OptimizerInputError, match="grad_scale must be a one-element fp32"):
+        cpp.step(handle, gA, gB, scale, HYPER_A, HYPER_B, grad_scale=torch.tensor(2.0, dtype=torch.float64))
+    with pytest.raises(OptimizerInputError, match=r"w must have shape \(L, k, 1\)"):
+        cpp.prepare(BucketTensors(b.A, b.B, b.exp_avg_A, b.exp_avg_sq_A, b.exp_avg_B, b.exp_avg_sq_B, b.U, b.P, b.G,
+                                  b.M, b.w[:, :2]), counters)
+    for (name, xs), ys in zip(_written(b, counters).items(), before.values()):  # counters included
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys)), name
+

@@ -81,9 +81,10 @@ def test_op_with_coef_and_two_lam_and_a_new_loss_each_call():
         torch.testing.assert_close(got[name], want[name], rtol=1e-13, atol=1e-13)
 
 
-def test_backends_terms():
-    assert resolve_backend("cpp", torch.device("cpu")).terms is cpp.terms
-    assert EAGER.terms is eager.anchoring_terms
+def test_backends_implement_the_contract():
+    chosen = resolve_backend("cpp", torch.device("cpu"))
+    assert (chosen.prepare, chosen.step, chosen.stats_pass) == (cpp.prepare, cpp.step, cpp.stats_pass)
+    assert (EAGER.prepare, EAGER.step) == (eager.prepare, eager.step)
 
 
 def test_opcheck_anchoring_terms():

@@ -406,10 +406,9 @@ def test_optimizer_trajectory_against_published_formula(device, dtype):
     run_reference(m2, anchor.bind(m2), 3, lambda m, s: odd_task_loss(m, s, torch.float64), lr=1e-3, eps=1e-6)
     assert max_rel_err([p.cpu() for p in trainable(m1)], trainable(m2)) < TOLERANCE[dtype]
     assert resolve_backend("triton", device).name == "triton"
-    # steps 2 and 3 reused what step 1 prepared, kept on the plan's own batches
-    buckets = opt._current_plan().buckets
-    assert buckets and all("_triton_prepared" in b.batch.__dict__ for b in buckets)
-    assert set(L._PREPARED) == before
+    # steps 2 and 3 reused what step 1 prepared: one prepared call per triton bucket
+    buckets = [b for b in opt._current_plan().buckets if b.backend.name == "triton"]
+    assert buckets and len(set(L._PREPARED) - before) == len(buckets)
 
 
 def test_cuda_impls_are_registered():
