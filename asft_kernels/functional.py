@@ -16,18 +16,6 @@ from .ops.eager import anchoring_terms  # the eager math of the terms, re-export
 __all__ = ["AdamWHyper", "AnchoredBatch", "anchored_adamw", "anchoring_terms"]
 
 
-def split_by_route(backend: Backend, batch: AnchoredBatch) -> list[tuple[Backend, AnchoredBatch]]:
-    """``batch`` split into the sub-batches each backend runs (:func:`asft_kernels.ops.route`)."""
-    index: dict[str, tuple[Backend, list[int]]] = {}
-    for j, (A, B) in enumerate(zip(batch.A, batch.B)):
-        chosen = route(backend, B.dtype, int(A.shape[0]))
-        index.setdefault(chosen.name, (chosen, []))[1].append(j)
-    if len(index) == 1:
-        (chosen, _), = index.values()
-        return [(chosen, batch)]
-    return [(chosen, batch.select(idx)) for chosen, idx in index.values()]
-
-
 def anchored_adamw(
     batch: AnchoredBatch,
     *,
@@ -56,5 +44,9 @@ def anchored_adamw(
     if isinstance(backend, str):
         backend = resolve_backend(backend, batch.B[0].device)
     hyper = AdamWHyper(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), bool(maximize))
-    for chosen, part in split_by_route(backend, batch):
-        chosen.fused_step(part, hyper)
+    routed: dict[str, tuple[Backend, list[int]]] = {}  # pairs by the backend route() picks
+    for j, (A, B) in enumerate(zip(batch.A, batch.B)):
+        chosen = route(backend, B.dtype, int(A.shape[0]))
+        routed.setdefault(chosen.name, (chosen, []))[1].append(j)
+    for chosen, index in routed.values():
+        chosen.fused_step(batch if len(index) == len(batch) else batch.select(index), hyper)

@@ -607,3 +607,15 @@ def test_factors_in_groups_of_different_lambda_are_refused_before_any_write():
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(trainable(model), params))
     assert [float(opt.state[p]["step"]) for p in trainable(model)] == steps
+
+
+def test_capturable_is_accepted_with_an_anchor(backend):
+    """``capturable=True`` (torch's keyword) no longer refuses an anchor; on the CPU the
+    trajectory is the ground truth's."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2, device=device_for(backend)), odd_lora(r=2)
+    loss = lambda m, s: odd_task_loss(m, s, torch.float64)  # noqa: E731
+    opt, _ = run_asft(m1, anchor.bind(m1), 3, loss, backend=backend, capturable=True)
+    run_reference(m2, anchor.bind(m2), 3, loss)
+    assert opt.param_groups[0]["capturable"] is True
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10

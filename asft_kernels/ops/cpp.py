@@ -1,10 +1,12 @@
 """C++ backend: the ``asft::`` ops for CPU tensors, compiled just in time from
 ``asft_kernels/csrc/``.
 
-The sources register CPU kernels (``TORCH_LIBRARY_IMPL(asft, CPU, m)``) for the three ops
+The sources register CPU kernels (``TORCH_LIBRARY_IMPL(asft, CPU, m)``) for the four ops
 that :mod:`asft_kernels.ops.schema` declares, so once the library is loaded every call of
-``torch.ops.asft.stats_pass`` / ``fused_anchored_adamw_`` / ``anchoring_terms_`` on CPU
-tensors runs the C++ kernel; other devices keep their own implementations.
+``torch.ops.asft.stats_pass`` / ``fused_anchored_adamw_`` / ``anchoring_terms_`` /
+``anchored_adamw_step_`` on CPU tensors runs the C++ kernel; other devices keep their own
+implementations. :func:`prepare` and :func:`step` implement the backend contract
+(:mod:`asft_kernels.ops`) with one ``anchored_adamw_step_`` call per bucket and step.
 
 Building, the build cache and ``asft build-ext`` live in :mod:`asft_kernels.ops.cpp_build`;
 its public names (:func:`is_available`, :func:`build`, :func:`cache_key`,

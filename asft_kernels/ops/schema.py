@@ -1,8 +1,10 @@
-"""The backend contract: four ``torch.library`` ops declared once, implemented per device.
+"""The ops of the backends: four ``torch.library`` ops declared once, implemented per device,
+and the typed inputs of the contract (:class:`AnchoredBatch`, :class:`BucketTensors`,
+:class:`AdamWHyper`; the contract itself: :mod:`asft_kernels.ops`).
 
 Every backend (``eager`` in plain torch, ``cpp`` for CPU tensors, ``triton`` for CUDA
-tensors) implements the same operations on a *batch* of anchored LoRA pairs (``triton``
-runs the anchoring terms with the eager math). The optimizer never knows which backend ran.
+tensors) implements the same operations on a *batch* of anchored LoRA pairs. The optimizer
+never knows which backend ran.
 
 Symbols (docs/method.md), per pair ``j``:
 
