@@ -148,6 +148,7 @@ class Handle:
     batch: AnchoredBatch
     fused: Callable
     train: tuple[list[int], list[int]] | None
+    scale_views: tuple = (None, None)  # (scale, its (L, 1, 1) view) of the last step
 
 
 def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = None) -> Handle:
@@ -192,7 +193,9 @@ def step(handle: Handle, grad_A: list[Tensor], grad_B: list[Tensor], scale: Tens
         ``R`` summed over the bucket at the statistics before the step (0-d, math dtype).
     """
     b = handle.bucket
-    loss = anchoring_terms(b.P, b.G, b.M, b.w, scale[:, None, None], handle.Q_B, handle.R_B, handle.H)
+    if handle.scale_views[0] is not scale:  # the plan hands the same (L,) tensor every step
+        handle.scale_views = (scale, scale.view(-1, 1, 1))
+    loss = anchoring_terms(b.P, b.G, b.M, b.w, handle.scale_views[1], handle.Q_B, handle.R_B, handle.H)
     if found_inf is not None and bool(found_inf.item() != 0):
         return loss
     if grad_scale is not None:
