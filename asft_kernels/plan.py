@@ -46,7 +46,6 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 _version = operator.attrgetter("_version")
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
-_is_sparse = operator.attrgetter("is_sparse")
 _is_none = partial(operator.is_, None)
 
 
@@ -135,8 +134,9 @@ class Bucket:
         if self.shards is not None:
             return grad_A, grad_B
         # autograd and the .grad setter guarantee shape, dtype and device; check the layout
+        # (a sparse tensor is not contiguous: the loop below names it)
         for grads, label in ((grad_A, "lora_A"), (grad_B, "lora_B")):
-            if not all(map(Tensor.is_contiguous, grads)) or any(map(_is_sparse, grads)):
+            if not all(map(Tensor.is_contiguous, grads)):
                 for j, g in enumerate(grads):
                     if g.is_sparse:
                         raise OptimizerInputError(

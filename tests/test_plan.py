@@ -239,3 +239,23 @@ def test_cpp_bucket_beside_eager_and_frozen_factor_buckets():
                for v in views.values())
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
     assert o1.plan_builds == 1
+
+
+def test_sparse_or_strided_gradient_of_an_anchored_factor(backend):
+    """A sparse gradient is refused naming the module, before anything is written; a
+    non-contiguous one is stepped as its contiguous copy."""
+    m1 = odd_lora(r=2, device=device_for(backend))
+    opt = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=odd_anchor(rank=3).bind(m1), backend=backend)
+    odd_task_loss(m1, 0, torch.float64).backward()
+    opt.step()
+    A = m1.base_model.model.up.lora_A["default"].weight
+    before = [p.detach().clone() for p in trainable(m1)]
+    A.grad = A.grad.to_sparse()
+    with pytest.raises(asft.OptimizerInputError, match="up: sparse gradient for lora_A"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(trainable(m1), before))
+    dense = A.grad.to_dense()
+    A.grad = dense.T.contiguous().T  # same values, column-major
+    assert not A.grad.is_contiguous()
+    opt.step()
+    assert not torch.equal(A, before[[i for i, p in enumerate(trainable(m1)) if p is A][0]])
