@@ -605,11 +605,11 @@ class AsFTAdamW(torch.optim.AdamW):
                 if lam_zero[gi]:
                     continue  # plain AdamW for this group (below)
                 anchored_ids.update((id(A), id(B)))
-                train_A = A.requires_grad and A.grad is not None
-                train_B = B.requires_grad and B.grad is not None
-                if not A.requires_grad and not B.requires_grad:
-                    continue
-                if A.grad is None and B.grad is None:
+                # A factor with requires_grad=False is never written. A trainable factor is
+                # stepped even without a .grad (an unused layer, conditional compute, MoE):
+                # AdamW on task + R sees ∇R there, so its task gradient counts as zero.
+                train_A, train_B = A.requires_grad, B.requires_grad
+                if not (train_A or train_B):
                     continue
                 _validate_pair(pair, A, B)
                 shard = sharded_pair(pair.module_name, A, B)
@@ -621,8 +621,6 @@ class AsFTAdamW(torch.optim.AdamW):
                     if shard is not None:
                         raise OptimizerInputError(
                             f"{pair.module_name}: a frozen lora factor is not supported with FSDP2-sharded pairs")
-                    if not (train_A or train_B):
-                        continue
                     pending.append((gi, pair, A, B, train_A, basis_dtype, md))
                     continue
                 if device not in backends:

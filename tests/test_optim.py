@@ -451,3 +451,48 @@ def test_trajectory_mixed_ranks_in_one_batch(backend):
     run_asft(m1, anchor.bind(m1), 3, loss, backend=backend)
     run_reference(m2, anchor.bind(m2), 3, loss)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def _drop_grads(model, layer):
+    for name, p in model.named_parameters():
+        if f".{layer}." in name and "lora_" in name:
+            p.grad = None
+
+
+@pytest.mark.parametrize("frozen", ["none", "A"], ids=["both_trainable", "A_frozen"])
+def test_pair_without_task_gradient_is_stepped_on_the_regularizer(backend, frozen):
+    """A pair that gets no task gradient (an unused layer, conditional compute, MoE) is
+    stepped on ∇R, as AdamW on task + R steps it; a factor with requires_grad=False stays
+    frozen, and a pair frozen whole is never written nor given state."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    for m in (m1, m2):
+        for name, p in m.named_parameters():
+            if ".down." in name and "lora_" in name:
+                p.requires_grad_(False)  # a pair frozen whole
+            if frozen == "A" and ".out." in name and "lora_A" in name:
+                p.requires_grad_(False)
+    lora = [p for n, p in m1.named_parameters() if "lora_" in n]
+    o1 = asft.AsFTAdamW(lora, lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0, backend=backend)
+    b2 = anchor.bind(m2)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    out = m1.base_model.model.out
+    before = {n: p.detach().clone() for n, p in m1.named_parameters() if "lora_" in n}
+    for s in range(4):
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        _drop_grads(m1, "out")  # "out" takes no part in this step's task loss
+        odd_task_loss(m2, s, torch.float64).backward()
+        _drop_grads(m2, "out")
+        paper_regularizer(b2, 1.0).backward()  # the ground truth: AdamW on task + R
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    after = dict(m1.named_parameters())
+    moved = not torch.equal(before["base_model.model.out.lora_B.default.weight"], out.lora_B["default"].weight)
+    assert moved  # stepped on ∇R alone
+    for name, p in before.items():
+        if ".down." in name or (frozen == "A" and ".out." in name and "lora_A" in name):
+            assert torch.equal(after[name], p) and len(o1.state[after[name]]) == 0
+    assert all(float(o1.state[p]["step"]) == 4.0 for p in trainable(m1))
