@@ -58,6 +58,8 @@ _version = operator.attrgetter("_version")
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
 _is_none = partial(operator.is_, None)
+_is_not_none = partial(operator.is_not, None)
+_is_sparse = operator.attrgetter("is_sparse")
 
 
 def _step_with_hooks(step):
@@ -542,6 +544,7 @@ class AsFTAdamW(torch.optim.AdamW):
             losses.append(bucket.backend.terms(bucket.P, bucket.G, bucket.M, bucket.w, bucket.coef * (2.0 * lam),
                                                bucket.Q_B, bucket.R_B, bucket.H))
         partial_updates = [self._partial_gradient(pp) for pp in plan.partial]
+        self._check_plain_grads(plan)  # every group's plain params, before group 0 is written
         # ---- writes
         for gi, group in enumerate(self.param_groups):
             self._plain_adamw(group, plan.plain[gi])
@@ -824,6 +827,21 @@ class AsFTAdamW(torch.optim.AdamW):
         if param.grad is not None:
             g = g + param.grad.to(md)
         return param, g, loss
+
+    def _check_plain_grads(self, plan: _StepPlan) -> None:
+        """Refuse a sparse gradient on any plain (unanchored) parameter of any group before the
+        first write: torch's AdamW raises on it only when it reaches that group, after the
+        earlier groups were stepped. One C-level pass per group; a Python loop only on error."""
+        for gi, params in enumerate(plan.plain):
+            for lst in (params, plan.plain_fp32_state[gi]):
+                if lst and any(map(_is_sparse, filter(_is_not_none, map(_grad, lst)))):
+                    for p in lst:
+                        if p.grad is not None and p.grad.is_sparse:
+                            i = next(i for i, q in enumerate(self.param_groups[gi]["params"]) if q is p)
+                            raise OptimizerInputError(
+                                f"param group {gi}, parameter {i} (shape {tuple(p.shape)}, {p.dtype}): sparse "
+                                "gradient; AdamW does not support sparse gradients (e.g. nn.Embedding(sparse=True)): "
+                                "use a dense embedding or optimize it with torch.optim.SparseAdam")
 
     def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
         """AdamW on one tensor with math-dtype moments (``stepped``: its counter has been

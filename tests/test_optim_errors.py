@@ -130,3 +130,30 @@ def test_wrong_shape_parameter_changes_nothing():
             if p is bad:
                 group["params"][i] = old_b
     _assert_unchanged(model, opt, snap)
+
+
+def test_sparse_gradient_in_a_later_group_changes_nothing():
+    """A sparse gradient on a plain parameter of group 1 is refused before group 0's plain
+    params, the anchored pairs or any counter is written."""
+    anchor = odd_anchor(rank=3)
+    model = odd_lora(r=2)
+    bias = model.base_model.model.up.bias
+    bias.requires_grad_(True)
+    emb = torch.nn.Embedding(7, 3, sparse=True).double()
+    opt = asft.AsFTAdamW([{"params": trainable(model)}, {"params": list(emb.parameters())}], lr=1e-2,
+                         anchor=anchor.bind(model), anchor_lambda=1.0)
+    for s in range(2):
+        opt.zero_grad()
+        odd_task_loss(model, s, torch.float64).backward()
+        if s == 1:
+            emb(torch.tensor([1, 4])).sum().backward()
+            assert emb.weight.grad.is_sparse
+        snap = _snapshot(model, opt)
+        emb_before = emb.weight.detach().clone()
+        if s == 0:
+            opt.step()  # no gradient on the embedding yet
+            continue
+        with pytest.raises(asft.OptimizerInputError, match=r"param group 1, parameter 0 \(shape \(7, 3\).*sparse"):
+            opt.step()
+        _assert_unchanged(model, opt, snap)
+        assert torch.equal(emb.weight.detach(), emb_before) and len(opt.state[emb.weight]) == 0
