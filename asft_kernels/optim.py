@@ -479,7 +479,8 @@ class AsFTAdamW(torch.optim.AdamW):
     @property
     def anchor_loss(self) -> Tensor | None:
         """``R = Σ λ‖(I − C) B A‖²_F`` at the parameters before the last step (0-d tensor,
-        fp32, fp64 for fp64 params), or None before the first anchored step."""
+        fp32, fp64 for fp64 params; a zero tensor after a step where λ = 0), or None before
+        the first step and with ``anchor=None``."""
         return self._anchor_loss
 
     @property
@@ -580,6 +581,10 @@ class AsFTAdamW(torch.optim.AdamW):
         total = None
         for loss in losses:
             total = loss if total is None else total + loss.to(total.device, total.dtype)
+        if total is None:  # λ = 0 everywhere (or nothing trainable): R = 0, still a 0-d tensor
+            like = plan.anchored[0] if plan.anchored else None
+            total = torch.zeros((), dtype=math_dtype(like.dtype) if like is not None else _step_dtype(),
+                                device=like.device if like is not None else None)
         self._anchor_loss = total
 
     # ------------------------------------------------------------------ building the plan

@@ -94,7 +94,9 @@ def test_lambda_zero_is_adamw_bit_for_bit():
             assert torch.equal(p1, p3) and torch.equal(p2, p3)
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(o1.state[p1][key], o3.state[p3][key])
-        assert o1.anchor_loss is None
+        loss = o1.anchor_loss  # R = 0 at λ = 0, still a 0-d tensor (a λ warm-up from 0 reads it)
+        assert torch.is_tensor(loss) and loss.ndim == 0 and float(loss) == 0.0 and loss.dtype == dtype
+        assert o2.anchor_loss is None  # no anchor at all
 
 
 def _llama_pair(dtype=torch.float64, r=4):
