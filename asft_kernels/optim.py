@@ -592,6 +592,7 @@ class AsFTAdamW(torch.optim.AdamW):
         """Resolve, validate and bucket the anchored pairs; create missing state. Writes no
         parameter; raises :class:`OptimizerInputError` on anything the step cannot run."""
         binding = self._binding
+        self._repair_if_moved()
         groups = self.param_groups
         anchored_ids: set[int] = set()
         anchored: list[Tensor] = []
@@ -689,6 +690,41 @@ class AsFTAdamW(torch.optim.AdamW):
             steps=steps,
             partial_steps=partial_steps,
         )
+
+    def _repair_if_moved(self) -> None:
+        """Check that the positions recorded in ``anchor_pairs`` still hold the binding's
+        factors (looked up on the modules); if ``params`` lists were edited by hand
+        (reordered, replaced), pair again by parameter identity through the binding, so a
+        position never pairs one layer's A with another's B. Refuses, changing nothing,
+        when a recorded pair's factors are no longer among the parameters."""
+        groups = self.param_groups
+        binding = self._binding
+        intact = True
+        for group in groups:
+            params = group["params"]
+            for key, a_gi, a_pi, b_pi in group["anchor_pairs"]:
+                if key not in binding:
+                    return  # _build_plan names the stale key
+                pair = binding[key]
+                if not (a_gi < len(groups) and a_pi < len(groups[a_gi]["params"]) and b_pi < len(params)
+                        and groups[a_gi]["params"][a_pi] is pair.A and params[b_pi] is pair.B):
+                    intact = False
+                    break
+            if not intact:
+                break
+        if intact:
+            return
+        before = [group["anchor_pairs"] for group in groups]
+        self._assign_pairs()  # raises (changing nothing) on half a pair, naming module and factor
+        lost = {e[0] for pairs in before for e in pairs} - {e[0] for g in groups for e in g["anchor_pairs"]}
+        if lost:
+            for group, pairs in zip(groups, before):
+                group["anchor_pairs"] = pairs
+            names = sorted(binding[key].module_name for key in lost)
+            raise OptimizerInputError(
+                f"{names[:5]}: lora_A and lora_B of these anchored modules are no longer among the optimizer's "
+                "parameters (param_groups' params were replaced by tensors that are not the model's factors); "
+                "replace a parameter in the model and in param_groups together, or build a new optimizer")
 
     def _make_bucket(self, backend: Backend, gi: int, items: list, step_states: list[dict]) -> _Bucket:
         pairs = [it[0] for it in items]

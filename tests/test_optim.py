@@ -498,3 +498,33 @@ def test_pair_without_task_gradient_is_stepped_on_the_regularizer(backend, froze
         if ".down." in name or (frozen == "A" and ".out." in name and "lora_A" in name):
             assert torch.equal(after[name], p) and len(o1.state[after[name]]) == 0
     assert all(float(o1.state[p]["step"]) == 4.0 for p in trainable(m1))
+
+
+def test_reordered_params_list_keeps_each_layers_pairing():
+    """Two same-shaped lora_A swapped by hand in the params list (and a different-shaped
+    pair moved): the pairs are found again by parameter identity, so every layer's A stays
+    with its own B and basis, as the float64 ground truth shows."""
+    base, anchor = _llama_pair()
+    m1, m2 = lora(base), lora(base)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=2.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    b2 = anchor.bind(m2)
+    names = [n for n, p in m1.named_parameters() if p.requires_grad]
+    for s in range(5):
+        if s == 2:
+            params = o1.param_groups[0]["params"]
+            i = names.index("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+            j = names.index("base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight")
+            assert params[i].shape == params[j].shape
+            params[i], params[j] = params[j], params[i]
+            params.append(params.pop(names.index("base_model.model.model.layers.0.self_attn.v_proj.lora_B"
+                                                 ".default.weight")))
+        for m, o, reg in ((m1, o1, None), (m2, o2, b2)):
+            o.zero_grad()
+            loss = _llama_loss(m, s)
+            if reg is not None:
+                loss = loss + paper_regularizer(reg, 2.0)
+            loss.backward()
+            o.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    assert o1.plan_builds == 2
