@@ -510,7 +510,8 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
             AnchorMismatchError: a module is missing or a shape does not match (the message
                 names the module, the expected and the found shapes).
             UnsupportedAdapterError: DoRA, PiSSA/OLoRA/LoftQ/CorDA initializations, or
-                LoRA on something other than a linear / ``Conv1D`` / ``Embedding`` layer.
+                LoRA on something other than a linear / ``Conv1D`` / ``Embedding`` layer, or
+                a LoRA factor parametrized with ``torch.nn.utils.parametrize``.
         """
         if mode not in MODES:
             raise AsFTError(f"unknown anchor mode {mode!r}; expected one of {MODES}")
@@ -720,11 +721,26 @@ def _make_pair(key, entry, mod_name, module, adapter, mode, use_lora_scaling) ->
             f"{mod_name}: expected lora_A ({r}, {n}) and lora_B ({m}, {r}), "
             f"found {tuple(A.shape)} and {tuple(B.shape)}"
         )
+    pair = AnchoredPair(key=key, module_name=mod_name, module=module, adapter=adapter, entry=entry,
+                        mode=mode, conv1d=conv1d, embedding=embedding)
+    refuse_parametrized(pair, UnsupportedAdapterError)
     coef = 1.0
     if use_lora_scaling:
         coef = float(module.scaling[adapter]) ** 2
-    return AnchoredPair(key=key, module_name=mod_name, module=module, adapter=adapter, entry=entry,
-                        mode=mode, coef=coef, conv1d=conv1d, embedding=embedding)
+    pair.coef = coef
+    return pair
+
+
+def refuse_parametrized(pair: AnchoredPair, error: type[Exception]) -> None:
+    """Raise ``error`` naming the module and factor if a factor of ``pair`` is parametrized
+    (``torch.nn.utils.parametrize``): its parameter is not the ``A``/``B`` of ``ΔW = B A``,
+    and anchoring it would either miss it or anchor the wrong tensor."""
+    found = pair.parametrized()
+    if found:
+        raise error(
+            f"{pair.module_name}: {'/'.join(found)} is parametrized (torch.nn.utils.parametrize); the anchored step "
+            "writes A and B themselves, so a parametrized LoRA factor cannot be anchored. Remove the "
+            "parametrization (parametrize.remove_parametrizations) or leave this module out of the anchor")
 
 
 def _logical_weight_shape(base: nn.Module | None) -> tuple[int, int] | None:
@@ -776,6 +792,19 @@ class AnchoredPair:
         if self.embedding:
             return self.module.lora_embedding_B[self.adapter]
         return self.module.lora_B[self.adapter].weight
+
+    def parametrized(self) -> list[str]:
+        """The factors (``"lora_A"``, ``"lora_B"``) whose tensor is computed by a
+        ``torch.nn.utils.parametrize`` parametrization: the step writes parameters, and the
+        regularizer of a parametrized factor would have to go through the parametrization."""
+        from torch.nn.utils import parametrize
+
+        if self.embedding:
+            holders = ((self.module.lora_embedding_A, self.adapter), (self.module.lora_embedding_B, self.adapter))
+        else:
+            holders = ((self.module.lora_A[self.adapter], "weight"), (self.module.lora_B[self.adapter], "weight"))
+        return [label for label, (holder, name) in zip(("lora_A", "lora_B"), holders)
+                if parametrize.is_parametrized(holder, name)]
 
     @property
     def c(self) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.adam import adam as _functional_adam
 
-from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair
+from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair, refuse_parametrized
 from .errors import OptimizerInputError
 from .functional import anchoring_terms
 from .ops import (
@@ -388,6 +388,7 @@ class AsFTAdamW(torch.optim.AdamW):
                         seen_twice.add(id(p))
                     where.setdefault(id(p), (gi, pi))
             for pair in binding:
+                refuse_parametrized(pair, OptimizerInputError)  # else A/B are computed tensors: never matched
                 A, B = pair.A, pair.B
                 loc_a, loc_b = where.get(id(A)), where.get(id(B))
                 if loc_a is None and loc_b is None:

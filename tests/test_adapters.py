@@ -97,3 +97,44 @@ def test_embedding_lora_trajectory_matches_adamw_on_task_plus_r(backend):
     assert len(o1.param_groups[0]["anchor_pairs"]) == 2
     assert not torch.equal(start, m1.base_model.model.emb.lora_embedding_B["default"])
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("factors", [("lora_A",), ("lora_B",), ("lora_A", "lora_B")])
+@pytest.mark.parametrize("when", ["before_bind", "after_bind"])
+def test_parametrized_lora_factor_is_refused_never_dropped(factors, when):
+    """A factor registered with torch.nn.utils.parametrize: its parameter is not the A/B of
+    ΔW = B A, so bind (UnsupportedAdapterError) or the optimizer (OptimizerInputError)
+    refuses it, naming module and factor; both factors parametrized used to be dropped from
+    the anchored pairs without a word."""
+    from helpers import odd_anchor, odd_lora
+    from torch.nn.utils import parametrize
+
+    model = odd_lora(r=2)
+    anchor = odd_anchor(rank=3)
+    binding = anchor.bind(model) if when == "after_bind" else None
+    up = model.base_model.model.up
+    for name in factors:
+        parametrize.register_parametrization(getattr(up, name)["default"], "weight", _Double())
+    pattern = r"base_model\.model\.up: " + "/".join(factors) + r" is parametrized"
+    if binding is None:
+        with pytest.raises(asft.UnsupportedAdapterError, match=pattern):
+            anchor.bind(model)
+        return
+    with pytest.raises(asft.OptimizerInputError, match=pattern):
+        asft.AsFTAdamW(trainable(model), lr=1e-2, anchor=binding)
+
+
+def test_parametrized_embedding_factor_is_refused():
+    from torch.nn.utils import parametrize
+
+    deltas, _ = emb_deltas()
+    anchor = asft.AlignmentAnchor.from_deltas(deltas, dtype=torch.float64)
+    model = emb_lora()
+    parametrize.register_parametrization(model.base_model.model.emb.lora_embedding_B, "default", _Double())
+    with pytest.raises(asft.UnsupportedAdapterError, match=r"emb: lora_B is parametrized"):
+        anchor.bind(model)
