@@ -41,7 +41,6 @@ from .ops import (
     AdamWHyper,
     AnchoredBatch,
     Backend,
-    check_device,
     eager,
     math_dtype,
     resolve_backend,
@@ -382,6 +381,7 @@ class AsFTAdamW(torch.optim.AdamW):
         if binding is not None:
             where: dict[int, tuple[int, int]] = {}
             seen_twice: set[int] = set()
+            explicit: dict[torch.device, Backend] = {}
             for gi, group in enumerate(self.param_groups):
                 for pi, p in enumerate(group["params"]):
                     if id(p) in where:
@@ -412,8 +412,10 @@ class AsFTAdamW(torch.optim.AdamW):
                             f"{pair.module_name}: lora_A and lora_B are in param groups with different {opt!r} "
                             f"({ga[opt]} vs {gb[opt]}); an anchored pair needs one set of hyperparameters"
                         )
-                if self._backend_request in ("cpp", "triton"):
-                    check_device(self._backend_request, B.device)
+                if self._backend_request in ("cpp", "triton") and B.device not in explicit:
+                    # an explicit backend is built here, so a missing compiler is one error at
+                    # construction naming the cause (auto warns once and runs eager instead)
+                    explicit[B.device] = resolve_backend(self._backend_request, B.device)
                 pairs_of[loc_b[0]].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
             if not len(binding):
                 raise OptimizerInputError("the anchor binding holds no pairs: bind the model with anchor.bind(model)")
