@@ -20,6 +20,7 @@ when a parameter's version counter shows an outside edit.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import operator
 import warnings
@@ -48,6 +49,7 @@ from .ops import (
 )
 from .sharding import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
 
+_LOG = logging.getLogger("asft_kernels")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -166,6 +168,7 @@ class _Bucket:
     steps: Tensor | None = None  # (2L,) view of the plan's counters: A's, then B's
     scale_lam: float | None = None  # the λ that `scale` was computed for
     scale: list[float] = field(default_factory=list)  # 2λ·coef per pair
+    routed_from: str | None = None  # the backend that does not support these pairs (eager runs them)
 
     @property
     def one_call(self) -> bool:
@@ -491,6 +494,23 @@ class AsFTAdamW(torch.optim.AdamW):
         """How many times the step plan was built (once, plus once per change it depends on)."""
         return self._plan_builds
 
+    def describe(self) -> list[dict]:
+        """Which backend runs which anchored pairs: one dict per bucket of the step plan
+        (pairs stepped together), with ``backend`` (``"triton"``, ``"cpp"``, ``"eager"``),
+        ``device``, ``dtype`` (parameters), ``basis_dtype`` (``U``), ``r`` (LoRA rank),
+        ``k`` (anchor basis size), ``pairs`` (how many), ``group`` (param group index),
+        ``frozen_factor`` (pairs with one factor frozen, stepped by the eager math) and
+        ``routed_from`` (the backend that does not run pairs of this dtype and r, so eager
+        runs them; else None). Pairs of groups with λ = 0 are plain AdamW and not listed.
+
+        Builds the step plan if it is not current (creating the state of anchored
+        parameters, as the first step would). The same summary is logged once, at INFO on
+        the ``asft_kernels`` logger, at the first step.
+        """
+        if self._binding is None:
+            return []
+        return _plan_summary(self._current_plan(), self.param_groups)
+
     def invalidate_anchor_stats(self) -> None:
         """Forget the cached statistics; needed only after editing parameters through
         ``.data`` (which bypasses the version counters that normally detect edits)."""
@@ -526,7 +546,23 @@ class AsFTAdamW(torch.optim.AdamW):
         plan = self._plan
         if plan is None or not plan.still_valid(self):
             plan = self._plan = self._build_plan()
+            self._announce(plan)
         return plan
+
+    def _announce(self, plan: _StepPlan) -> None:
+        """At the first plan: one INFO line saying which backend runs which pairs; at any
+        plan: one WARNING per (backend, dtype, r) routed to eager, once per optimizer."""
+        summary = _plan_summary(plan, self.param_groups)
+        said = self.__dict__.setdefault("_routes_said", set())
+        for row in summary:
+            key = (row["routed_from"], row["dtype"], row["r"])
+            if row["routed_from"] and key not in said:
+                said.add(key)
+                _LOG.warning("asft_kernels: backend %r does not run %s pairs of LoRA rank r = %d; %d such pair(s) "
+                             "run on the eager backend", row["routed_from"], row["dtype"], row["r"], row["pairs"])
+        if not self.__dict__.get("_plan_logged") and summary:
+            self._plan_logged = True
+            _LOG.info("asft_kernels: AsFTAdamW step plan: %s", _summary_line(summary))
 
     def _anchored_step(self) -> None:
         for group in self.param_groups:
@@ -640,12 +676,14 @@ class AsFTAdamW(torch.optim.AdamW):
                 backend = route(backends[device], dtype, int(A.shape[0]))
                 k = pair.entry.rank
                 bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, shard is not None)
-                buckets.setdefault(bkey, {"backend": backend, "gi": gi, "items": []})["items"].append(
-                    (pair, A, B, shard, basis_dtype, md))
+                routed = backends[device].name if backend is not backends[device] else None
+                buckets.setdefault(bkey, {"backend": backend, "gi": gi, "items": [], "routed": routed})[
+                    "items"].append((pair, A, B, shard, basis_dtype, md))
         # ---- every check passed: create state and buffers
         out_buckets = []
         for spec in buckets.values():
             out_buckets.append(self._make_bucket(spec["backend"], spec["gi"], spec["items"], step_states))
+            out_buckets[-1].routed_from = spec["routed"]
         for gi, pair, A, B, train_A, basis_dtype, md in pending:
             param = A if train_A else B
             step_states.append(self._state_for(param))
@@ -922,6 +960,36 @@ class AsFTAdamW(torch.optim.AdamW):
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
             decoupled_weight_decay=True,
         )
+
+
+def _plan_summary(plan: _StepPlan, groups: list[dict]) -> list[dict]:
+    """:meth:`AsFTAdamW.describe`'s rows for ``plan``."""
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    rows = []
+    for b in plan.buckets:
+        rows.append({"backend": b.backend.name, "device": str(b.B[0].device), "dtype": name(b.B[0].dtype),
+                     "basis_dtype": name(b.batch.U[0].dtype), "r": int(b.A[0].shape[0]), "k": int(b.P.shape[1]),
+                     "pairs": len(b), "group": b.group_index, "frozen_factor": False, "routed_from": b.routed_from})
+    partial_rows: dict[tuple, dict] = {}
+    for pp in plan.partial:
+        key = (str(pp.B.device), name(pp.B.dtype), name(pp.U.dtype), int(pp.A.shape[0]), int(pp.U.shape[1]),
+               pp.group_index)
+        row = partial_rows.setdefault(key, {
+            "backend": "eager", "device": key[0], "dtype": key[1], "basis_dtype": key[2], "r": key[3], "k": key[4],
+            "pairs": 0, "group": key[5], "frozen_factor": True, "routed_from": None})
+        row["pairs"] += 1
+    return rows + list(partial_rows.values())
+
+
+def _summary_line(rows: list[dict]) -> str:
+    """``describe()`` in one line: ``cpp float32 r=8 k=64: 14 pairs; ...``."""
+    parts = []
+    for row in rows:
+        note = " (frozen factor)" if row["frozen_factor"] else \
+            f" (routed from {row['routed_from']})" if row["routed_from"] else ""
+        parts.append(f"{row['backend']} {row['device']} {row['dtype']} r={row['r']} k={row['k']}: "
+                     f"{row['pairs']} pair{'s' if row['pairs'] != 1 else ''}{note}")
+    return "; ".join(parts)
 
 
 _DETACHED_MESSAGE = (
