@@ -509,7 +509,7 @@ class AsFTAdamW(torch.optim.AdamW):
         """
         if self._binding is None:
             return []
-        return _plan_summary(self._current_plan(), self.param_groups)
+        return _plan_summary(self._current_plan())
 
     def invalidate_anchor_stats(self) -> None:
         """Forget the cached statistics; needed only after editing parameters through
@@ -552,7 +552,7 @@ class AsFTAdamW(torch.optim.AdamW):
     def _announce(self, plan: _StepPlan) -> None:
         """At the first plan: one INFO line saying which backend runs which pairs; at any
         plan: one WARNING per (backend, dtype, r) routed to eager, once per optimizer."""
-        summary = _plan_summary(plan, self.param_groups)
+        summary = _plan_summary(plan)
         said = self.__dict__.setdefault("_routes_said", set())
         for row in summary:
             key = (row["routed_from"], row["dtype"], row["r"])
@@ -962,7 +962,7 @@ class AsFTAdamW(torch.optim.AdamW):
         )
 
 
-def _plan_summary(plan: _StepPlan, groups: list[dict]) -> list[dict]:
+def _plan_summary(plan: _StepPlan) -> list[dict]:
     """:meth:`AsFTAdamW.describe`'s rows for ``plan``."""
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     rows = []
@@ -982,7 +982,7 @@ def _plan_summary(plan: _StepPlan, groups: list[dict]) -> list[dict]:
 
 
 def _summary_line(rows: list[dict]) -> str:
-    """``describe()`` in one line: ``cpp float32 r=8 k=64: 14 pairs; ...``."""
+    """``describe()`` in one line: ``cpp cpu float32 r=8 k=64: 14 pairs; ...``."""
     parts = []
     for row in rows:
         note = " (frozen factor)" if row["frozen_factor"] else \
