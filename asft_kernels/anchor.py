@@ -369,7 +369,8 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
 
         Args:
             deltas: ``V = W_aligned − W_base`` per module, each (m, n) in ``out × in``
-                layout (for GPT-2 ``Conv1D`` weights, pass ``W.T``). Names are the base
+                layout (for GPT-2 ``Conv1D`` weights, pass ``W.T``; for an ``nn.Embedding``,
+                ``V.T``, embedding_dim × num_embeddings, see docs/method.md). Names are the base
                 model's module names (``model.layers.0.self_attn.q_proj``); a trailing
                 ``.weight`` is accepted.
             rank: directions kept per module (``None``: the numerical rank).
@@ -498,6 +499,9 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
             adapter_name: the PEFT adapter to anchor.
             strict: if True, every LoRA module of the adapter must have an anchor entry;
                 if False, modules without one are left unanchored (plain AdamW).
+                LoRA on an ``nn.Embedding`` (PEFT's ``lora_embedding_A/B``, delta
+                ``(B A)ᵀ``) is anchored like any other module; its entry's ``V`` is
+                ``(W_aligned − W_base)ᵀ``, ``embedding_dim × num_embeddings``.
             use_lora_scaling: if True the regularizer uses ``ΔW = scaling · B A`` as
                 PEFT's forward does (scaling = alpha / r); the published regularizer
                 (default) uses ``B A``.
@@ -506,7 +510,8 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
             AnchorMismatchError: a module is missing or a shape does not match (the message
                 names the module, the expected and the found shapes).
             UnsupportedAdapterError: DoRA, PiSSA/OLoRA/LoftQ/CorDA initializations, or
-                LoRA on something other than a linear / ``Conv1D`` layer.
+                LoRA on something other than a linear / ``Conv1D`` / ``Embedding`` layer, or
+                a LoRA factor parametrized with ``torch.nn.utils.parametrize``.
         """
         if mode not in MODES:
             raise AsFTError(f"unknown anchor mode {mode!r}; expected one of {MODES}")
@@ -519,7 +524,10 @@ class AlignmentAnchor(Mapping[str, AnchorEntry]):
             lora_B = getattr(module, "lora_B", None)
             if not isinstance(lora_A, nn.ModuleDict) or not isinstance(lora_B, nn.ModuleDict):
                 continue
-            if adapter_name not in lora_A:
+            # PEFT keeps the factors of LoRA on an nn.Embedding in lora_embedding_A/B
+            # (ParameterDicts), not in lora_A/lora_B: a module counts if either holds the adapter
+            emb_A = getattr(module, "lora_embedding_A", None)
+            if adapter_name not in lora_A and not (isinstance(emb_A, nn.ParameterDict) and adapter_name in emb_A):
                 continue
             found_any_lora = True
             key = self._match_key(normalize_module_name(mod_name))
@@ -673,37 +681,66 @@ def _make_pair(key, entry, mod_name, module, adapter, mode, use_lora_scaling) ->
     use_dora = getattr(module, "use_dora", {})
     if isinstance(use_dora, dict) and use_dora.get(adapter, False):
         raise UnsupportedAdapterError(f"{mod_name}: DoRA adapter; ΔW = B A does not hold")
-    lin_A, lin_B = module.lora_A[adapter], module.lora_B[adapter]
-    if not isinstance(lin_A, nn.Linear) or not isinstance(lin_B, nn.Linear):
-        raise UnsupportedAdapterError(
-            f"{mod_name}: LoRA factors are {type(lin_A).__name__}/{type(lin_B).__name__}; "
-            "only linear and Conv1D layers can be anchored"
-        )
+    embedding = adapter not in module.lora_A  # bind() saw it in lora_embedding_A
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base_layer", None)
+    if embedding:
+        # PEFT: A (r, num_embeddings), B (embedding_dim, r), ΔW = (B A)ᵀ · scaling, so B A is the
+        # delta in the out × in layout used everywhere else (an embedding's output is a row of W)
+        if not isinstance(base, nn.Embedding):
+            raise UnsupportedAdapterError(
+                f"{mod_name}: lora_embedding_A/B on a {type(base).__name__}; only nn.Embedding can be anchored")
+    else:
+        lin_A, lin_B = module.lora_A[adapter], module.lora_B[adapter]
+        if not isinstance(lin_A, nn.Linear) or not isinstance(lin_B, nn.Linear):
+            raise UnsupportedAdapterError(
+                f"{mod_name}: LoRA factors are {type(lin_A).__name__}/{type(lin_B).__name__}; "
+                "only linear, Conv1D and Embedding layers can be anchored"
+            )
     shape = _logical_weight_shape(base)
     if shape is None:
         raise UnsupportedAdapterError(f"{mod_name}: base layer {type(base).__name__} has no 2-D weight")
-    conv1d = type(base).__name__ == "Conv1D" or bool(getattr(module, "fan_in_fan_out", False))
-    found = shape[::-1] if conv1d else shape
+    conv1d = not embedding and (type(base).__name__ == "Conv1D" or bool(getattr(module, "fan_in_fan_out", False)))
+    found = shape[::-1] if (conv1d or embedding) else shape
     if found != tuple(entry.shape):
         layout = " (Conv1D, in × out stored, compared transposed)" if conv1d else ""
+        if embedding:
+            layout = (" (Embedding: V is (W_aligned − W_base)ᵀ, embedding_dim × num_embeddings; "
+                      "the weight is num_embeddings × embedding_dim)")
         raise AnchorMismatchError(
             f"{mod_name}: anchor entry {key!r} expects a weight of shape {tuple(entry.shape)} "
             f"(out × in), the model has {found}{layout}"
         )
     m, n = entry.shape
-    A, B = lin_A.weight, lin_B.weight
+    if embedding:
+        A, B = module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+    else:
+        A, B = lin_A.weight, lin_B.weight
     r = A.shape[0]
     if tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
         raise AnchorMismatchError(
             f"{mod_name}: expected lora_A ({r}, {n}) and lora_B ({m}, {r}), "
             f"found {tuple(A.shape)} and {tuple(B.shape)}"
         )
+    pair = AnchoredPair(key=key, module_name=mod_name, module=module, adapter=adapter, entry=entry,
+                        mode=mode, conv1d=conv1d, embedding=embedding)
+    refuse_parametrized(pair, UnsupportedAdapterError)
     coef = 1.0
     if use_lora_scaling:
         coef = float(module.scaling[adapter]) ** 2
-    return AnchoredPair(key=key, module_name=mod_name, module=module, adapter=adapter, entry=entry,
-                        mode=mode, coef=coef, conv1d=conv1d)
+    pair.coef = coef
+    return pair
+
+
+def refuse_parametrized(pair: AnchoredPair, error: type[Exception]) -> None:
+    """Raise ``error`` naming the module and factor if a factor of ``pair`` is parametrized
+    (``torch.nn.utils.parametrize``): its parameter is not the ``A``/``B`` of ``ΔW = B A``,
+    and anchoring it would either miss it or anchor the wrong tensor."""
+    found = pair.parametrized()
+    if found:
+        raise error(
+            f"{pair.module_name}: {'/'.join(found)} is parametrized (torch.nn.utils.parametrize); the anchored step "
+            "writes A and B themselves, so a parametrized LoRA factor cannot be anchored. Remove the "
+            "parametrization (parametrize.remove_parametrizations) or leave this module out of the anchor")
 
 
 def _logical_weight_shape(base: nn.Module | None) -> tuple[int, int] | None:
@@ -739,17 +776,35 @@ class AnchoredPair:
     mode: str
     coef: float = 1.0
     conv1d: bool = False
+    embedding: bool = False  # LoRA on nn.Embedding: factors in lora_embedding_A/B, ΔW = (B A)ᵀ
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def A(self) -> nn.Parameter:
-        """``lora_A`` weight, (r, n)."""
+        """``lora_A`` weight, (r, n) (``lora_embedding_A``, (r, num_embeddings), for an embedding)."""
+        if self.embedding:
+            return self.module.lora_embedding_A[self.adapter]
         return self.module.lora_A[self.adapter].weight
 
     @property
     def B(self) -> nn.Parameter:
-        """``lora_B`` weight, (m, r)."""
+        """``lora_B`` weight, (m, r) (``lora_embedding_B``, (embedding_dim, r), for an embedding)."""
+        if self.embedding:
+            return self.module.lora_embedding_B[self.adapter]
         return self.module.lora_B[self.adapter].weight
+
+    def parametrized(self) -> list[str]:
+        """The factors (``"lora_A"``, ``"lora_B"``) whose tensor is computed by a
+        ``torch.nn.utils.parametrize`` parametrization: the step writes parameters, and the
+        regularizer of a parametrized factor would have to go through the parametrization."""
+        from torch.nn.utils import parametrize
+
+        if self.embedding:
+            holders = ((self.module.lora_embedding_A, self.adapter), (self.module.lora_embedding_B, self.adapter))
+        else:
+            holders = ((self.module.lora_A[self.adapter], "weight"), (self.module.lora_B[self.adapter], "weight"))
+        return [label for label, (holder, name) in zip(("lora_A", "lora_B"), holders)
+                if parametrize.is_parametrized(holder, name)]
 
     @property
     def c(self) -> Tensor:

@@ -19,8 +19,11 @@ backend call per bucket of anchored pairs.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import operator
 import warnings
+from functools import partial
 from itertools import chain
 
 import torch
@@ -28,11 +31,15 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.adam import adam as _functional_adam
 
-from .anchor import AlignmentAnchor, AnchorBinding
+from .anchor import AlignmentAnchor, AnchorBinding, refuse_parametrized
 from .errors import OptimizerInputError
-from .ops import BACKENDS, check_device, eager
-from .plan import StepPlan, build_plan, init_state
+from .ops import BACKENDS, Backend, eager, math_dtype, resolve_backend
+from .plan import StepPlan, build_plan, init_state, step_dtype
 
+_LOG = logging.getLogger("asft_kernels")
+_grad = operator.attrgetter("grad")
+_is_not_none = partial(operator.is_not, None)
+_is_sparse = operator.attrgetter("is_sparse")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -223,12 +230,14 @@ class AsFTAdamW(torch.optim.AdamW):
         if binding is not None:
             where: dict[int, tuple[int, int]] = {}
             seen_twice: set[int] = set()
+            explicit: dict[torch.device, Backend] = {}
             for gi, group in enumerate(self.param_groups):
                 for pi, p in enumerate(group["params"]):
                     if id(p) in where:
                         seen_twice.add(id(p))
                     where.setdefault(id(p), (gi, pi))
             for pair in binding:
+                refuse_parametrized(pair, OptimizerInputError)  # else A/B are computed tensors: never matched
                 A, B = pair.A, pair.B
                 loc_a, loc_b = where.get(id(A)), where.get(id(B))
                 if loc_a is None and loc_b is None:
@@ -245,8 +254,10 @@ class AsFTAdamW(torch.optim.AdamW):
                             f"{pair.module_name}: {label} is listed more than once in the optimizer's parameters; "
                             "pass each parameter once (e.g. AsFTAdamW(model.parameters()), not params + params)"
                         )
-                if self._backend_request in ("cpp", "triton"):
-                    check_device(self._backend_request, B.device)
+                if self._backend_request in ("cpp", "triton") and B.device not in explicit:
+                    # an explicit backend is built here, so a missing compiler is one error at
+                    # construction naming the cause (auto warns once and runs eager instead)
+                    explicit[B.device] = resolve_backend(self._backend_request, B.device)
                 pairs_of[loc_b[0]].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
             if not len(binding):
                 raise OptimizerInputError("the anchor binding holds no pairs: bind the model with anchor.bind(model)")
@@ -341,13 +352,32 @@ class AsFTAdamW(torch.optim.AdamW):
     @property
     def anchor_loss(self) -> Tensor | None:
         """``R = Σ λ‖(I − C) B A‖²_F`` at the parameters before the last step (0-d tensor,
-        fp32, fp64 for fp64 params), or None before the first anchored step."""
+        fp32, fp64 for fp64 params; a zero tensor after a step where λ = 0), or None before
+        the first step and with ``anchor=None``."""
         return self._anchor_loss
 
     @property
     def plan_builds(self) -> int:
         """How many times the step plan was built (once, plus once per change it depends on)."""
         return self._plan_builds
+
+    def describe(self) -> list[dict]:
+        """Which backend runs which anchored pairs: one dict per bucket of the step plan
+        (pairs stepped together), with ``backend`` (``"triton"``, ``"cpp"``, ``"eager"``),
+        ``device``, ``dtype`` (parameters), ``basis_dtype`` (``U``), ``r`` (LoRA rank),
+        ``k`` (anchor basis size), ``pairs`` (how many), ``group`` (param group index of B;
+        A's when it differs is ``group_A``), ``frozen_factor`` (pairs with one factor frozen,
+        stepped by the eager backend) and ``routed_from`` (the backend that does not run
+        pairs of this dtype and r, so eager runs them; else None). Pairs of groups with
+        λ = 0 are plain AdamW and not listed.
+
+        Builds the step plan if it is not current (creating the state of anchored
+        parameters, as the first step would). The same summary is logged once, at INFO on
+        the ``asft_kernels`` logger, at the first step.
+        """
+        if self._binding is None:
+            return []
+        return _plan_summary(self._current_plan())
 
     def invalidate_anchor_stats(self) -> None:
         """Forget the cached statistics; needed only after editing parameters through
@@ -383,13 +413,84 @@ class AsFTAdamW(torch.optim.AdamW):
         plan = self._plan
         if plan is None or not plan.still_valid(self):
             plan = self._plan = None  # the old handles go before the new ones are made
+            self._repair_if_moved()
             plan = self._plan = build_plan(self)
             self._plan_builds += 1
+            self._announce(plan)
         return plan
 
+    def _announce(self, plan: StepPlan) -> None:
+        """At the first plan: one INFO line saying which backend runs which pairs; at any
+        plan: one WARNING per (backend, dtype, r) routed to eager, once per optimizer."""
+        summary = _plan_summary(plan)
+        said = self.__dict__.setdefault("_routes_said", set())
+        for row in summary:
+            key = (row["routed_from"], row["dtype"], row["r"])
+            if row["routed_from"] and key not in said:
+                said.add(key)
+                _LOG.warning("asft_kernels: backend %r does not run %s pairs of LoRA rank r = %d; %d such pair(s) "
+                             "run on the eager backend", row["routed_from"], row["dtype"], row["r"], row["pairs"])
+        if not self.__dict__.get("_plan_logged") and summary:
+            self._plan_logged = True
+            _LOG.info("asft_kernels: AsFTAdamW step plan: %s", _summary_line(summary))
+
+    def _repair_if_moved(self) -> None:
+        """Check that the positions recorded in ``anchor_pairs`` still hold the binding's
+        factors (looked up on the modules); if ``params`` lists were edited by hand
+        (reordered, replaced), pair again by parameter identity through the binding, so a
+        position never pairs one layer's A with another's B. Refuses, changing nothing,
+        when a recorded pair's factors are no longer among the parameters."""
+        groups = self.param_groups
+        binding = self._binding
+        intact = True
+        for group in groups:
+            params = group["params"]
+            for key, a_gi, a_pi, b_pi in group["anchor_pairs"]:
+                if key not in binding:
+                    return  # build_plan names the stale key
+                pair = binding[key]
+                if not (a_gi < len(groups) and a_pi < len(groups[a_gi]["params"]) and b_pi < len(params)
+                        and groups[a_gi]["params"][a_pi] is pair.A and params[b_pi] is pair.B):
+                    intact = False
+                    break
+            if not intact:
+                break
+        if intact:
+            return
+        before = [group["anchor_pairs"] for group in groups]
+        self._assign_pairs()  # raises (changing nothing) on half a pair, naming module and factor
+        lost = {e[0] for pairs in before for e in pairs} - {e[0] for g in groups for e in g["anchor_pairs"]}
+        if lost:
+            for group, pairs in zip(groups, before):
+                group["anchor_pairs"] = pairs
+            self._links = None
+            names = sorted(binding[key].module_name for key in lost)
+            raise OptimizerInputError(
+                f"{names[:5]}: lora_A and lora_B of these anchored modules are no longer among the optimizer's "
+                "parameters (param_groups' params were replaced by tensors that are not the model's factors); "
+                "replace a parameter in the model and in param_groups together, or build a new optimizer")
+
+    def _check_plain_grads(self, plan: StepPlan) -> None:
+        """Refuse a sparse gradient on any plain (unanchored) parameter of any group before the
+        first write: torch's AdamW raises on it only when it reaches that group, after the
+        earlier groups were stepped. One C-level pass per group; a Python loop only on error."""
+        for gi, params in enumerate(plan.plain):
+            for lst in (params, plan.plain_fp32_state[gi]):
+                if lst and any(map(_is_sparse, filter(_is_not_none, map(_grad, lst)))):
+                    for p in lst:
+                        if p.grad is not None and p.grad.is_sparse:
+                            i = next(i for i, q in enumerate(self.param_groups[gi]["params"]) if q is p)
+                            raise OptimizerInputError(
+                                f"param group {gi}, parameter {i} (shape {tuple(p.shape)}, {p.dtype}): sparse "
+                                "gradient; AdamW does not support sparse gradients (e.g. nn.Embedding(sparse=True)): "
+                                "use a dense embedding or optimize it with torch.optim.SparseAdam")
+
+    @torch.compiler.disable
     def _anchored_step(self) -> None:
         """One step: checks (λ, the plan), then torch's AdamW on the plain parameters and one
-        backend call per bucket (:meth:`asft_kernels.plan.StepPlan.step`)."""
+        backend call per bucket (:meth:`asft_kernels.plan.StepPlan.step`). Run as it is under
+        ``torch.compile`` (no Python of the plan is traced: its caches and counters are state
+        that dynamo's side-effect replay must not rewrite; the work is in the ``asft::`` ops)."""
         groups = self.param_groups
         for group in groups:
             _check_lambda(group["anchor_lambda"])
@@ -401,6 +502,7 @@ class AsFTAdamW(torch.optim.AdamW):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grads = plan.gradients()  # checked before anything is written
+        self._check_plain_grads(plan)  # every group's plain params, before group 0 is written
         for gi, group in enumerate(groups):
             self._plain_adamw(group, plan.plain[gi])
             fp32 = [p for p in plan.plain_fp32_state[gi] if p.grad is not None]
@@ -411,6 +513,10 @@ class AsFTAdamW(torch.optim.AdamW):
         total = None
         for loss in losses:
             total = loss if total is None else total + loss.to(total.device, total.dtype)
+        if total is None:  # λ = 0 everywhere (or nothing trainable): R = 0, still a 0-d tensor
+            like = plan.anchored[0] if plan.anchored else None
+            total = torch.zeros((), dtype=math_dtype(like.dtype) if like is not None else step_dtype(),
+                                device=like.device if like is not None else None)
         self._anchor_loss = total
 
     def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
@@ -448,6 +554,32 @@ class AsFTAdamW(torch.optim.AdamW):
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
             decoupled_weight_decay=True,
         )
+
+
+def _plan_summary(plan: StepPlan) -> list[dict]:
+    """:meth:`AsFTAdamW.describe`'s rows for ``plan``."""
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    rows = []
+    for b in plan.buckets:
+        row = {"backend": b.backend.name, "device": str(b.B[0].device), "dtype": name(b.B[0].dtype),
+               "basis_dtype": name(b.tensors.U[0].dtype), "r": int(b.A[0].shape[0]), "k": int(b.tensors.P.shape[1]),
+               "pairs": len(b), "group": b.group_B, "frozen_factor": b.tensors.train_A is not None,
+               "routed_from": b.routed_from}
+        if b.group_A != b.group_B:
+            row["group_A"] = b.group_A
+        rows.append(row)
+    return rows
+
+
+def _summary_line(rows: list[dict]) -> str:
+    """``describe()`` in one line: ``cpp cpu float32 r=8 k=64: 14 pairs; ...``."""
+    parts = []
+    for row in rows:
+        note = " (frozen factor)" if row["frozen_factor"] else \
+            f" (routed from {row['routed_from']})" if row["routed_from"] else ""
+        parts.append(f"{row['backend']} {row['device']} {row['dtype']} r={row['r']} k={row['k']}: "
+                     f"{row['pairs']} pair{'s' if row['pairs'] != 1 else ''}{note}")
+    return "; ".join(parts)
 
 
 _DETACHED_MESSAGE = (

@@ -112,6 +112,7 @@ class Bucket:
     shards: list[ShardedPair] | None = None  # FSDP2 DTensor pairs (asft_kernels.sharding)
     gathered_A: list[Tensor | None] = field(default_factory=list)
     versions: list[int] | None = None  # None: statistics must be recomputed
+    routed_from: str | None = None  # the backend that does not support these pairs (eager runs them)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -327,11 +328,11 @@ def build_plan(opt) -> StepPlan:
             if lam_zero[gi]:
                 continue  # plain AdamW for this group (below)
             anchored_ids.update((id(A), id(B)))
-            train_A = A.requires_grad and A.grad is not None
-            train_B = B.requires_grad and B.grad is not None
-            if not A.requires_grad and not B.requires_grad:
-                continue
-            if A.grad is None and B.grad is None:
+            # A factor with requires_grad=False is never written. A trainable factor is
+            # stepped even without a .grad (an unused layer, conditional compute, MoE):
+            # AdamW on task + R sees ∇R there, so its task gradient counts as zero.
+            train_A, train_B = A.requires_grad, B.requires_grad
+            if not (train_A or train_B):
                 continue
             _validate_pair(pair, A, B)
             shard = sharded_pair(pair.module_name, A, B)
@@ -339,21 +340,22 @@ def build_plan(opt) -> StepPlan:
             device, dtype = B.device, B.dtype
             md = math_dtype(dtype)
             basis_dtype = opt._basis_dtype if (opt._basis_dtype and md != torch.float64) else md
-            frozen = A.requires_grad != B.requires_grad
+            frozen = train_A != train_B
+            routed = None
             if frozen:
                 if shard is not None:
                     raise OptimizerInputError(
                         f"{pair.module_name}: a frozen lora factor is not supported with FSDP2-sharded pairs")
-                if not (train_A or train_B):
-                    continue
                 backend = EAGER  # the one backend that steps a pair with a frozen factor
             else:
                 if device not in backends:
                     backends[device] = resolve_backend(opt._backend_request, device)
                 backend = route(backends[device], dtype, int(A.shape[0]))
+                routed = backends[device].name if backend is not backends[device] else None
             k = pair.entry.rank
             bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, a_gi, shard is not None, frozen)
-            specs.setdefault(bkey, {"backend": backend, "groups": (gi, a_gi), "frozen": frozen, "items": []})[
+            specs.setdefault(bkey, {"backend": backend, "groups": (gi, a_gi), "frozen": frozen, "items": [],
+                                    "routed": routed})[
                 "items"].append((pair, A, B, shard, basis_dtype, md, train_A if frozen else True,
                                  train_B if frozen else True))
     # ---- every check passed: create state, buffers, counters and handles
@@ -423,7 +425,7 @@ def _make_bucket(opt, spec: dict) -> Bucket:
         tensors=tensors, coef=coef, scale=torch.empty_like(coef), watch=[local_tensor(t) for t in As + Bs],
         zeros_A={j: torch.zeros_like(a) for j, a in enumerate(As) if a.grad is None},
         zeros_B={j: torch.zeros_like(b) for j, b in enumerate(Bs) if b.grad is None},
-        shards=shards if sharded else None, gathered_A=[None] * L,
+        shards=shards if sharded else None, gathered_A=[None] * L, routed_from=spec["routed"],
     )
     bucket._states = states_A + states_B  # consumed by _gather_counters
     return bucket

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -104,11 +105,23 @@ def run_reference(model, binding, steps, loss_fn, lam=0.5, lr=1e-2, weight_decay
 
 def max_rel_err(params, ref_params):
     """Largest ``max|p - q| / max|q|`` over the pairs, computed on the CPU in float64 (the
-    parameters may live on another device than the CPU ground truth)."""
+    parameters may live on another device than the CPU ground truth).
+
+    ``inf`` when any value on either side is NaN or infinite (``max(0.0, nan)`` is 0.0, so a
+    NaN must not reach ``max``), and when the two lists differ in length or a pair in shape:
+    every ``max_rel_err(...) < tol`` then fails."""
+    params, ref_params = list(params), list(ref_params)
+    if len(params) != len(ref_params):
+        return math.inf
     worst = 0.0
     for p, q in zip(params, ref_params):
         p, q = p.detach().cpu().double(), q.detach().cpu().double()
-        worst = max(worst, float((p - q).abs().max() / q.abs().max().clamp_min(1e-30)))
+        if p.shape != q.shape or not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())):
+            return math.inf
+        err = float((p - q).abs().max() / q.abs().max().clamp_min(1e-30)) if p.numel() else 0.0
+        if not math.isfinite(err):
+            return math.inf
+        worst = max(worst, err)
     return worst
 
 

@@ -542,3 +542,86 @@ def test_anchored_step_opcheck_and_bad_input_changes_nothing():
     for (name, xs), ys in zip(_written(b, counters).items(), before.values()):  # counters included
         assert all(torch.equal(x, y) for x, y in zip(xs, ys)), name
 
+
+
+def _no_compiler(monkeypatch, tmp_path):
+    """This process's C++ build state reset, and a compiler that does not exist."""
+    monkeypatch.setattr(cpp._State, "loaded", None)
+    monkeypatch.setattr(cpp._State, "library", None)
+    monkeypatch.setattr(cpp._State, "error", None)
+    monkeypatch.setattr(cpp._State, "warned", False)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+
+
+def _one_layer_lora():
+    from peft import LoraConfig, get_peft_model
+
+    import asft_kernels as asft
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5).double()),
+                           LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    anchor = asft.AlignmentAnchor.from_deltas({"0": torch.randn(5, 6, dtype=torch.float64)}, rank=3,
+                                              dtype=torch.float64)
+    return model, anchor.bind(model), [p for p in model.parameters() if p.requires_grad]
+
+
+def test_explicit_cpp_without_compiler_is_one_error_at_construction(monkeypatch, tmp_path):
+    """backend="cpp" where the build fails: one OptimizerInputError when the optimizer is
+    built, naming the cause, and no warning that speaks of an eager fallback; backend="auto"
+    afterwards still gets its one warning naming the cause."""
+    import warnings
+
+    import asft_kernels as asft
+
+    _no_compiler(monkeypatch, tmp_path)
+    model, binding, params = _one_layer_lora()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(OptimizerInputError, match=r"backend 'cpp' is not available.*no C\+\+ compiler.*"
+                                                      r"no-such-compiler"):
+            asft.AsFTAdamW(params, lr=1e-2, anchor=binding, backend="cpp")
+    assert [w for w in record if issubclass(w.category, cpp.CppBackendWarning)] == []
+    with pytest.warns(cpp.CppBackendWarning, match=r"no C\+\+ compiler.*no-such-compiler.*eager") as record:
+        opt = asft.AsFTAdamW(params, lr=1e-2, anchor=binding, backend="auto")
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.step()
+    assert len([w for w in record if issubclass(w.category, cpp.CppBackendWarning)]) == 1
+    assert [b.backend.name for b in opt._plan.buckets] == ["eager"] and float(opt.anchor_loss) > 0
+
+
+def test_auto_without_compiler_warns_once_naming_the_cause(monkeypatch, tmp_path):
+    """The build made to fail by a monkeypatched compile step: auto gives one warning
+    naming the cause and trains on eager, matching AdamW on task + R."""
+    import asft_kernels as asft
+    from asft_kernels.ops import cpp_build
+    from asft_kernels.reference import paper_regularizer
+
+    _no_compiler(monkeypatch, tmp_path)
+    monkeypatch.setenv("CXX", shutil.which("c++") or shutil.which("g++") or sys.executable)
+
+    def failing_load(**kwargs):
+        raise RuntimeError("Error building extension 'asft_cpu': simulated compiler failure")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", failing_load)
+    monkeypatch.setattr(cpp_build, "_will_compile", lambda *a: False)
+    m1, b1, p1 = _one_layer_lora()
+    m2, b2, p2 = _one_layer_lora()
+    with pytest.warns(cpp.CppBackendWarning, match="simulated compiler failure") as record:
+        o1 = asft.AsFTAdamW(p1, lr=1e-2, anchor=b1, backend="auto")
+        o2 = torch.optim.AdamW(p2, lr=1e-2)
+        x = torch.randn(4, 6, dtype=torch.float64)
+        for _ in range(3):
+            for m, o, extra in ((m1, o1, None), (m2, o2, b2)):
+                o.zero_grad()
+                loss = m(x).pow(2).mean()
+                if extra is not None:
+                    loss = loss + paper_regularizer(extra, 1.0)
+                loss.backward()
+                o.step()
+    assert len([w for w in record if issubclass(w.category, cpp.CppBackendWarning)]) == 1
+    for p, q in zip(p1, p2):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

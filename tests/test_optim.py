@@ -94,7 +94,9 @@ def test_lambda_zero_is_adamw_bit_for_bit():
             assert torch.equal(p1, p3) and torch.equal(p2, p3)
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(o1.state[p1][key], o3.state[p3][key])
-        assert o1.anchor_loss is None
+        loss = o1.anchor_loss  # R = 0 at λ = 0, still a 0-d tensor (a λ warm-up from 0 reads it)
+        assert torch.is_tensor(loss) and loss.ndim == 0 and float(loss) == 0.0 and loss.dtype == dtype
+        assert o2.anchor_loss is None  # no anchor at all
 
 
 def _llama_pair(dtype=torch.float64, r=4):
@@ -619,3 +621,78 @@ def test_capturable_is_accepted_with_an_anchor(backend):
     run_reference(m2, anchor.bind(m2), 3, loss)
     assert opt.param_groups[0]["capturable"] is True
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+
+
+def _drop_grads(model, layer):
+    for name, p in model.named_parameters():
+        if f".{layer}." in name and "lora_" in name:
+            p.grad = None
+
+
+@pytest.mark.parametrize("frozen", ["none", "A"], ids=["both_trainable", "A_frozen"])
+def test_pair_without_task_gradient_is_stepped_on_the_regularizer(backend, frozen):
+    """A pair that gets no task gradient (an unused layer, conditional compute, MoE) is
+    stepped on ∇R, as AdamW on task + R steps it; a factor with requires_grad=False stays
+    frozen, and a pair frozen whole is never written nor given state."""
+    anchor = odd_anchor(rank=3)
+    m1, m2 = odd_lora(r=2), odd_lora(r=2)
+    for m in (m1, m2):
+        for name, p in m.named_parameters():
+            if ".down." in name and "lora_" in name:
+                p.requires_grad_(False)  # a pair frozen whole
+            if frozen == "A" and ".out." in name and "lora_A" in name:
+                p.requires_grad_(False)
+    lora = [p for n, p in m1.named_parameters() if "lora_" in n]
+    o1 = asft.AsFTAdamW(lora, lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=1.0, backend=backend)
+    b2 = anchor.bind(m2)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    out = m1.base_model.model.out
+    before = {n: p.detach().clone() for n, p in m1.named_parameters() if "lora_" in n}
+    for s in range(4):
+        o1.zero_grad()
+        o2.zero_grad()
+        odd_task_loss(m1, s, torch.float64).backward()
+        _drop_grads(m1, "out")  # "out" takes no part in this step's task loss
+        odd_task_loss(m2, s, torch.float64).backward()
+        _drop_grads(m2, "out")
+        paper_regularizer(b2, 1.0).backward()  # the ground truth: AdamW on task + R
+        o1.step()
+        o2.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    after = dict(m1.named_parameters())
+    moved = not torch.equal(before["base_model.model.out.lora_B.default.weight"], out.lora_B["default"].weight)
+    assert moved  # stepped on ∇R alone
+    for name, p in before.items():
+        if ".down." in name or (frozen == "A" and ".out." in name and "lora_A" in name):
+            assert torch.equal(after[name], p) and len(o1.state[after[name]]) == 0
+    assert all(float(o1.state[p]["step"]) == 4.0 for p in trainable(m1))
+
+
+def test_reordered_params_list_keeps_each_layers_pairing():
+    """Two same-shaped lora_A swapped by hand in the params list (and a different-shaped
+    pair moved): the pairs are found again by parameter identity, so every layer's A stays
+    with its own B and basis, as the float64 ground truth shows."""
+    base, anchor = _llama_pair()
+    m1, m2 = lora(base), lora(base)
+    o1 = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=anchor.bind(m1), anchor_lambda=2.0)
+    o2 = torch.optim.AdamW(trainable(m2), lr=1e-2)
+    b2 = anchor.bind(m2)
+    names = [n for n, p in m1.named_parameters() if p.requires_grad]
+    for s in range(5):
+        if s == 2:
+            params = o1.param_groups[0]["params"]
+            i = names.index("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+            j = names.index("base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight")
+            assert params[i].shape == params[j].shape
+            params[i], params[j] = params[j], params[i]
+            params.append(params.pop(names.index("base_model.model.model.layers.0.self_attn.v_proj.lora_B"
+                                                 ".default.weight")))
+        for m, o, reg in ((m1, o1, None), (m2, o2, b2)):
+            o.zero_grad()
+            loss = _llama_loss(m, s)
+            if reg is not None:
+                loss = loss + paper_regularizer(reg, 2.0)
+            loss.backward()
+            o.step()
+    assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
+    assert o1.plan_builds == 2

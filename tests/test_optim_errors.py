@@ -97,11 +97,13 @@ def test_mixed_dtype_pair_changes_nothing():
     pair = opt.anchor["down"]
     snap = _snapshot(model, opt)
     # swap lora_A of one pair for a float32 tensor, in module and optimizer
-    new = torch.nn.Parameter(pair.A.detach().float())
+    old = pair.A
+    new = torch.nn.Parameter(old.detach().float())
     new.grad = torch.zeros_like(new)
+    pair.module.lora_A["default"].weight = new
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
-            if p is pair.A:
+            if p is old:
                 group["params"][i] = new
     with pytest.raises(asft.OptimizerInputError, match=r"down.*float32.*float64"):
         opt.step()
@@ -118,15 +120,63 @@ def test_wrong_shape_parameter_changes_nothing():
     snap = _snapshot(model, opt)
     bad = torch.nn.Parameter(torch.zeros(pair.B.shape[0] + 1, pair.B.shape[1], dtype=torch.float64))
     bad.grad = torch.zeros_like(bad)
+    old_b = pair.B
+    pair.module.lora_B["default"].weight = bad  # in the model and in the optimizer, as a swap does
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
-            if p is pair.B:
+            if p is old_b:
                 group["params"][i] = bad
-                old_b = p
     with pytest.raises(asft.OptimizerInputError, match=r"up.*\(38, 2\)"):
         opt.step()
+    pair.module.lora_B["default"].weight = old_b
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
             if p is bad:
                 group["params"][i] = old_b
+    _assert_unchanged(model, opt, snap)
+
+
+def test_sparse_gradient_in_a_later_group_changes_nothing():
+    """A sparse gradient on a plain parameter of group 1 is refused before group 0's plain
+    params, the anchored pairs or any counter is written."""
+    anchor = odd_anchor(rank=3)
+    model = odd_lora(r=2)
+    bias = model.base_model.model.up.bias
+    bias.requires_grad_(True)
+    emb = torch.nn.Embedding(7, 3, sparse=True).double()
+    opt = asft.AsFTAdamW([{"params": trainable(model)}, {"params": list(emb.parameters())}], lr=1e-2,
+                         anchor=anchor.bind(model), anchor_lambda=1.0)
+    for s in range(2):
+        opt.zero_grad()
+        odd_task_loss(model, s, torch.float64).backward()
+        if s == 1:
+            emb(torch.tensor([1, 4])).sum().backward()
+            assert emb.weight.grad.is_sparse
+        snap = _snapshot(model, opt)
+        emb_before = emb.weight.detach().clone()
+        if s == 0:
+            opt.step()  # no gradient on the embedding yet
+            continue
+        with pytest.raises(asft.OptimizerInputError, match=r"param group 1, parameter 0 \(shape \(7, 3\).*sparse"):
+            opt.step()
+        _assert_unchanged(model, opt, snap)
+        assert torch.equal(emb.weight.detach(), emb_before) and len(opt.state[emb.weight]) == 0
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B", "both"])
+def test_factor_replaced_in_params_only_is_refused_naming_the_module(factor):
+    """A param_groups entry replaced by a tensor that is not the model's factor: refused,
+    naming the module, before anything is written (never a silent unanchored or mispaired step)."""
+    model, opt = _stepped()
+    pair = opt.anchor["down"]
+    snap = _snapshot(model, opt)
+    targets = {"lora_A": [pair.A], "lora_B": [pair.B], "both": [pair.A, pair.B]}[factor]
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if any(p is t for t in targets):
+                group["params"][i] = torch.nn.Parameter(p.detach().clone())
+                group["params"][i].grad = torch.zeros_like(p)
+    pattern = "down" + (r".*lora_[AB] is not among" if factor != "both" else r".*no longer among")
+    with pytest.raises(asft.OptimizerInputError, match=pattern):
+        opt.step()
     _assert_unchanged(model, opt, snap)

@@ -171,7 +171,8 @@ def test_lambda_to_zero_and_back_by_a_scheduler():
         for group in o1.param_groups:
             group["anchor_lambda"] = lam
         lockstep(m1, o1, m2, o2, b2, s, lam=lam)
-        assert (o1.anchor_loss is None) == (lam == 0.0)  # no anchored term in a λ = 0 step
+        loss = o1.anchor_loss
+        assert torch.is_tensor(loss) and loss.ndim == 0 and (float(loss) == 0.0) == (lam == 0.0)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
     assert o1.plan_builds == 3  # first step, λ → 0, λ → 0.5 (0.5 → 2 moves nothing)
 
@@ -259,3 +260,52 @@ def test_sparse_or_strided_gradient_of_an_anchored_factor(backend):
     assert not A.grad.is_contiguous()
     opt.step()
     assert not torch.equal(A, before[[i for i, p in enumerate(trainable(m1)) if p is A][0]])
+
+
+def test_describe_and_the_first_step_log_say_which_backend_runs_which_pairs(caplog):
+    """describe(): one row per bucket with backend, dtype, r, k and pair count; the first
+    step logs it once at INFO; the rank the C++ backend does not run (r = 80) is routed to
+    eager and said once (WARNING), not again at a rebuild or a later step."""
+    import logging
+
+    if not cpp.is_available():
+        pytest.skip("no C++ compiler on this machine")
+    anchor = odd_anchor(rank=4)
+    model = odd_lora(r=3, rank_pattern={"up": 80})
+    for name, p in model.named_parameters():
+        if "out" in name and "lora_A" in name:
+            p.requires_grad_(False)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = asft.AsFTAdamW(lora, lr=1e-2, anchor=anchor.bind(model), anchor_lambda=0.5, backend="cpp")
+    with caplog.at_level(logging.INFO, logger="asft_kernels"):
+        for s in range(3):
+            opt.zero_grad()
+            odd_task_loss(model, s, torch.float64).backward()
+            if s == 2:
+                opt._plan = None  # force a rebuild: the routed rank is not said again
+            opt.step()
+    rows = sorted(opt.describe(), key=lambda row: (row["backend"], row["frozen_factor"]))
+    common = {"device": "cpu", "dtype": "float64", "basis_dtype": "float64", "group": 0}
+    # down (1 × 37: k = 1) on cpp; up (r = 80, k = 4) routed to eager; out (frozen lora_A, k = 1)
+    assert rows == [
+        {**common, "backend": "cpp", "r": 3, "k": 1, "pairs": 1, "frozen_factor": False, "routed_from": None},
+        {**common, "backend": "eager", "r": 80, "k": 4, "pairs": 1, "frozen_factor": False, "routed_from": "cpp"},
+        {**common, "backend": "eager", "r": 3, "k": 1, "pairs": 1, "frozen_factor": True, "routed_from": None},
+    ]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    warns = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(infos) == 1 and "cpp cpu float64 r=3 k=1: 1 pair;" in infos[0]
+    assert "eager cpu float64 r=80 k=4: 1 pair (routed from cpp)" in infos[0]
+    assert "eager cpu float64 r=3 k=1: 1 pair (frozen factor)" in infos[0]
+    assert len(warns) == 1 and "'cpp' does not run float64 pairs of LoRA rank r = 80" in warns[0]
+
+
+def test_describe_eager_and_unanchored():
+    anchor = odd_anchor(rank=3)
+    model = odd_lora(r=2)
+    opt = asft.AsFTAdamW(trainable(model), lr=1e-2, anchor=anchor.bind(model), backend="eager")
+    row = {"backend": "eager", "device": "cpu", "dtype": "float64", "basis_dtype": "float64", "r": 2, "group": 0,
+           "frozen_factor": False, "routed_from": None}
+    # up: k = 3; down (1 × 37) and out (123 × 1): k = 1
+    assert sorted(opt.describe(), key=lambda r: r["k"]) == [{**row, "k": 1, "pairs": 2}, {**row, "k": 3, "pairs": 1}]
+    assert asft.AsFTAdamW(trainable(model), anchor=None).describe() == []

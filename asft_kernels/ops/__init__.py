@@ -79,13 +79,15 @@ _lib.impl("anchoring_terms_", eager.anchoring_terms_op, "CompositeExplicitAutogr
 _lib.impl("anchored_adamw_step_", eager.anchored_step_op, "CompositeExplicitAutograd")
 
 
-def _compiled_backend(name: str) -> Backend | None:
-    """The ``cpp`` or ``triton`` backend if it can run here, else None."""
+def _compiled_backend(name: str, warn: bool = True) -> Backend | None:
+    """The ``cpp`` or ``triton`` backend if it can run here, else None. ``warn=False``: an
+    explicit request, which raises naming the cause (:func:`_unavailable_reason`) instead of
+    the warning that ``auto`` gives before it runs eager."""
     try:
         mod = importlib.import_module(f"{__name__}.{name}")
     except ImportError:
         return None
-    if not mod.is_available():
+    if not (mod.is_available() if warn or name != "cpp" else mod.is_available(warn=False)):
         return None
     if hasattr(mod, "prepare") and hasattr(mod, "step"):
         return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, mod.prepare, mod.step,
@@ -122,10 +124,23 @@ def resolve_backend(requested: str, device: torch.device) -> Backend:
             return EAGER
         return _compiled_backend(name) or EAGER
     check_device(requested, device)
-    backend = _compiled_backend(requested)
+    backend = _compiled_backend(requested, warn=False)
     if backend is None:
-        raise OptimizerInputError(f"backend {requested!r} is not available on this machine")
+        raise OptimizerInputError(
+            f"backend {requested!r} is not available on this machine: {_unavailable_reason(requested)}")
     return backend
+
+
+def _unavailable_reason(name: str) -> str:
+    """Why the compiled backend ``name`` cannot run here, in a few words."""
+    try:
+        mod = importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        return f"importing it failed ({exc})"
+    reason = getattr(mod, "unavailable_reason", None)
+    if callable(reason) and reason():
+        return reason()
+    return getattr(mod, "UNSUPPORTED", None) or "its is_available() is False"
 
 
 def check_device(requested: str, device: torch.device) -> None:

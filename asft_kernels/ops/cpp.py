@@ -37,6 +37,7 @@ from .cpp_build import (  # noqa: F401  (re-exported: the backend contract and `
     is_available,
     load_arguments,
     register_cli,
+    unavailable_reason,
 )
 from .schema import (  # importing schema declares the ops before the kernels load
     AdamWHyper,

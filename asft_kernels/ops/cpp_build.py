@@ -17,7 +17,9 @@ build that compiles prints one line to stderr; loading a cached build prints not
 takes milliseconds.
 
 If no C++ compiler is found or the build fails, :func:`is_available` returns False and
-warns once (:class:`CppBackendWarning`); ``backend="auto"`` then runs the eager backend.
+warns once (:class:`CppBackendWarning`); ``backend="auto"`` then runs the eager backend,
+and an explicit ``backend="cpp"`` is an error at construction naming the cause
+(:func:`unavailable_reason`).
 """
 
 from __future__ import annotations
@@ -211,30 +213,39 @@ def build(verbose: bool = False) -> Path:
         return _State.library
 
 
-def is_available() -> bool:
+def is_available(warn: bool = True) -> bool:
     """True when the C++ kernels are loaded (building them on the first call).
 
-    On failure returns False and emits one :class:`CppBackendWarning` per process that
-    names the cause; later calls return False without retrying.
+    On failure returns False and, with ``warn`` (``backend="auto"``: eager runs instead),
+    emits one :class:`CppBackendWarning` per process that names the cause; later calls
+    return False without retrying. ``warn=False`` (an explicit ``backend="cpp"``, which
+    raises with :func:`unavailable_reason` instead) records the failure without warning.
     """
-    if _State.loaded is not None:
-        return _State.loaded
-    try:
-        build()
-    except Exception as exc:  # any build/load failure means: use eager
+    if _State.loaded is None:
+        try:
+            build()
+        except Exception as exc:  # any build/load failure means: use eager
+            with _State.lock:
+                _State.loaded = False
+                _State.error = f"{type(exc).__name__}: {exc}".strip()
+    if not _State.loaded and warn:
         with _State.lock:
-            _State.loaded = False
-            _State.error = f"{type(exc).__name__}: {exc}".strip()
             if not _State.warned:
                 _State.warned = True
-                first = _State.error.splitlines()[0] if _State.error else "unknown error"
                 warnings.warn(
-                    f"asft_kernels: the C++ CPU backend is unavailable ({first}); CPU tensors use the eager "
-                    "backend. Install a C++ compiler (g++) and ninja, then run `asft build-ext`.",
+                    f"asft_kernels: the C++ CPU backend is unavailable ({unavailable_reason()}); CPU tensors use the "
+                    "eager backend. Install a C++ compiler (g++) and ninja, then run `asft build-ext`.",
                     CppBackendWarning,
                     stacklevel=2,
                 )
     return bool(_State.loaded)
+
+
+def unavailable_reason() -> str | None:
+    """Why the C++ kernels could not be built or loaded (first line of the error), or None."""
+    if _State.loaded or _State.error is None:
+        return None
+    return _State.error.splitlines()[0] if _State.error else "unknown error"
 
 
 # ----------------------------------------------------------------------------------- CLI

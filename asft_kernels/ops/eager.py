@@ -173,9 +173,11 @@ def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = No
     if fused is None:  # this module's update: the transposed views it needs, once
         dt = bucket.P.dtype
         same = bucket.B[0].dtype == dt
+        # views of detached aliases: they follow the in-place updates of the parameters and
+        # are no autograd views of them (those would be refused once grad mode is back on)
         fused = partial(fused_step, transposed=([u.to(dt).T for u in bucket.U],
-                                                [b.T for b in bucket.B] if same else None,
-                                                [a.T for a in bucket.A] if same else None))
+                                                [b.detach().T for b in bucket.B] if same else None,
+                                                [a.detach().T for a in bucket.A] if same else None))
     train = None
     if bucket.train_A is not None or bucket.train_B is not None:
         train_A = bucket.train_A if bucket.train_A is not None else [True] * L
