@@ -519,12 +519,11 @@ class AsFTAdamW(torch.optim.AdamW):
                                 device=like.device if like is not None else None)
         self._anchor_loss = total
 
-    def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor, stepped: bool = False) -> None:
-        """AdamW on one tensor with math-dtype moments (``stepped``: its counter has been
-        advanced already)."""
+    def _eager_adamw(self, group: dict, p: Tensor, grad: Tensor) -> None:
+        """AdamW on one unanchored tensor with math-dtype moments (a λ = 0 low-precision
+        factor that keeps the fp32 moments of its anchored steps)."""
         state = init_state(self.state[p], p)
-        if not stepped:
-            state["step"] += 1
+        state["step"] += 1
         g = grad.to(state["exp_avg"].dtype)
         if group["maximize"]:
             g = -g
