@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from pathlib import Path
@@ -82,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``asft``; returns the exit status (0, 1 or 2, see :data:`EPILOG`)."""
-    # bitsandbytes (imported by peft when installed) logs, at import, that an optional CPU
-    # kernel package is missing; the commands here never run its 4-bit CPU kernels.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
     if not getattr(args, "func", None):
