@@ -456,6 +456,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     energies = [e.energy for e in anchor.values()]
     skipped = anchor.metadata.get("skipped_unchanged") or []
     note = f"; left out {len(skipped)} unchanged module(s)" if skipped else ""
+    if args.rank is not None and args.energy is None:
+        short = sorted({e.rank for e in anchor.values() if e.rank < args.rank})
+        if short:
+            count = sum(e.rank < args.rank for e in anchor.values())
+            note += (f"; --rank {args.rank} is more than {count} module(s) have (min(m, n) or the numerical rank "
+                     f"of V): they keep all {'/'.join(map(str, short))} directions, the exact delta")
     print(f"wrote {args.out}: {len(anchor)} modules, ranks {sorted({e.rank for e in anchor.values()})}, "
           f"energy captured {min(energies):.4f}..{max(energies):.4f}, seed {args.seed}, "
           f"{anchor.timings['seconds']:.2f} s{note}")
