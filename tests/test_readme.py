@@ -84,6 +84,7 @@ def _without_test_extras(tmp_path) -> list[str]:
     that only the ``test`` extras bring (pytest, Triton, bitsandbytes, ...): an environment
     made by the main job's command. Returns the import path to run a child with (``-S``)."""
     import importlib.metadata as md
+    import os
     import site
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -98,7 +99,8 @@ def _without_test_extras(tmp_path) -> list[str]:
             hidden.add(top)
     farm = tmp_path / "site"
     farm.mkdir()
-    for directory in site.getsitepackages():
+    directories = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    for directory in filter(os.path.isdir, directories):
         for entry in Path(directory).iterdir():
             stem = entry.name.split("-")[0].removesuffix(".py").removesuffix(".dist-info")
             if stem in hidden or stem.lower().replace("_", "-") in dropped or entry.suffix == ".pth":
