@@ -255,7 +255,8 @@ def build_anchor(
             published ``R`` (mode ``paper``) by at most ``tolerance · ‖B A‖²_F``, for any
             LoRA product ``B A``: the largest dropped ``|wᵢ| = |2cᵢ − cᵢ²|`` is at most
             ``tolerance`` (:func:`asft_kernels.anchor.dropped_paper_bounds`; docs/method.md).
-            Runs the exact SVD; ``rank`` caps it (pass ``rank=None`` for no cap); not with
+            Runs the exact SVD; ``rank`` caps it (pass ``rank=None`` for no cap; a module
+            the cap keeps above the tolerance is named in a ``UserWarning``); not with
             ``energy``. ``0`` keeps every direction of the numerical rank.
 
     Returns:
@@ -361,6 +362,16 @@ def build_anchor(
         "skipped_unchanged": unchanged,
         "streaming": {"aligned": a_reader.stats(), "base": b_reader.stats()},
     }
+    if tolerance is not None:
+        over = {n: info["paper_bound"] for n, info in per_module.items() if info["paper_bound"] > tolerance}
+        if over:
+            import warnings
+
+            listed = ", ".join(f"{n} (k = {per_module[n]['rank']}, bound {b:.3g})" for n, b in list(over.items())[:5])
+            warnings.warn(f"build_anchor: rank={rank} caps k below what tolerance={tolerance:g} needs in "
+                          f"{len(over)} module(s): {listed}; their dropped directions change R by up to the "
+                          "bound stored in metadata['per_module'][name]['paper_bound'] times ||BA||_F^2",
+                          UserWarning, stacklevel=2)
     anchor = AlignmentAnchor(entries, metadata)
     anchor.timings = {"seconds": time.perf_counter() - start, "per_module": seconds}
     return anchor
@@ -488,11 +499,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     rank = args.rank
     if rank is _DEFAULT_RANK:
         rank = None if args.tolerance is not None else 64
-    anchor = build_anchor(args.aligned, args.base, targets, rank=rank, energy=args.energy,
-                          dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
-                          method=args.method, oversample=args.oversample, niter=args.niter, seed=args.seed,
-                          skip_unchanged=args.skip_unchanged, allow_missing_targets=args.allow_missing_targets,
-                          tolerance=args.tolerance)
+    import warnings
+
+    with warnings.catch_warnings():  # a rank that caps the tolerance is said in the summary line below
+        warnings.filterwarnings("ignore", message="build_anchor: rank=", category=UserWarning)
+        anchor = build_anchor(args.aligned, args.base, targets, rank=rank, energy=args.energy,
+                              dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
+                              method=args.method, oversample=args.oversample, niter=args.niter, seed=args.seed,
+                              skip_unchanged=args.skip_unchanged, allow_missing_targets=args.allow_missing_targets,
+                              tolerance=args.tolerance)
     anchor.save(out)
     energies = [e.energy for e in anchor.values()]
     skipped = anchor.metadata.get("skipped_unchanged") or []

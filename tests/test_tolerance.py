@@ -166,6 +166,11 @@ def test_build_anchor_keeps_per_module_the_smallest_k_within_the_tolerance(ckpts
     with pytest.raises(AsFTError, match="exact SVD"):
         asft.build_anchor(root / "aligned", root / "base", ["q_proj"], rank=2, tolerance=0.1, method="randomized",
                           progress=False)
+    # a rank that caps k below the tolerance's is named, not silent
+    with pytest.warns(UserWarning, match=r"caps k below what tolerance=0.05 needs in 2 module\(s\)"):
+        capped = asft.build_anchor(root / "aligned", root / "base", ["q_proj", "v_proj"], rank=1, tolerance=0.05,
+                                   progress=False)
+    assert all(info["paper_bound"] > 0.05 for info in capped.metadata["per_module"].values())
 
 
 def test_cli_tolerance_and_inspect_show_the_bound_per_module(ckpts, tmp_path, capsys):
@@ -176,6 +181,11 @@ def test_cli_tolerance_and_inspect_show_the_bound_per_module(ckpts, tmp_path, ca
     assert main(["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--targets",
                  "q_proj,v_proj", "--tolerance", "0.01", "--out", str(out), "--no-progress"]) == 0
     assert "--tolerance 0.01: largest dropped weight" in capsys.readouterr().out
+    capped = tmp_path / "capped.safetensors"
+    assert main(["build-anchor", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--targets",
+                 "q_proj", "--tolerance", "0.01", "--rank", "1", "--out", str(capped), "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert "above the tolerance in 1 module(s) where --rank 1 capped k" in said.out and "Warning" not in said.err
     anchor = asft.AlignmentAnchor.load(out)
     assert anchor.metadata["rank"] is None  # --tolerance without --rank: no cap
     assert main(["inspect", str(out)]) == 0
