@@ -79,13 +79,29 @@ def _closure(names) -> set[str]:
     return seen
 
 
+def _site_paths() -> list[str]:
+    """The entries ``site`` adds to this interpreter's import path, in order: site-packages
+    (of a virtual environment or not), the user site, and what their ``.pth`` files name."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = "import json, sys; print(json.dumps(sys.path))"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    full = json.loads(subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+    bare = set(json.loads(subprocess.run([sys.executable, "-S", "-c", code], cwd="/", env=env, capture_output=True,
+                                         text=True, check=True).stdout))
+    return [p for p in full if p and p not in bare]
+
+
 def _without_test_extras(tmp_path) -> list[str]:
-    """A directory of links to this environment's site-packages entries less the distributions
+    """A directory of links to the entries of this environment's site directories less the distributions
     that only the ``test`` extras bring (pytest, Triton, bitsandbytes, ...): an environment
     made by the main job's command. Returns the import path to run a child with (``-S``)."""
     import importlib.metadata as md
     import os
-    import site
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -97,10 +113,9 @@ def _without_test_extras(tmp_path) -> list[str]:
     for top, dists in md.packages_distributions().items():
         if any(d.lower().replace("_", "-") in dropped for d in dists):
             hidden.add(top)
-    farm = tmp_path / "site"
-    farm.mkdir()
-    directories = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
-    for directory in filter(os.path.isdir, directories):
+    farm = tmp_path / "main_job" / "site-packages"  # named so: dill pickles modules outside one by value
+    farm.mkdir(parents=True)
+    for directory in filter(os.path.isdir, _site_paths()):
         for entry in Path(directory).iterdir():
             stem = entry.name.split("-")[0].removesuffix(".py").removesuffix(".dist-info")
             if stem in hidden or stem.lower().replace("_", "-") in dropped or entry.suffix == ".pth":
