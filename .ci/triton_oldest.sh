@@ -4,8 +4,10 @@
 # compile test (registers and spills for sm_80/sm_90), the interpreter tests of the backend,
 # and the optimizer's triton trajectory tests under the interpreter.
 #
-# A second virtual environment sees the main one's packages (--system-site-packages) and
-# installs only that Triton, plus NumPy < 2.4: the interpreter of Triton < 3.8 converts
+# A second virtual environment sees the main one's packages (a .pth file lists the entries
+# `site` adds to the main interpreter's import path; --system-site-packages would, from inside
+# a virtual environment, give the base interpreter's packages instead) and installs only
+# that Triton, plus NumPy < 2.4: the interpreter of Triton < 3.8 converts
 # one-element arrays with int(), which NumPy 2.4 refuses. The main environment's Triton is
 # left alone. The environment is kept in $ASFT_TRITON_OLDEST_VENV (default under $TMPDIR)
 # and reused when it already has the right Triton.
@@ -15,7 +17,16 @@ cd "$(dirname "$0")/.."
 version=$(python -c "from asft_kernels.ops.triton.version import MIN_TRITON; print('%d.%d.0' % MIN_TRITON)")
 venv="${ASFT_TRITON_OLDEST_VENV:-${TMPDIR:-/tmp}/asft-triton-$version}"
 if ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$version')" 2>/dev/null; then
-    python -m venv --system-site-packages "$venv"
+    python -m venv "$venv"
+    site_dir=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+    python - "$site_dir/outer_environment.pth" <<'PY'
+import json, subprocess, sys
+code = "import json, sys; print(json.dumps(sys.path))"
+full = json.loads(subprocess.check_output([sys.executable, "-c", code], cwd="/"))
+bare = set(json.loads(subprocess.check_output([sys.executable, "-S", "-c", code], cwd="/")))
+with open(sys.argv[1], "w") as fh:
+    fh.write("".join(p + "\n" for p in full if p and p not in bare))
+PY
     "$venv/bin/python" -m pip install -q "triton==$version" "numpy<2.4"
 fi
 "$venv/bin/python" -c "import triton; print('triton', triton.__version__, 'from', triton.__file__)"

@@ -10,6 +10,7 @@ Public names (see README.md)::
 
 from __future__ import annotations
 
+from . import _quiet  # noqa: F401  (first: before anything imports peft, and with it bitsandbytes)
 from .anchor import AlignmentAnchor, AnchorBinding, AnchoredPair, AnchorEntry
 from .errors import (
     AnchorEntryError,

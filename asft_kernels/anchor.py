@@ -225,6 +225,63 @@ def randomized_svd(V: Tensor, q: int, *, niter: int = 4, seed: int = DEFAULT_SEE
     return Q @ U_small, s
 
 
+def paper_weight_bound(c_max: float) -> float:
+    """``max |wᵢ| = max |2c − c²|`` over ``c ∈ [0, c_max]``: ``w`` rises to 1 at ``c = 1``,
+    falls to 0 at ``c = 2`` and is ``−c(c − 2)`` beyond (``|w| = 1`` again at ``c = 1 + √2``)."""
+    c_max = max(float(c_max), 0.0)
+    if c_max <= 1.0:
+        return c_max * (2.0 - c_max)
+    return max(1.0, c_max * (c_max - 2.0))
+
+
+def dropped_paper_bounds(s: Tensor, fro_norm: float, full_rank: int) -> list[float]:
+    """``bounds[k]`` (k = 0 … K) is the largest ``|wᵢ|`` of mode ``paper`` over the
+    directions an anchor keeping the top k of ``s`` drops.
+
+    Why it matters: with ``M = B A`` and ``aᵢ = ‖uᵢᵀ M‖²``, the published
+    ``R = ‖(I − C) M‖²_F = ‖M‖²_F − Σᵢ wᵢ aᵢ`` over all directions of ``V``
+    (``wᵢ = 2cᵢ − cᵢ²``, ``cᵢ = sᵢ²/‖V‖_F``), and an anchor of the top k has the same
+    ``cᵢ`` for what it keeps, so ``R_k − R = Σ_{i>k} wᵢ aᵢ`` and, as ``Σ_{i>k} aᵢ ≤ ‖M‖²_F``,
+    ``|R_k − R| ≤ bounds[k] · ‖B A‖²_F`` for every ``B A``; equality when ``B A`` lies along
+    the dropped direction of largest ``|wᵢ|``.
+
+    Args:
+        s: (K,) singular values of ``V`` known, descending (K ≤ ``full_rank``).
+        fro_norm: ``‖V‖_F``.
+        full_rank: ``min(m, n)``. When K < ``full_rank`` the unknown directions beyond K
+            have ``sᵢ ≤ s_K`` and ``Σ sᵢ² ≤ ‖V‖²_F − Σ_known``: their ``c`` is bounded by
+            ``min(s_K², ‖V‖²_F − Σ_known) / ‖V‖_F`` and :func:`paper_weight_bound` of it
+            enters every bound.
+    """
+    s64 = s.detach().double().cpu()
+    if fro_norm <= 0.0:
+        return [0.0] * (s64.numel() + 1)
+    c = s64.square() / fro_norm
+    w = (c * (2.0 - c)).abs()
+    tail = 0.0
+    if s64.numel() < full_rank:
+        rest = max(fro_norm * fro_norm - float(s64.square().sum()), 0.0)
+        last = float(s64[-1]) ** 2 if s64.numel() else rest
+        tail = paper_weight_bound(min(last, rest) / fro_norm)
+    bounds = [tail] * (s64.numel() + 1)
+    for k in range(s64.numel() - 1, -1, -1):
+        bounds[k] = max(bounds[k + 1], float(w[k]))
+    return bounds
+
+
+def entry_paper_bound(entry: AnchorEntry) -> float:
+    """An upper bound, from ``entry`` alone, on the largest ``|wᵢ|`` (mode ``paper``) of the
+    directions of ``V`` it does not keep (see :func:`dropped_paper_bounds`): each has
+    ``sᵢ ≤ s_k`` and they hold ``(1 − energy)·‖V‖²_F`` together. For anchors whose file
+    predates the stored bound."""
+    full = min(entry.shape)
+    if entry.rank >= full:
+        return 0.0
+    rest = max(1.0 - entry.energy, 0.0) * entry.fro_norm ** 2
+    last = float(entry.s[-1].double()) ** 2
+    return paper_weight_bound(min(last, rest) / entry.fro_norm)
+
+
 def factorize_delta(
     V: Tensor,
     rank: int | None = None,
@@ -236,14 +293,19 @@ def factorize_delta(
     seed: int = DEFAULT_SEED,
     dtype: torch.dtype = torch.float32,
     name: str = "delta",
+    tolerance: float | None = None,
 ) -> AnchorEntry:
-    """SVD of one alignment delta ``V`` (m, n), truncated to ``rank`` or to ``energy``.
+    """SVD of one alignment delta ``V`` (m, n), truncated to ``rank``, ``energy`` or ``tolerance``.
 
     Args:
         V: (m, n) delta in ``out × in`` layout, any floating dtype and device.
         rank: number of directions kept; ``None`` keeps the numerical rank of ``V``.
         energy: if given (0 < energy ≤ 1), the smallest k whose directions capture this
             fraction of ``‖V‖²_F`` (capped by ``rank`` when both are given).
+        tolerance: if given (τ ≥ 0), the smallest k whose dropped directions change the
+            published ``R`` by at most ``τ · ‖B A‖²_F`` for every ``B A`` (mode ``paper``;
+            see :func:`dropped_paper_bounds`), capped by ``rank``; not with ``energy``. Runs
+            the exact SVD (``method="randomized"`` is refused).
         method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
             (:func:`randomized_svd` with ``oversample`` extra columns and ``niter`` power
             iterations) or ``"auto"`` (randomized when ``rank`` is set and
@@ -255,9 +317,41 @@ def factorize_delta(
     Raises:
         AnchorMismatchError: ``V`` not 2-D, not floating point, non-finite, exactly zero
             (an unchanged module has no direction), or too large for ``dtype``.
-        AsFTError: bad ``rank``, ``energy``, ``method``, ``oversample``, ``niter``, ``seed``
-            or ``dtype``.
+        AsFTError: bad ``rank``, ``energy``, ``tolerance``, ``method``, ``oversample``,
+            ``niter``, ``seed`` or ``dtype``.
     """
+    return _factorize(V, rank, energy, method=method, oversample=oversample, niter=niter, seed=seed, dtype=dtype,
+                      name=name, tolerance=tolerance)[0]
+
+
+def check_tolerance(tolerance: float | None, energy: float | None) -> None:
+    """Raise :class:`AsFTError` unless ``tolerance`` is None or a finite number ≥ 0 given
+    without ``energy``."""
+    if tolerance is None:
+        return
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance) \
+            or tolerance < 0:
+        raise AsFTError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if energy is not None:
+        raise AsFTError("give energy or tolerance, not both (each picks the number of directions per module)")
+
+
+def _factorize(
+    V: Tensor,
+    rank: int | None,
+    energy: float | None,
+    *,
+    method: str,
+    oversample: int,
+    niter: int,
+    seed: int,
+    dtype: torch.dtype,
+    name: str,
+    tolerance: float | None,
+) -> tuple[AnchorEntry, float | None]:
+    """:func:`factorize_delta`, and the bound of :func:`dropped_paper_bounds` at the k kept
+    (None after a randomized SVD)."""
+    check_tolerance(tolerance, energy)
     if V.ndim != 2:
         raise AnchorMismatchError(f"{name}: alignment delta must be 2-D, got shape {tuple(V.shape)}")
     if not V.is_floating_point():
@@ -274,6 +368,11 @@ def factorize_delta(
     if min(m, n) < 1:
         raise AnchorMismatchError(f"{name}: alignment delta has an empty shape {(m, n)}")
     chosen = svd_method((m, n), rank, method=method, oversample=oversample)  # validates method
+    if tolerance is not None and chosen == "randomized":
+        if method == "randomized":
+            raise AsFTError(f"{name}: tolerance needs the exact SVD (its bound uses every singular value and "
+                            "exact singular vectors); use method='exact' or 'auto'")
+        chosen = "exact"
     work = V.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if not torch.isfinite(work).all():
         raise AnchorMismatchError(f"{name}: alignment delta of shape {(m, n)} holds NaN or inf")
@@ -298,12 +397,15 @@ def factorize_delta(
         cum = torch.cumsum(s[:k].double().square(), 0) / (fro * fro)
         k_energy = int(torch.searchsorted(cum, torch.tensor(float(energy), dtype=cum.dtype) - 1e-12)) + 1
         k = min(k, k_energy)
+    bounds = dropped_paper_bounds(s, fro, full)
+    if tolerance is not None:
+        k = min(k, next(j for j in range(1, len(bounds)) if bounds[j] <= tolerance or j == len(bounds) - 1))
     k = max(k, 1)
     U = U[:, :k].contiguous()
     s = s[:k].contiguous()
     captured = float(s.double().square().sum()) / (fro * fro)
     try:
-        return AnchorEntry(
+        entry = AnchorEntry(
             U=U.to(dtype).cpu().contiguous(),
             s=s.to(dtype).cpu().contiguous(),
             fro_norm=fro,
@@ -312,6 +414,8 @@ def factorize_delta(
         )
     except AnchorEntryError as exc:
         raise AnchorMismatchError(f"{name}: {exc}") from exc
+    # the bound holds for exact singular vectors and values; a sketch only estimates them
+    return entry, (bounds[k] if chosen == "exact" else None)
 
 
 class AlignmentAnchor(Mapping[str, AnchorEntry]):

@@ -10,7 +10,7 @@ any tensor data is read or any SVD runs.
 Command line (registered in :mod:`asft_kernels.cli`)::
 
     asft build-anchor --aligned A --base B --targets q_proj,v_proj --rank 64 --out anchor.safetensors
-        [--seed 0] [--skip-unchanged] [--allow-missing-targets]
+        [--tolerance 0.01] [--seed 0] [--skip-unchanged] [--allow-missing-targets]
     asft inspect anchor.safetensors [--plot spectrum.png]
 """
 
@@ -30,9 +30,11 @@ from .anchor import (
     DEFAULT_SEED,
     AlignmentAnchor,
     _check_sketch_args,
+    _factorize,
     _refuse_unchanged,
     atomic_write,
-    factorize_delta,
+    check_tolerance,
+    entry_paper_bound,
     normalize_module_name,
     svd_method,
 )
@@ -215,6 +217,7 @@ def build_anchor(
     seed: int = DEFAULT_SEED,
     skip_unchanged: bool = False,
     allow_missing_targets: bool = False,
+    tolerance: float | None = None,
 ) -> AlignmentAnchor:
     """Alignment anchor of ``aligned`` relative to ``base``, one module at a time.
 
@@ -248,11 +251,20 @@ def build_anchor(
             anchor, which in ``paper`` mode is the plain ``λ‖BA‖²`` penalty).
         allow_missing_targets: ignore entries of a list ``target_modules`` that match no
             module (default: refuse them, listing the module names that exist).
+        tolerance: keep per module the fewest directions whose dropped rest changes the
+            published ``R`` (mode ``paper``) by at most ``tolerance · ‖B A‖²_F``, for any
+            LoRA product ``B A``: the largest dropped ``|wᵢ| = |2cᵢ − cᵢ²|`` is at most
+            ``tolerance`` (:func:`asft_kernels.anchor.dropped_paper_bounds`; docs/method.md).
+            Runs the exact SVD; ``rank`` caps it (pass ``rank=None`` for no cap; a module
+            the cap keeps above the tolerance is named in a ``UserWarning``); not with
+            ``energy``. ``0`` keeps every direction of the numerical rank.
 
     Returns:
         The anchor; ``anchor.metadata`` (stored in the file) records the sources, rank,
         energy, SVD method, oversample, niter, seed, dtype, device, per-module rank /
-        energy captured / SVD method actually run, the modules skipped as unchanged,
+        energy captured / SVD method actually run / ``paper_bound`` (the largest dropped
+        ``|wᵢ|``, so ``|R_k − R| ≤ paper_bound · ‖B A‖²_F``; None after a randomized SVD),
+        the tolerance, the modules skipped as unchanged,
         and the reader counters (tensors read, peak tensors alive at once).
         ``anchor.timings`` (not stored, so that files are reproducible) holds the
         wall-clock seconds, in total and per module.
@@ -273,8 +285,8 @@ def build_anchor(
             naming every one).
         AnchorFileError: missing, truncated or corrupted files, NaN/inf in a weight, a
             hub id absent from the local cache.
-        AsFTError: bad ``rank``, ``energy``, ``dtype``, ``method``, ``oversample``,
-            ``niter``, ``seed``, or a ``device`` that does not exist here.
+        AsFTError: bad ``rank``, ``energy``, ``tolerance``, ``dtype``, ``method``,
+            ``oversample``, ``niter``, ``seed``, or a ``device`` that does not exist here.
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise AsFTError(f"rank must be a positive int or None, got {rank!r}")
@@ -282,6 +294,10 @@ def build_anchor(
         raise AsFTError(f"energy must be in (0, 1], got {energy!r}")
     if dtype not in (torch.float32, torch.float64):
         raise AsFTError(f"anchor dtype must be torch.float32 or torch.float64, got {dtype}")
+    check_tolerance(tolerance, energy)
+    if tolerance is not None and method == "randomized":
+        raise AsFTError("tolerance needs the exact SVD (its bound uses every singular value and exact singular "
+                        "vectors); use method='exact' or 'auto'")
     svd_method((1, 1), rank, method=method, oversample=oversample)  # validates method, oversample
     _check_sketch_args(niter, seed)
     device = resolve_device(device)
@@ -306,15 +322,16 @@ def build_anchor(
             continue
         if unchanged and not skip_unchanged:
             continue  # the build fails anyway: only finish the list of unchanged modules
-        entry = factorize_delta(V, rank, energy, method=method, oversample=oversample, niter=niter, seed=seed,
-                                dtype=dtype, name=pair.name)
+        entry, bound = _factorize(V, rank, energy, method=method, oversample=oversample, niter=niter, seed=seed,
+                                  dtype=dtype, name=pair.name, tolerance=tolerance)
         del V
         entries[pair.name] = entry
         seconds[pair.name] = time.perf_counter() - t0
         per_module[pair.name] = {
             "rank": entry.rank,
             "energy": entry.energy,
-            "method": svd_method(pair.shape, rank, method=method, oversample=oversample),
+            "paper_bound": bound,
+            "method": "exact" if bound is not None else "randomized",
             "conv1d": pair.conv1d,
             "keys": [pair.aligned_key, pair.base_key],
         }
@@ -333,6 +350,7 @@ def build_anchor(
         "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
         "rank": rank,
         "energy": energy,
+        "tolerance": tolerance,
         "method": method,
         "oversample": oversample,
         "niter": niter,
@@ -344,6 +362,16 @@ def build_anchor(
         "skipped_unchanged": unchanged,
         "streaming": {"aligned": a_reader.stats(), "base": b_reader.stats()},
     }
+    if tolerance is not None:
+        over = {n: info["paper_bound"] for n, info in per_module.items() if info["paper_bound"] > tolerance}
+        if over:
+            import warnings
+
+            listed = ", ".join(f"{n} (k = {per_module[n]['rank']}, bound {b:.3g})" for n, b in list(over.items())[:5])
+            warnings.warn(f"build_anchor: rank={rank} caps k below what tolerance={tolerance:g} needs in "
+                          f"{len(over)} module(s): {listed}; their dropped directions change R by up to the "
+                          "bound stored in metadata['per_module'][name]['paper_bound'] times ||BA||_F^2",
+                          UserWarning, stacklevel=2)
     anchor = AlignmentAnchor(entries, metadata)
     anchor.timings = {"seconds": time.perf_counter() - start, "per_module": seconds}
     return anchor
@@ -421,6 +449,16 @@ def _parse_energy(text: str) -> float:
     return value
 
 
+def _parse_tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"tolerance must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _int_at_least(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -443,19 +481,49 @@ def _parse_device(text: str) -> str:
     return text
 
 
+class _DefaultRank:
+    """``--rank`` not given: 64, or no cap with ``--tolerance``."""
+
+    def __repr__(self) -> str:
+        return "64"
+
+
+_DEFAULT_RANK = _DefaultRank()
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from .cli import check_output_path
 
     targets: str | list[str] = args.targets_regex if args.targets_regex else args.targets
     out = check_output_path(args.out, "--out")
-    anchor = build_anchor(args.aligned, args.base, targets, rank=args.rank, energy=args.energy,
-                          dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
-                          method=args.method, oversample=args.oversample, niter=args.niter, seed=args.seed,
-                          skip_unchanged=args.skip_unchanged, allow_missing_targets=args.allow_missing_targets)
+    rank = args.rank
+    if rank is _DEFAULT_RANK:
+        rank = None if args.tolerance is not None else 64
+    import warnings
+
+    with warnings.catch_warnings():  # a rank that caps the tolerance is said in the summary line below
+        warnings.filterwarnings("ignore", message="build_anchor: rank=", category=UserWarning)
+        anchor = build_anchor(args.aligned, args.base, targets, rank=rank, energy=args.energy,
+                              dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
+                              method=args.method, oversample=args.oversample, niter=args.niter, seed=args.seed,
+                              skip_unchanged=args.skip_unchanged, allow_missing_targets=args.allow_missing_targets,
+                              tolerance=args.tolerance)
     anchor.save(out)
     energies = [e.energy for e in anchor.values()]
     skipped = anchor.metadata.get("skipped_unchanged") or []
     note = f"; left out {len(skipped)} unchanged module(s)" if skipped else ""
+    if args.rank is not _DEFAULT_RANK and rank is not None and args.energy is None and args.tolerance is None:
+        short = sorted({e.rank for e in anchor.values() if e.rank < rank})
+        if short:
+            count = sum(e.rank < rank for e in anchor.values())
+            note += (f"; --rank {rank} is more than {count} module(s) have (min(m, n) or the numerical rank "
+                     f"of V): they keep all {'/'.join(map(str, short))} directions, the exact delta")
+    if args.tolerance is not None:
+        bounds = [info["paper_bound"] for info in anchor.metadata["per_module"].values()]
+        over = sum(b > args.tolerance for b in bounds)
+        note += f"; --tolerance {args.tolerance:g}: largest dropped weight {max(bounds):.3g}"
+        if over:
+            note += f", above the tolerance in {over} module(s) where --rank {rank} capped k"
     print(f"wrote {args.out}: {len(anchor)} modules, ranks {sorted({e.rank for e in anchor.values()})}, "
           f"energy captured {min(energies):.4f}..{max(energies):.4f}, seed {args.seed}, "
           f"{anchor.timings['seconds']:.2f} s{note}")
@@ -470,15 +538,29 @@ def _decay(s: torch.Tensor) -> tuple[float, float, float]:
     return s1, float(s[(s.numel() - 1) // 2]) / s1, float(s[-1]) / s1
 
 
+def paper_bound_text(anchor: AlignmentAnchor, name: str) -> str:
+    """The ``R bound`` cell of ``asft inspect`` for module ``name``: the largest dropped
+    ``|wᵢ|`` stored at build time (``|R_k − R| ≤ bound · ‖B A‖²_F`` in mode ``paper``);
+    ``n/a`` after a randomized SVD; for files without a stored bound, the upper bound that
+    follows from the entry alone, marked ``*``."""
+    info = ((anchor.metadata or {}).get("per_module") or {}).get(name) or {}
+    if "paper_bound" in info:
+        return "n/a" if info["paper_bound"] is None else f"{info['paper_bound']:.3g}"
+    if info.get("method") == "randomized":
+        return "n/a"
+    return f"{entry_paper_bound(anchor[name]):.3g}*"
+
+
 def inspect_table(anchor: AlignmentAnchor) -> str:
-    """A text table: module, shape (m × n), rank, energy captured, ‖V‖_F, s₁, and the
-    singular-value decay ``s_mid/s₁`` and ``s_k/s₁``."""
-    header = ("module", "shape", "rank", "energy", "||V||_F", "s_1", "s_mid/s_1", "s_k/s_1")
+    """A text table: module, shape (m × n), rank, energy captured, the ``R`` bound of the
+    dropped directions (:func:`paper_bound_text`), ‖V‖_F, s₁, and the singular-value decay
+    ``s_mid/s₁`` and ``s_k/s₁``."""
+    header = ("module", "shape", "rank", "energy", "R bound", "||V||_F", "s_1", "s_mid/s_1", "s_k/s_1")
     rows = []
     for name, e in anchor.items():
         s1, mid, last = _decay(e.s)
-        rows.append((name, f"{e.shape[0]}x{e.shape[1]}", str(e.rank), f"{e.energy:.4f}", f"{e.fro_norm:.4g}",
-                     f"{s1:.4g}", f"{mid:.3g}", f"{last:.3g}"))
+        rows.append((name, f"{e.shape[0]}x{e.shape[1]}", str(e.rank), f"{e.energy:.4f}",
+                     paper_bound_text(anchor, name), f"{e.fro_norm:.4g}", f"{s1:.4g}", f"{mid:.3g}", f"{last:.3g}"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
@@ -521,9 +603,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     anchor = AlignmentAnchor.load(args.anchor)
     meta = anchor.metadata
     if meta:
-        keys = ("built_by", "sources", "model_type", "rank", "energy", "method", "seed", "dtype", "device")
+        keys = ("built_by", "sources", "model_type", "rank", "energy", "tolerance", "method", "seed", "dtype",
+                "device")
         print("build: " + ", ".join(f"{k}={meta[k]}" for k in keys if k in meta))
-    print(inspect_table(anchor))
+    table = inspect_table(anchor)
+    print(table)
+    print("R bound: |R_k - R| <= bound * ||BA||_F^2 in mode paper, from the directions left out"
+          + ("; * derived from the entry (no bound stored in the file)" if "*" in table else ""))
     if plot is not None:
         plot_spectrum(anchor, plot)
         print(f"wrote {args.plot}")
@@ -540,9 +626,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--targets", type=_parse_targets,
                        help="comma-separated module names/suffixes, or 'all-linear'")
     group.add_argument("--targets-regex", help="regular expression matching whole module names")
-    p.add_argument("--rank", type=_parse_rank, default=64, help="directions per module, or 'none' (default 64)")
+    p.add_argument("--rank", type=_parse_rank, default=_DEFAULT_RANK,
+                   help="directions per module, or 'none' (default 64; with --tolerance: none, a cap if given)")
     p.add_argument("--energy", type=_parse_energy, default=None,
                    help="per-module rank by captured energy, e.g. 0.9")
+    p.add_argument("--tolerance", type=_parse_tolerance, default=None,
+                   help="per-module rank: the fewest directions whose dropped rest changes R (mode paper) by at "
+                        "most TOLERANCE x ||BA||_F^2 (largest dropped |2c - c^2|), e.g. 0.01; exact SVD")
     p.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto",
                    help="SVD: exact, randomized, or auto (randomized when rank is small; default)")
     p.add_argument("--oversample", type=_int_at_least(0), default=10,

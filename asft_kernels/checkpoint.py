@@ -345,6 +345,16 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
 def _read_index(path: Path) -> dict[str, str]:
     try:
         index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AnchorFileError(f"checkpoint index {str(path)!r} is malformed: {exc}") from exc
+    if not isinstance(index, dict) or "weight_map" not in index:
+        # another JSON file given (config.json, tokenizer.json, ...): not a broken index
+        kind = "a model config" if isinstance(index, dict) and ("model_type" in index or "architectures" in index) \
+            else "a JSON file"
+        raise AnchorFileError(
+            f"{str(path)!r} is {kind}, not a checkpoint: give the checkpoint's directory "
+            f"({str(path.parent)!r}), its weights file (.safetensors, .bin) or its index (*.index.json)")
+    try:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map must map tensor names to file names")

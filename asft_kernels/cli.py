@@ -4,14 +4,16 @@ Each sub-command lives with the feature it drives and registers itself through a
 ``register_cli(subparsers)`` function; this file only lists them, and gives every
 sub-command the same error handling: an ordinary mistake (bad input, a file that cannot
 be read or written, a device that is not there) prints one line on stderr and exits 1; a
-usage error (unknown option, bad option value) exits 2, as argparse does.
+usage error (unknown option, bad option value) exits 2, as argparse does. Output paths
+(``--out``, ``--json``, ``--plot``) are checked before any work is done
+(:func:`check_output_path`, :func:`check_output_dir`), and missing parent directories are
+created, by every command alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from pathlib import Path
@@ -34,13 +36,17 @@ exit status (every command):
   0  success
   1  error: invalid or unreadable input (checkpoint, anchor, adapter), an output that
      cannot be written, a device that is not available, a failed build; one line on stderr
-  2  usage error: unknown command or option, missing or malformed option value"""
+  2  usage error: unknown command or option, missing or malformed option value
+
+output paths (--out, --json, --plot; every command):
+  checked before any work starts: the nearest existing directory must be writable;
+  missing parent directories are created; an existing file is replaced atomically"""
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
-    """``path`` as a :class:`Path`, checked before any work is done: not a directory, and
-    its nearest existing parent is a writable directory (missing directories in between
-    are created when the file is written).
+    """``path`` as a :class:`Path` for an output file, checked before any work is done: not
+    a directory, and its nearest existing parent is a writable directory (missing
+    directories in between are created when the file is written).
 
     Raises:
         AsFTError: the path cannot be written (the message says why).
@@ -58,8 +64,40 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a :class:`Path` for an output folder, checked before any work is done: not
+    an existing file, and its nearest existing parent is a writable directory (it and the
+    missing directories above it are created when the results are written).
+
+    Raises:
+        AsFTError: the folder cannot be created or written (the message says why, in the
+            words of :func:`check_output_path`).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AsFTError(f"{what} {str(path)!r} is a file; give a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AsFTError(f"{what} {str(path)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AsFTError(f"{what} {str(path)!r}: directory {str(existing)!r} is not writable")
+    return path
+
+
+def _one_line(exc: BaseException, command: str = "") -> str:
+    """The error as one line: an ``OSError`` as ``'<file>': <reason>`` (no errno number),
+    without a leading ``asft <command>:`` that the caller prints anyway."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [n for n in (exc.filename, exc.filename2) if n is not None]
+        text = f"{' -> '.join(repr(str(n)) for n in names)}: {exc.strerror}" if names else exc.strerror
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
+    prefix = f"asft {command}: "
+    while command and text.startswith(prefix):
+        text = text[len(prefix):]
     return text or type(exc).__name__
 
 
@@ -82,9 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``asft``; returns the exit status (0, 1 or 2, see :data:`EPILOG`)."""
-    # bitsandbytes (imported by peft when installed) logs, at import, that an optional CPU
-    # kernel package is missing; the commands here never run its 4-bit CPU kernels.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
     if not getattr(args, "func", None):
@@ -93,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (AsFTError, OSError) as exc:
-        print(f"asft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"asft {args.command}: error: {_one_line(exc, args.command)}", file=sys.stderr)
         return EXIT_ERROR
 
 

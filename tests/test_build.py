@@ -316,7 +316,7 @@ def test_shape_mismatch_names_module_and_shapes_before_any_read(llama_ckpt, tmp_
     other = tiny_model("llama", inter=40)
     other.save_pretrained(tmp_path / "other", max_shard_size=SHARD)
     calls = []
-    monkeypatch.setattr(build_mod, "factorize_delta", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(build_mod, "_factorize", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(build_mod, "_read_delta", lambda *a, **k: calls.append(a))
     with pytest.raises(asft.AnchorMismatchError, match=r"model\.layers\.0\.mlp\.up_proj.*\(48, 32\).*\(40, 32\)"):
         build_anchor(root / "aligned", tmp_path / "other", ["q_proj", "up_proj"], progress=False)

@@ -315,18 +315,50 @@ def test_cache_key_covers_the_build_command(monkeypatch, tmp_path):
         m.setattr(cpp_build, "SOURCE_DIR", copy)
         other_checkout = cpp.cache_dir()
         assert cpp_build.load_arguments()["sources"] == [str(copy / n) for n in cpp_build.SOURCES]
-    with monkeypatch.context() as m:
-        m.setattr(sys, "prefix", str(tmp_path / "venv"))
-        m.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    with monkeypatch.context() as m:  # an environment with its own torch
+        m.setattr(torch, "__file__", str(tmp_path / "venv" / "torch" / "__init__.py"))
         other_env = cpp.cache_dir()
+    with monkeypatch.context() as m:  # another interpreter binary
+        m.setattr(sys, "_base_executable", str(tmp_path / "python3.12"), raising=False)
+        other_python = cpp.cache_dir()
     with monkeypatch.context() as m:
         m.setattr(cpp_build, "CFLAGS", (*cpp_build.CFLAGS, "-DEXTRA"))
         other_flags = cpp.cache_dir()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache2"))
     other_root = cpp.cache_dir()
-    names = {d.name for d in (here, other_checkout, other_env, other_flags, other_root)}
-    assert len(names) == 5, names
+    names = {d.name for d in (here, other_checkout, other_env, other_python, other_flags, other_root)}
+    assert len(names) == 6, names
     assert cpp.cache_dir() == other_root  # deterministic
+
+
+_KEY_CHILD = "import sys; from asft_kernels.ops import cpp_build; print(cpp_build.cache_key(), sys.executable)"
+
+
+def test_cache_key_is_one_for_every_name_of_the_interpreter(tmp_path):
+    """``python``, ``python3``, ``python3.11`` (links to one binary) and the interpreter
+    itself compute one key: one build serves ``asft build-ext``, ``python -c`` and the rest."""
+    real = os.path.realpath(sys.executable)
+    names = [real]
+    for name in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"):
+        link = tmp_path / "bin" / name
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(real)
+        names.append(str(link))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # this process's import path: from inside a virtual environment, the links (to the base
+    # binary) see the environment's packages too
+    path = os.pathsep.join([root, *(p for p in sys.path if p)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    keys = {}
+    for python in names:
+        proc = subprocess.run([python, "-c", _KEY_CHILD], capture_output=True, text=True, timeout=300, env=env,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        key, executable = proc.stdout.split()
+        assert executable == python  # each ran under its own name
+        keys[python] = key
+    assert len(set(keys.values())) == 1, keys
+    assert set(keys.values()) == {cpp.cache_key()}
 
 
 def test_build_ext_command(capsys):

@@ -3,12 +3,22 @@
 One spawn of two workers runs every scenario (DDP, FSDP2, FSDP2 with a distributed
 checkpoint in the middle, bad placements) for every backend that runs here, and writes
 what rank 0 saw; the tests compare it with single-process trajectories computed here.
+
+The workers free every DDP model before destroying the process group and leave without
+interpreter teardown: a DDP reducer destroyed after the group (it holds the GIL and waits in
+the gloo group's destructor for a worker thread that waits for the GIL) can deadlock at
+exit. The spawn is bounded by ``SPAWN_TIMEOUT_S``, so a hang fails the tests instead of
+stalling the run.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
 import os
+import sys
+import time
 
 import pytest
 import torch
@@ -31,6 +41,7 @@ LAMBDA = 0.5
 LR = 1e-2
 SAMPLES, SEQ, VOCAB = 4, 8, 64
 TARGETS = ("q_proj", "v_proj")
+SPAWN_TIMEOUT_S = 600  # the whole two-worker spawn; about a minute on two loaded cores
 # float32 parameters: distributed vs single process, and vs the float64 published formula
 TOL = 1e-5
 TOL_BF16 = 3e-2
@@ -118,7 +129,9 @@ def _fsdp2(mesh, backend, a_columns=False, dtype=torch.float32):
     return model, binding, _optimizer(model, binding, backend)
 
 
-def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
+def _scenarios(rank: int, out_dir: str, backends: list[str]) -> dict:
+    """Every scenario on this rank; what it saw, by scenario. The models, optimizers and DDP
+    wrappers are locals here, freed when it returns."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -127,75 +140,108 @@ def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
 
     from asft_kernels.integrations.distributed import sharded_pair
 
+    mesh = init_device_mesh("cpu", (WORLD,))
+    rows = slice(rank * SAMPLES // WORLD, (rank + 1) * SAMPLES // WORLD)
+    results = {}
+    # DDP: bind the wrapped model; plain tensors, gradients averaged by DDP
+    ddp = DDP(_peft_model())
+    binding = _anchor().bind(ddp)
+    losses, _ = _train(ddp, _optimizer(ddp, binding, DEFAULT), range(STEPS), rows)
+    results["ddp"] = {"params": _lora_params(ddp.module), "losses": losses,
+                      "keys": sorted(p.key for p in binding)}
+
+    for backend in backends:
+        # FSDP2: fully_shard per decoder layer and on the root; lora_A on rows or columns
+        for scenario, a_columns in (("fsdp2", False), ("fsdp2_columns", True)):
+            model, binding, opt = _fsdp2(mesh, backend, a_columns)
+            losses, log = _train(model, opt, range(STEPS), rows, log_last=True)
+            A0 = binding.pairs[0].A
+            results[(scenario, backend)] = {
+                "params": _lora_params(model), "losses": losses, "records": [
+                    (r.op, r.sent_bytes, r.received_bytes, r.group_size) for r in log.records],
+                "local_A": tuple(A0.to_local().shape), "placements": str(A0.placements),
+            }
+
+    # FSDP2 resumed from a distributed checkpoint written after RESUME_AT steps
+    ckpt = os.path.join(out_dir, "ckpt")
+    model, binding, opt = _fsdp2(mesh, DEFAULT)
+    _train(model, opt, range(RESUME_AT), rows)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    del model, opt
+    model, binding, opt = _fsdp2(mesh, DEFAULT)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    losses, _ = _train(model, opt, range(RESUME_AT, STEPS), rows)
+    results["fsdp2_resumed"] = {"params": _lora_params(model), "losses": losses}
+
+    # bf16 model and LoRA parameters
+    model, binding, opt = _fsdp2(mesh, DEFAULT, dtype=torch.bfloat16)
+    losses, _ = _train(model, opt, range(STEPS), rows)
+    results["fsdp2_bf16"] = {"params": _lora_params(model), "losses": losses}
+
+    # layouts anchoring refuses: B sharded on dim 1 (tensor parallelism), one of A, B sharded
+    A, B = torch.randn(R, 32), torch.randn(32, R)
+    bad = {"tp": (distribute_tensor(A, mesh, [Shard(1)]), distribute_tensor(B, mesh, [Shard(1)])),
+           "mixed": (distribute_tensor(A, mesh, [Shard(0)]), B)}
+    for label, (a, b) in bad.items():
+        try:
+            sharded_pair(label, a, b)
+            results[f"{label}_error"] = None
+        except OptimizerInputError as exc:
+            results[f"{label}_error"] = str(exc)
+    return results
+
+
+def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # a marker that interpreter teardown ran (it must not: see the module docstring)
+    atexit.register(lambda: open(os.path.join(out_dir, f"teardown-{rank}"), "w").close())
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        rows = slice(rank * SAMPLES // WORLD, (rank + 1) * SAMPLES // WORLD)
-        results = {}
-        # DDP: bind the wrapped model; plain tensors, gradients averaged by DDP
-        ddp = DDP(_peft_model())
-        binding = _anchor().bind(ddp)
-        losses, _ = _train(ddp, _optimizer(ddp, binding, DEFAULT), range(STEPS), rows)
-        results["ddp"] = {"params": _lora_params(ddp.module), "losses": losses,
-                          "keys": sorted(p.key for p in binding)}
+    results = _scenarios(rank, out_dir, backends)
+    gc.collect()
+    results["ddp_alive_at_destroy"] = sum(isinstance(o, DDP) for o in gc.get_objects())
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # results are saved: no interpreter teardown, no destructor left to deadlock
 
-        for backend in backends:
-            # FSDP2: fully_shard per decoder layer and on the root; lora_A on rows or columns
-            for scenario, a_columns in (("fsdp2", False), ("fsdp2_columns", True)):
-                model, binding, opt = _fsdp2(mesh, backend, a_columns)
-                losses, log = _train(model, opt, range(STEPS), rows, log_last=True)
-                A0 = binding.pairs[0].A
-                results[(scenario, backend)] = {
-                    "params": _lora_params(model), "losses": losses, "records": [
-                        (r.op, r.sent_bytes, r.received_bytes, r.group_size) for r in log.records],
-                    "local_A": tuple(A0.to_local().shape), "placements": str(A0.placements),
-                }
 
-        # FSDP2 resumed from a distributed checkpoint written after RESUME_AT steps
-        ckpt = os.path.join(out_dir, "ckpt")
-        model, binding, opt = _fsdp2(mesh, DEFAULT)
-        _train(model, opt, range(RESUME_AT), rows)
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-        del model, opt
-        model, binding, opt = _fsdp2(mesh, DEFAULT)
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=ckpt)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        losses, _ = _train(model, opt, range(RESUME_AT, STEPS), rows)
-        results["fsdp2_resumed"] = {"params": _lora_params(model), "losses": losses}
+def _spawn_bounded(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """``torch.multiprocessing.spawn`` that fails the test, killing the workers, when they have
+    not all finished after ``timeout_s`` seconds; a worker's exception is raised as spawn does."""
+    import torch.multiprocessing as mp
 
-        # bf16 model and LoRA parameters
-        model, binding, opt = _fsdp2(mesh, DEFAULT, dtype=torch.bfloat16)
-        losses, _ = _train(model, opt, range(STEPS), rows)
-        results["fsdp2_bf16"] = {"params": _lora_params(model), "losses": losses}
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for proc in context.processes:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in context.processes:
+                proc.join(10)
+            pytest.fail(f"the {nprocs} spawned workers did not finish within {timeout_s} s (killed)")
 
-        # layouts anchoring refuses: B sharded on dim 1 (tensor parallelism), one of A, B sharded
-        A, B = torch.randn(R, 32), torch.randn(32, R)
-        bad = {"tp": (distribute_tensor(A, mesh, [Shard(1)]), distribute_tensor(B, mesh, [Shard(1)])),
-               "mixed": (distribute_tensor(A, mesh, [Shard(0)]), B)}
-        for label, (a, b) in bad.items():
-            try:
-                sharded_pair(label, a, b)
-                results[f"{label}_error"] = None
-            except OptimizerInputError as exc:
-                results[f"{label}_error"] = str(exc)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
-    finally:
-        dist.destroy_process_group()
+
+def _sleeper(rank: int, seconds: float) -> None:
+    time.sleep(seconds)
 
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(str(out / "rdzv"), str(out), BACKENDS), nprocs=WORLD, join=True)
-    return torch.load(out / "results.pt", weights_only=False)
+    _spawn_bounded(_worker, (str(out / "rdzv"), str(out), BACKENDS), WORLD, SPAWN_TIMEOUT_S)
+    results = torch.load(out / "results.pt", weights_only=False)
+    results["teardown_markers"] = sorted(p.name for p in out.glob("teardown-*"))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +382,19 @@ def test_collectives_are_not_recorded_outside_a_block():
         assert _ACTIVE_LOGS == [log]
     assert _ACTIVE_LOGS == [] and log.count() == 0 and log.largest_message_bytes == 0
 
+
+
+def test_workers_end_without_the_deadlocking_teardown(distributed_results):
+    """No DDP wrapper is alive when the group is destroyed, and no worker ran interpreter teardown."""
+    assert distributed_results["ddp_alive_at_destroy"] == 0
+    assert distributed_results["teardown_markers"] == []
+
+
+def test_a_hung_spawn_fails_within_its_bound():
+    import torch.multiprocessing as mp
+
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="did not finish within 3 s"):
+        _spawn_bounded(_sleeper, (600.0,), 2, 3)
+    assert time.monotonic() - start < 60
+    assert mp.active_children() == []

@@ -1,13 +1,16 @@
 """The built wheel carries the C++ sources and builds its CPU backend once installed.
 
-Builds a wheel from a copy of the project, installs it into a fresh virtual environment,
-and from a directory outside any checkout checks that the package imported is the
-installed one and that ``backend="auto"`` on CPU resolves to ``cpp``, compiled from the
-installed package data into a temporary cache. Takes about a minute (the C++ build).
+Builds a wheel from a copy of the project, installs it into a fresh virtual environment
+that sees the packages of the environment running the tests (torch and the rest, whether
+that is a virtual environment, a plain interpreter or CI's), and from a directory outside
+any checkout checks that the package imported is the installed one and that
+``backend="auto"`` on CPU resolves to ``cpp``, compiled from the installed package data
+into a temporary cache. Takes about a minute (the C++ build).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +52,30 @@ def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+_SYS_PATH = "import json, sys; print(json.dumps(sys.path))"
+
+
+def _site_paths(python) -> list[str]:
+    """The entries ``site`` adds to ``python``'s import path: its site-packages, the user
+    site and what their ``.pth`` files name (the import path with ``site`` minus without)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    with_site = json.loads(_run([str(python), "-c", _SYS_PATH], cwd="/", env=env).stdout)
+    bare = set(json.loads(_run([str(python), "-S", "-c", _SYS_PATH], cwd="/", env=env).stdout))
+    return [p for p in with_site if p and p not in bare]
+
+
+def _see_outer_packages(python) -> None:
+    """Lets the venv of ``python`` import the packages of the interpreter running the tests.
+
+    ``venv --system-site-packages`` is not that: made from inside a virtual environment it
+    inherits the base interpreter's packages, not the environment's (where torch is). The
+    outer entries go into a ``.pth`` file, so they come after the venv's own site-packages
+    and the installed wheel is the ``asft_kernels`` imported."""
+    outer = _site_paths(sys.executable)
+    inner = next(p for p in _site_paths(python) if p.endswith("site-packages"))
+    Path(inner, "outer_environment.pth").write_text("".join(f"{p}\n" for p in outer))
+
+
 def test_wheel_installs_with_a_working_cpp_backend(tmp_path):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on this machine")
@@ -68,8 +95,9 @@ def test_wheel_installs_with_a_working_cpp_backend(tmp_path):
     assert "asft_kernels/csrc/asft_cpu.cpp" in zipfile.ZipFile(wheel).namelist()
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = venv / "bin" / "python"
+    _see_outer_packages(python)
     # --ignore-installed: an asft-kernels of the outer environment stays where it is
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--ignore-installed",
           str(wheel)])

@@ -571,7 +571,7 @@ def verdict_line(results: dict) -> str:
     pos = next(c["pair"] for c in results["comparisons"] if c["role"] == "positive_control")
     return (f"verdict: {v['label']} (seeds {seeds}; positive control {pos} "
             f"{'succeeded' if v['positive_control'] else 'failed'}: {means('positive_control', pos)} points; "
-            f"paper - full: {means('primary', 'paper - full')} points; rule: docs/demo.md §8)")
+            f"paper - full: {means('primary', 'paper - full')} points; rule: asft demo --help)")
 
 
 def format_table(results: dict) -> str:

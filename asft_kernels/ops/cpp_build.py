@@ -6,10 +6,12 @@ compiles the library with ``torch.utils.cpp_extension.load`` into a cache direct
 name, :func:`cache_key`, hashes everything that goes into the build command: the source
 files (paths and contents), the compile and link flags, the compiler (name and the path it
 resolves to), the torch version, installation directory and C++ ABI, the Python
-interpreter, prefix and include directory, the cache root, and the CPU's instruction-set
-flags (the kernels are built with ``-march=native``). Two checkouts, virtual environments
-or machines sharing one cache therefore never write the same ``build.ninja``, and never
-load an incompatible build.
+interpreter (the real binary: links and a virtual environment's ``bin/python`` resolved),
+its version, ABI tag and include directory, the cache root, and the CPU's instruction-set
+flags (the kernels are built with ``-march=native``). Two checkouts, environments with
+their own torch, or machines sharing one cache therefore never write the same
+``build.ninja``, and never load an incompatible build; the names one interpreter is
+started by (``asft``, ``python``, ``python3.11``) share one build.
 
 The cache lives under ``$TORCH_EXTENSIONS_DIR/asft_kernels`` when that variable is set,
 else under ``$XDG_CACHE_HOME/asft_kernels`` (default ``~/.cache/asft_kernels``). Every
@@ -110,9 +112,19 @@ def load_arguments() -> dict[str, Any]:
     )
 
 
+def _real_interpreter() -> str:
+    """The interpreter binary this process runs, whatever name started it: a virtual
+    environment's ``bin/python`` leads to its base interpreter (``sys._base_executable``),
+    and symbolic links (``python``, ``python3``, ``python3.11``) are resolved."""
+    executable = getattr(sys, "_base_executable", None) or sys.executable
+    return os.path.realpath(executable) if executable else ""
+
+
 def _build_environment() -> dict[str, str]:
     """What else ``cpp_extension`` writes into ``build.ninja``, or what decides whether a
-    build can be loaded here: compiler, torch, Python, cache root and CPU."""
+    build can be loaded here: compiler, torch, Python (the real interpreter, its version, ABI
+    and headers; not the name that started it, so ``asft``, ``python -c`` and ``python3.11``
+    share one build), cache root and CPU."""
     compiler = _compiler()
     return {
         "compiler": compiler,
@@ -120,8 +132,9 @@ def _build_environment() -> dict[str, str]:
         "torch_version": torch.__version__,
         "torch_dir": str(Path(torch.__file__).resolve().parent),
         "cxx11_abi": str(torch.compiled_with_cxx11_abi()),
-        "python": sys.executable,
-        "prefix": sys.prefix,
+        "python": _real_interpreter(),
+        "python_version": sys.version,
+        "python_abi": sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag or "",
         "python_include": sysconfig.get_paths().get("include", ""),
         "cache_root": str(_cache_root().resolve()),
         "machine": platform.machine(),
@@ -132,8 +145,8 @@ def _build_environment() -> dict[str, str]:
 def cache_key() -> str:
     """Hex digest (16 chars) of everything the build command and the compiled library
     depend on: :func:`load_arguments` (source paths, flags, include directories), the
-    sources' contents, and :func:`_build_environment` (compiler, torch, Python interpreter
-    and prefix, cache root, CPU instruction set)."""
+    sources' contents, and :func:`_build_environment` (compiler, torch, the real Python
+    interpreter and its ABI, cache root, CPU instruction set)."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update(name.encode() + b"\0")
