@@ -309,3 +309,34 @@ def test_describe_eager_and_unanchored():
     # up: k = 3; down (1 × 37) and out (123 × 1): k = 1
     assert sorted(opt.describe(), key=lambda r: r["k"]) == [{**row, "k": 1, "pairs": 2}, {**row, "k": 3, "pairs": 1}]
     assert asft.AsFTAdamW(trainable(model), anchor=None).describe() == []
+
+
+def test_every_backend_step_follows_the_contract(backend):
+    """Each bucket's ``backend.step(handle, ...)``: with ``found_inf`` set nothing is written
+    (parameters, moments, statistics, counters) and R is returned; otherwise the bucket's
+    counters advance by exactly one and R is the same value (it is taken before the step)."""
+    m1 = odd_lora(r=2, device=device_for(backend))
+    opt = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=odd_anchor(rank=3).bind(m1), backend=backend)
+    odd_task_loss(m1, 0, torch.float64).backward()
+    opt.step()
+    plan = opt._plan
+    groups = opt.param_groups
+    from asft_kernels.plan import hyper_of
+
+    for bucket in plan.buckets:
+        t = bucket.tensors
+        written = [*t.A, *t.B, *t.exp_avg_A, *t.exp_avg_sq_A, *t.exp_avg_B, *t.exp_avg_sq_B, t.P, t.G, t.M,
+                   bucket.counters]
+        snap = [x.clone() for x in written]
+        grad_A, grad_B = bucket.grads()
+        scale = bucket.scale_for(float(groups[bucket.group_B]["anchor_lambda"]))
+        hyper = hyper_of(groups[bucket.group_B])
+        one = torch.ones((), dtype=torch.float32, device=t.P.device)
+        with torch.no_grad():  # as the optimizer calls it
+            R_skip = bucket.backend.step(bucket.handle, grad_A, grad_B, scale, hyper, hyper, None, one)
+        assert all(torch.equal(x, y) for x, y in zip(written, snap))
+        with torch.no_grad():
+            R = bucket.backend.step(bucket.handle, grad_A, grad_B, scale, hyper, hyper, None, one * 0)
+        assert torch.equal(bucket.counters.cpu(), snap[-1].cpu() + 1)
+        assert R.shape == () and torch.allclose(R, R_skip, rtol=1e-12, atol=0)
+        assert not torch.equal(t.B[0], snap[len(t.A)])  # written
