@@ -161,15 +161,8 @@ def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = No
         fused: the fused update ``fused(batch, hyper_A, hyper_B)`` (default: :func:`fused_step`;
             a compiled backend without a ``prepare`` of its own passes its ``fused_step``).
     """
-    L, k, r = bucket.P.shape
-    Q_B, R_B, H = bucket.M.new_empty((L, r, r)), bucket.P.new_empty((L, k, r)), bucket.M.new_empty((L, r, r))
-    batch = AnchoredBatch(
-        A=list(bucket.A), B=list(bucket.B), exp_avg_A=list(bucket.exp_avg_A), exp_avg_sq_A=list(bucket.exp_avg_sq_A),
-        exp_avg_B=list(bucket.exp_avg_B), exp_avg_sq_B=list(bucket.exp_avg_sq_B),
-        P=list(bucket.P.unbind(0)), G=list(bucket.G.unbind(0)), M=list(bucket.M.unbind(0)), grad_A=[], grad_B=[],
-        U=list(bucket.U), Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
-        step_A=list(counters[:L].unbind(0)), step_B=list(counters[L:].unbind(0)),
-    )
+    L = len(bucket)
+    batch, Q_B, R_B, H = bucket.as_batch(counters)
     if fused is None:  # this module's update: the transposed views it needs, once
         dt = bucket.P.dtype
         same = bucket.B[0].dtype == dt

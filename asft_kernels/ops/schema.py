@@ -263,3 +263,19 @@ class BucketTensors:
 
     def __len__(self) -> int:
         return len(self.A)
+
+    def as_batch(self, counters: Tensor) -> tuple[AnchoredBatch, Tensor, Tensor, Tensor]:
+        """An :class:`AnchoredBatch` of per-pair views of this bucket (gradient lists empty,
+        ``step_A``/``step_B`` views of ``counters`` (2L,)) and its new stacked terms buffers
+        ``Q_B`` (L, r, r), ``R_B`` (L, k, r), ``H`` (L, r, r) that the batch views: what a
+        backend built on ``fused_step`` keeps in its handle."""
+        L, k, r = self.P.shape
+        Q_B, R_B, H = self.M.new_empty((L, r, r)), self.P.new_empty((L, k, r)), self.M.new_empty((L, r, r))
+        batch = AnchoredBatch(
+            A=list(self.A), B=list(self.B), exp_avg_A=list(self.exp_avg_A), exp_avg_sq_A=list(self.exp_avg_sq_A),
+            exp_avg_B=list(self.exp_avg_B), exp_avg_sq_B=list(self.exp_avg_sq_B),
+            P=list(self.P.unbind(0)), G=list(self.G.unbind(0)), M=list(self.M.unbind(0)), grad_A=[], grad_B=[],
+            U=list(self.U), Q_B=list(Q_B.unbind(0)), R_B=list(R_B.unbind(0)), H=list(H.unbind(0)),
+            step_A=list(counters[:L].unbind(0)), step_B=list(counters[L:].unbind(0)),
+        )
+        return batch, Q_B, R_B, H
