@@ -1,4 +1,4 @@
-"""The embedded end-to-end safety demo (``asft demo``, docs/demo.md, protocol v2).
+"""The embedded end-to-end safety demo (``asft demo``, docs/demo.md, protocol v3).
 
 A tokenizer, corpora, an unaligned base and a briefly aligned tiny Llama are built locally per
 seed; the aligned model is LoRA-fine-tuned on task data with 10% harmful examples with plain

@@ -1,4 +1,4 @@
-"""``asft demo``: the end-to-end safety experiment on a CPU (docs/demo.md, protocol v2)."""
+"""``asft demo``: the end-to-end safety experiment on a CPU (docs/demo.md, protocol v3)."""
 
 from __future__ import annotations
 

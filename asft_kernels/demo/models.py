@@ -1,4 +1,4 @@
-"""Tiny Llama models of the demo, LoRA wrapping, and the anchors of its runs (docs/demo.md, protocol v2 §2–§5)."""
+"""Tiny Llama models of the demo, LoRA wrapping, and the anchors of its runs (docs/demo.md, protocol v3 §2–§5)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def random_subspace_deltas(shapes: dict[str, tuple[int, int]], k: int, seed: int
 
 
 def delta_statistics(V: torch.Tensor, W_base: torch.Tensor, spectrum: int = 16) -> dict:
-    """What decides how ``paper`` mode acts on one layer (protocol v2 §3).
+    """What decides how ``paper`` mode acts on one layer (protocol v3 §3).
 
     Args:
         V: (m, n) alignment delta ``W_aligned − W_base``.
