@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,10 @@ def with_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> nn.Module
 
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES), lora_dropout=0.0)
-    return get_peft_model(copy.deepcopy(model), config)
+    with warnings.catch_warnings():
+        # PEFT asks transformers a deprecated question on every wrap; the demo's console stays readable
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(copy.deepcopy(model), config)
 
 
 def alignment_deltas(aligned: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
