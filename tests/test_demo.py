@@ -164,7 +164,7 @@ def test_decision_rule_reaches_every_label():
     assert decide(_comparisons({0: -7.0, 1: -8.0, 2: -6.0}, strong), seeds)["label"] == "inconclusive"
     # §8.0: fewer than two included seeds, whatever the comparisons say
     few = decide(_comparisons({0: -20.0}, {0: -20.0}), [0])
-    assert few["label"] == "inconclusive" and "only 1 seed" in few["evidence"][0]
+    assert few["label"] == "inconclusive" and "only 1 included seed" in few["evidence"][0]
     assert decide([], [])["label"] == "inconclusive"
     # two included seeds are enough; a reduction then needs both
     assert decide(_comparisons({0: -20.0, 1: -15.0}, {0: -20.0, 1: -15.0}), [0, 1])["label"] == "direction_matters"

@@ -145,8 +145,9 @@ def decide(comparisons: Sequence[dict], included_seeds: Sequence[int] | None = N
     """
     if included_seeds is not None and len(included_seeds) < min_seeds:
         return {"label": "inconclusive", "positive_control": False,
-                "evidence": [f"only {len(included_seeds)} seed(s) met the alignment criterion "
-                             f"({', '.join(str(s) for s in included_seeds) or 'none'}); the rule needs {min_seeds}"]}
+                "evidence": [f"only {len(included_seeds)} included seed(s) "
+                             f"({', '.join(str(s) for s in included_seeds) or 'none'}: run and meeting the alignment "
+                             f"criterion); the rule needs at least {min_seeds}"]}
     positive = [c for c in comparisons if c["role"] == "positive_control"]
     primary = [c for c in comparisons if c["role"] == "primary"]
     if not positive or not primary:
