@@ -109,6 +109,21 @@ def test_cli_labels_a_smoke_run_and_ends_with_the_verdict(tmp_path, monkeypatch,
     assert results["seeds"] == [1] and results["smoke_run"] and results["verdict"]["label"] in lines[-1]
 
 
+@pytest.mark.slow
+def test_quick_is_byte_identical_on_two_runs_and_labelled_a_smoke_run(tmp_path, capsys):
+    # the real --quick sizes (about a minute of CPU each), through the command line
+    outs = [tmp_path / "first", tmp_path / "second"]
+    for out in outs:
+        assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    first, second = ((out / "results.json").read_bytes() for out in outs)
+    assert first == second
+    results = json.loads(first)
+    assert results["smoke_run"] is True and results["config"]["quick"] is True
+    assert results["verdict"]["sentence"].startswith("SMOKE RUN, NOT A RESULT")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("*** smoke run") and lines[-1].startswith("verdict: SMOKE RUN, NOT A RESULT")
+
+
 @pytest.mark.parametrize("argv", [["--seeds", "-1"], ["--seeds", "0", "0"], ["--jobs", "0"], ["--threads", "0"]])
 def test_bad_arguments_are_rejected(tmp_path, capsys, argv):
     # every asft command: an ordinary error is one line on stderr and exit status 1
