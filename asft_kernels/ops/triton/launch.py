@@ -39,31 +39,80 @@ from .kernels import (
     _EXP_AVG_B,
     _EXP_AVG_SQ_A,
     _EXP_AVG_SQ_B,
+    _FACTOR_A,
+    _FACTOR_B,
+    _G,
     _GRAD_A,
     _GRAD_B,
+    _GRAD_SCALE,
     _H,
+    _INDEX,
     _K,
+    _KEEP,
+    _M,
     _M_ROWS,
     _N_COLS,
+    _P,
     _Q_B,
     _R_B,
     _RANK,
     _U,
+    _W,
     DOT_PRECISION,
+    HYPER_FIELDS,
     PAIR_FIELDS,
     REDUCE_BLOCK,
     SCALAR_FIELDS,
     _factor_kernel,
     _interpreting,
+    _p_tile_kernel,
     _reduce_kernel,
+    _terms_kernel,
     jitted,
 )
-from .layout import MAX_TRITON_RANK, _layout, kernel_config, padded_rank
+from .layout import MAX_TRITON_RANK, _layout, kernel_config, p_split, padded_rank, ptile_config, terms_config
 
 # Parameter dtypes the kernels run (fp32 math and state); U may also be fp64 (converted on load).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.float64: tl.float64}
+
+
+#: Environment variable naming the default precision of the U products (:func:`u_precision`).
+U_PRECISION_ENV = "ASFT_TRITON_U_PRECISION"
+#: Default ``tl.dot`` precision of the products with U (``U R_B``, ``Uᵀ B'``): ``"ieee"``
+#: (fp32 on the FMA units) until a GPU run has measured the tensor-core precisions against
+#: float64 (docs/triton.md).
+DEFAULT_U_PRECISION = "ieee"
+
+
+def u_precisions() -> tuple[str, ...]:
+    """The fp32 ``tl.dot`` input precisions the installed Triton's CUDA backend accepts
+    (read at run time: Triton 3.6 offers ``tf32``, ``tf32x3``, ``ieee``; later releases add
+    ``bf16x3``, ``bf16x6``)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # no CUDA backend in this Triton: only what the language always has
+        return ("ieee",)
+    return tuple(CUDAOptions.allowed_dot_input_precisions)
+
+
+def u_precision(requested: str | None = None) -> str:
+    """The precision of the U products for ``requested`` (None: ``$ASFT_TRITON_U_PRECISION``
+    or :data:`DEFAULT_U_PRECISION`).
+
+    Raises:
+        OptimizerInputError: a precision the installed Triton does not offer.
+    """
+    import os
+
+    value = requested if requested is not None else os.environ.get(U_PRECISION_ENV) or DEFAULT_U_PRECISION
+    allowed = u_precisions()
+    if value not in allowed:
+        raise OptimizerInputError(
+            f"triton: U product precision {value!r} is not offered by Triton {triton.__version__}; "
+            f"choose one of {allowed}")
+    return value
 
 
 def is_available() -> bool:
@@ -209,7 +258,8 @@ def stats_pass(
     outputs = tuple([torch.empty(shape, dtype=torch.float32, device=device) for shape in per_pair]
                     for per_pair in ([(k, r) for _, _, r, k in shapes], [(r, r) for _, _, r, _ in shapes],
                                      [(r, r) for _, _, r, _ in shapes]))
-    _launch(_prepare({"U": U, "B": B, "A": A}, shapes, device, outputs, update=False), _STATS_HYPER)
+    prep = _prepare({"U": U, "B": B, "A": A}, shapes, device, outputs, update=False)
+    _launch(prep, [_upload([_STATS_ROW] * len(launch.idx), torch.float32, device) for launch in prep.launches])
     return outputs
 
 
@@ -321,6 +371,7 @@ class _Launch:
     a_tiles: Tensor
     scratch: tuple[int, int]  # (offset, fp32 elements) of this bucket's partials in the call's scratch
     constexprs: dict
+    p_tiles: Tensor | None = None  # (pair, first row of P') per program of _p_tile_kernel; None: split-m
     pair_table: Tensor | None = None
     grad_ptrs: tuple = ()
 
@@ -364,45 +415,60 @@ def _prepared_key(lists: dict[str, list[Tensor]]) -> tuple | None:
 
 
 def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, int]], device: torch.device,
-             outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], update: bool) -> _Prepared:
+             outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], update: bool,
+             precision: str | None = None) -> _Prepared:
     """Everything a call needs but its gradients and counter values, for validated
-    ``tensors`` (contract names to per-pair lists): pair tables, scratch, the reduction into
-    ``outputs`` (fp32 contiguous ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) per pair) and the
-    launch options of the update (``update``) or the statistics pass. Pairs are bucketed by
-    (param dtype, U dtype, padded rank), one pair of launches each."""
+    ``tensors`` (contract names to per-pair lists, ``w`` (k,) per pair included for a
+    prepared step): pair tables, scratch, the reduction into ``outputs`` (fp32 contiguous
+    ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) per pair), the P' tiles of the buckets that do
+    not split m (:func:`.layout.p_split`) and the launch options of the update (``update``)
+    or the statistics pass. Pairs are bucketed by (param dtype, U dtype, padded rank), one
+    set of launches each. ``precision``: of the U products (:func:`u_precision`)."""
+    precision = u_precision(precision)
     fields = [(int(field), tensors[name]) for field, name in _TABLE_FIELDS
               if name in tensors and not name.startswith("grad")]
+    fields += [(int(_P), outputs[0]), (int(_G), outputs[1]), (int(_M), outputs[2])]
+    if "w" in tensors:
+        fields.append((int(_W), tensors["w"]))
     plans, total = [], 0
     for (pdt, udt, block_r), idx in _buckets(tensors["U"], tensors["B"]).items():
-        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
-        plans.append((pdt, udt, block_r, idx, layout, total))
+        split = p_split([shapes[j] for j in idx])
+        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device, split)
+        plans.append((pdt, udt, block_r, idx, layout, total, split))
         total += layout[4]
     launches, jobs = [], []
-    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base in plans:
+    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base, split in plans:
         rows = []
         for j in idx:
             row = [0] * int(PAIR_FIELDS)
             for field, values in fields:
                 row[field] = values[j].data_ptr()
             row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
+            row[_INDEX] = j
             rows.append(row)
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
-                          DOT_PRECISION=DOT_PRECISION)
-        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs)
+                          DOT_PRECISION=DOT_PRECISION, U_PRECISION=precision, P_SPLIT=split)
+        p_tiles = None
+        if not split:
+            block_kp = ptile_config(block_r, precision)["BLOCK_KP"]
+            p_rows = [(local, k0) for local, j in enumerate(idx) for k0 in range(0, shapes[j][3], block_kp)]
+            p_tiles = _upload(p_rows, torch.int64, device).reshape(-1, 2)
+        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs, p_tiles)
         if not update:  # no gradient addresses to fill in
             launch.pair_table = _upload(rows, torch.int64, device)
         launches.append(launch)
         for local, j in enumerate(idx):
             m, n, r, k = shapes[j]
-            p_off, p_stride, p_tiles = p_spans[local]
+            p_off, p_stride, p_tiles_n = p_spans[local]
             m_off, m_stride, m_tiles = m_spans[local]
-            if k > 0:
-                jobs.append((outputs[0][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles))
-            jobs.append((outputs[1][j].data_ptr(), base + p_off + k * r, p_stride, r * r, p_tiles))
+            if k > 0 and split:
+                jobs.append((outputs[0][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles_n))
+            jobs.append((outputs[1][j].data_ptr(), base + p_off + k * r * split, p_stride, r * r, p_tiles_n))
             jobs.append((outputs[2][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
     table = _upload(jobs, torch.int64, device) if jobs else None
     grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
-    span, index = _counter_span(tensors["step_B"] + tensors["step_A"]) if update else (None, None)
+    span, index = (_counter_span(tensors["step_B"] + tensors["step_A"]) if update and "step_B" in tensors
+                   else (None, None))
     return _Prepared(device, tuple(map(_shape, tensors["A"])), tuple(map(_shape, tensors["B"])),
                      tuple(map(_dtype, tensors["B"])), launches, total, table, grid, span, index)
 
@@ -458,54 +524,78 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper: AdamWH
         if t not in terms:
             terms[t] = _bias_terms(float(t), lr, beta1, beta2)
     grad_A, grad_B = lists["grad_A"], lists["grad_B"]
+    adamw = [1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0]
     scalars = []
     for launch in prep.launches:
         ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
                 *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
-        if ptrs != launch.grad_ptrs:
-            half = len(launch.idx)
-            for local, row in enumerate(launch.rows):
-                row[_GRAD_B], row[_GRAD_A] = ptrs[local], ptrs[half + local]
-            launch.pair_table = _upload(launch.rows, torch.int64, prep.device)
-            launch.grad_ptrs = ptrs
+        _set_grad_ptrs(launch, ptrs, prep.device)
+        # Scalars in double precision on the host, as torch.optim.AdamW computes them.
         if uniform:
-            scalars.append([terms[steps[0]] * 2] * len(launch.idx))
+            scalars.append([_scalar_row(terms[steps[0]], terms[steps[0]], adamw)] * len(launch.idx))
         else:
-            scalars.append([terms[steps[j]] + terms[steps[count + j]] for j in launch.idx])
-    # Scalars in double precision on the host, as torch.optim.AdamW computes them.
-    _launch(prep, (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0),
-            scalars)
+            scalars.append([_scalar_row(terms[steps[j]], terms[steps[count + j]], adamw) for j in launch.idx])
+    _launch(prep, [_upload(rows, torch.float32, prep.device) for rows in scalars])
 
 
-#: The kernel's runtime AdamW scalars for the statistics pass (unused without UPDATE).
-_STATS_HYPER = (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0)
+def _set_grad_ptrs(launch: _Launch, ptrs: tuple[int, ...], device: torch.device) -> None:
+    """Write the gradients' addresses ``ptrs`` (B's then A's, per pair of the bucket) into
+    the bucket's pair table, re-uploading it only when one changed."""
+    if ptrs != launch.grad_ptrs:
+        half = len(launch.idx)
+        for local, row in enumerate(launch.rows):
+            row[_GRAD_B], row[_GRAD_A] = ptrs[local], ptrs[half + local]
+        launch.pair_table = _upload(launch.rows, torch.int64, device)
+        launch.grad_ptrs = ptrs
 
 
-def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]]] | None = None) -> None:
-    """The factor-kernel launches of every bucket, then one reduction of all partials.
+def _scalar_row(bias_B: list[float], bias_A: list[float], adamw: list[float]) -> list[float]:
+    """One row of the scalar table (``kernels.SCALAR_FIELDS``) from host values: per factor
+    ``[lr/(1−β₁ᵗ), √(1−β₂ᵗ)]`` then ``adamw`` = ``[1 − lr·wd, β₁, 1−β₁, β₂, 1−β₂, ε, sign]``;
+    gradient scale 1, writes on."""
+    row = [0.0] * int(SCALAR_FIELDS)
+    for base, bias in ((int(_FACTOR_B), bias_B), (int(_FACTOR_A), bias_A)):
+        row[base : base + 9] = [*bias, *adamw]
+    row[_GRAD_SCALE] = row[_KEEP] = 1.0
+    return row
 
-    ``kernel_hyper``: ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)``; ``scalars``: per bucket, per
-    pair ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the statistics
-    pass, whose kernels read none)."""
+
+#: The scalar row of the statistics pass: its kernels read only the write switch (on).
+_STATS_ROW = _scalar_row([0.0, 1.0], [0.0, 1.0], [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+
+
+def _launch(prep: _Prepared, scalars: list[Tensor], scratch: Tensor | None = None, grad_scale: bool = False) -> None:
+    """The factor-kernel launches of every bucket (and its P' tiles where it does not split
+    m), then one reduction of all partials.
+
+    ``scalars``: per bucket, the device table of per-pair AdamW scalars (fp32,
+    (pairs, ``SCALAR_FIELDS``)); ``scratch``: fp32 partials of ``prep.scratch_numel``
+    elements (allocated here when None); ``grad_scale``: whether the gradients are divided by
+    the tables' gradient scale."""
     kernel = jitted(_factor_kernel)
-    # Allocated per call (not kept with the preparation): the partials can reach hundreds of
-    # MB at k = 4096, and the caching allocator hands the same block back call after call.
-    scratch = torch.empty(prep.scratch_numel, dtype=torch.float32, device=prep.device)
-    for i, launch in enumerate(prep.launches):
-        rows = scalars[i] if scalars is not None else [[0.0] * int(SCALAR_FIELDS)] * len(launch.idx)
-        table = _upload(rows, torch.float32, prep.device)
+    # Allocated per call when not given: the partials can reach hundreds of MB at large k
+    # with split m, and the caching allocator hands the same block back call after call.
+    if scratch is None:
+        scratch = torch.empty(prep.scratch_numel, dtype=torch.float32, device=prep.device)
+    for launch, table in zip(prep.launches, scalars):
         update = launch.constexprs["UPDATE"]
         offset, numel = launch.scratch
         for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
             if tiles.shape[0] == 0:
                 continue
             kernel[(tiles.shape[0],)](
-                launch.pair_table, table, tiles, scratch[offset : offset + numel], *kernel_hyper, FACTOR_A=factor_a,
-                **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
+                launch.pair_table, table, tiles, scratch[offset : offset + numel], FACTOR_A=factor_a,
+                GRAD_SCALE=grad_scale, **launch.constexprs,
+                **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
             )
+        if launch.p_tiles is not None and launch.p_tiles.shape[0]:
+            c = launch.constexprs
+            jitted(_p_tile_kernel)[(launch.p_tiles.shape[0],)](
+                launch.pair_table, table, launch.p_tiles, PARAM_DTYPE=c["PARAM_DTYPE"], U_DTYPE=c["U_DTYPE"],
+                BLOCK_R=c["BLOCK_R"], U_PRECISION=c["U_PRECISION"], **ptile_config(c["BLOCK_R"], c["U_PRECISION"]))
     if prep.reduce_table is not None:
-        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4,
-                                                 num_stages=3, enable_fp_fusion=True)
+        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, scratch, scalars[0], BLOCK=REDUCE_BLOCK,
+                                                 num_warps=4, num_stages=3, enable_fp_fusion=True)
 
 
 def _bias_terms(step: float, lr: float, beta1: float, beta2: float) -> list[float]:
