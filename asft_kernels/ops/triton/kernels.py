@@ -94,6 +94,7 @@ def _factor_kernel(
     U_PRECISION: tl.constexpr,
     P_SPLIT: tl.constexpr,
     GRAD_SCALE: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
 ):
     """One strip of one pair: anchoring gradient + AdamW (``UPDATE``) and partial statistics.
 
@@ -114,7 +115,8 @@ def _factor_kernel(
     the write switch (0: nothing is stored, as a fused AdamW step skipped on ``found_inf``).
     ``U_PRECISION`` is the ``tl.dot`` precision of the products with U; with a bf16 U and a
     precision other than ``"ieee"``, the fp32 operand is split into three bf16 parts so that
-    the products run on bf16 tensor cores at fp32 accuracy.
+    the products run on bf16 tensor cores at fp32 accuracy (``NATIVE_BF16``; off under the
+    interpreter, whose dot multiplies bf16 storage bits: the same exact products in fp32).
 
     Partials go to the program's scratch block: ``P_s`` (k, r, with ``P_SPLIT``) then ``G_s``
     (r, r) for B, ``M_s`` (r, r) for A. All math in fp32; the statistics use the values as
@@ -200,9 +202,15 @@ def _factor_kernel(
                         rest = rb - hi.to(tl.float32)
                         mid = rest.to(tl.bfloat16)
                         lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-                        u_rb = tl.dot(u, hi, u_rb)
-                        u_rb = tl.dot(u, mid, u_rb)
-                        u_rb = tl.dot(u, lo, u_rb)
+                        if NATIVE_BF16:
+                            u_rb = tl.dot(u, hi, u_rb)
+                            u_rb = tl.dot(u, mid, u_rb)
+                            u_rb = tl.dot(u, lo, u_rb)
+                        else:  # the same exact products in fp32 (the interpreter's bf16 dot is not)
+                            uf = u.to(tl.float32)
+                            u_rb = tl.dot(uf, hi.to(tl.float32), u_rb, input_precision="ieee")
+                            u_rb = tl.dot(uf, mid.to(tl.float32), u_rb, input_precision="ieee")
+                            u_rb = tl.dot(uf, lo.to(tl.float32), u_rb, input_precision="ieee")
                     else:
                         u_rb = tl.dot(u.to(tl.float32), rb, u_rb, input_precision=U_PRECISION)
                 g = g - u_rb
@@ -256,9 +264,15 @@ def _factor_kernel(
                     mid = rest.to(tl.bfloat16)
                     lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
                     ut = tl.trans(u)
-                    acc_p = tl.dot(ut, hi, acc_p)
-                    acc_p = tl.dot(ut, mid, acc_p)
-                    acc_p = tl.dot(ut, lo, acc_p)
+                    if NATIVE_BF16:
+                        acc_p = tl.dot(ut, hi, acc_p)
+                        acc_p = tl.dot(ut, mid, acc_p)
+                        acc_p = tl.dot(ut, lo, acc_p)
+                    else:
+                        ut = ut.to(tl.float32)
+                        acc_p = tl.dot(ut, hi.to(tl.float32), acc_p, input_precision="ieee")
+                        acc_p = tl.dot(ut, mid.to(tl.float32), acc_p, input_precision="ieee")
+                        acc_p = tl.dot(ut, lo.to(tl.float32), acc_p, input_precision="ieee")
                 else:
                     acc_p = tl.dot(tl.trans(u.to(tl.float32)), x, acc_p, input_precision=U_PRECISION)
             tl.store(scratch + out + ck[:, None] * r + offs_r[None, :], acc_p,
@@ -277,6 +291,7 @@ def _p_tile_kernel(
     BLOCK_KP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     U_PRECISION: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
 ):
     """``P'[k0 : k0 + BLOCK_KP] = U[:, k0 : k0 + BLOCK_KP]ᵀ B'`` for one tile of one pair.
 
@@ -314,9 +329,15 @@ def _p_tile_kernel(
             mid = rest.to(tl.bfloat16)
             lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
             ut = tl.trans(u)
-            acc = tl.dot(ut, hi, acc)
-            acc = tl.dot(ut, mid, acc)
-            acc = tl.dot(ut, lo, acc)
+            if NATIVE_BF16:
+                acc = tl.dot(ut, hi, acc)
+                acc = tl.dot(ut, mid, acc)
+                acc = tl.dot(ut, lo, acc)
+            else:
+                ut = ut.to(tl.float32)
+                acc = tl.dot(ut, hi.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(ut, mid.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(ut, lo.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(u.to(tl.float32)), x, acc, input_precision=U_PRECISION)
     tl.store(p_ptr + ck[:, None] * r + offs_r[None, :], acc,
@@ -370,7 +391,7 @@ def _terms_kernel(
         bc2 = 1.0 - tl.exp(t * tl.log(beta2))
         dst = srow + _FACTOR_A * (1 - f) + _FACTOR_B * f
         tl.store(dst + _STEP_SIZE, (lr / bc1).to(tl.float32))
-        tl.store(dst + _BC2_SQRT, tl.sqrt_rn(bc2).to(tl.float32))
+        tl.store(dst + _BC2_SQRT, tl.sqrt(bc2).to(tl.float32))  # fp64 sqrt: correctly rounded
         tl.store(dst + _DECAY, (1.0 - lr * wd).to(tl.float32))
         tl.store(dst + _BETA1, beta1.to(tl.float32))
         tl.store(dst + _OM_BETA1, (1.0 - beta1).to(tl.float32))
@@ -402,7 +423,16 @@ def _terms_kernel(
     q_val = mm * s
     tl.store(tl.load(row + _H).to(tl.pointer_type(tl.float32)) + rr_idx, h_val, mask=rr_mask)
     tl.store(tl.load(row + _Q_B).to(tl.pointer_type(tl.float32)) + rr_idx, q_val, mask=rr_mask)
-    tl.store(rparts + i, 0.5 * tl.sum(tl.sum(h_val * mm, axis=1), axis=0))
+    # ½⟨H, M⟩ as ones·(H∘M)·ones by two products (tl.sum is a jitted helper, which the
+    # interpreter switched on at run time cannot call); every element of the (16, 16)
+    # result holds the sum, the first is stored.
+    ones_l = tl.full((16, BLOCK_R), 1.0, tl.float32)
+    ones_r = tl.full((BLOCK_R, 16), 1.0, tl.float32)
+    col = tl.dot(ones_l, h_val * mm, input_precision=DOT_PRECISION)
+    total = tl.dot(col, ones_r, input_precision=DOT_PRECISION) * 0.5
+    o16 = tl.arange(0, 16)
+    first = (o16[:, None] == 0) & (o16[None, :] == 0)
+    tl.store(rparts + i + o16[:, None] * 0 + o16[None, :] * 0, total, mask=first)
     rb_ptr = tl.load(row + _R_B).to(tl.pointer_type(tl.float32))
     for k0 in range(0, k, BLOCK_K):
         ck = k0 + offs_k

@@ -49,6 +49,7 @@ from .kernels import (
     _INDEX,
     _K,
     _KEEP,
+    _LR,
     _M,
     _M_ROWS,
     _N_COLS,
@@ -447,7 +448,8 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
             row[_INDEX] = j
             rows.append(row)
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
-                          DOT_PRECISION=DOT_PRECISION, U_PRECISION=precision, P_SPLIT=split)
+                          DOT_PRECISION=DOT_PRECISION, U_PRECISION=precision, P_SPLIT=split,
+                          NATIVE_BF16=not _interpreting())
         p_tiles = None
         if not split:
             block_kp = ptile_config(block_r, precision)["BLOCK_KP"]
@@ -592,7 +594,8 @@ def _launch(prep: _Prepared, scalars: list[Tensor], scratch: Tensor | None = Non
             c = launch.constexprs
             jitted(_p_tile_kernel)[(launch.p_tiles.shape[0],)](
                 launch.pair_table, table, launch.p_tiles, PARAM_DTYPE=c["PARAM_DTYPE"], U_DTYPE=c["U_DTYPE"],
-                BLOCK_R=c["BLOCK_R"], U_PRECISION=c["U_PRECISION"], **ptile_config(c["BLOCK_R"], c["U_PRECISION"]))
+                BLOCK_R=c["BLOCK_R"], U_PRECISION=c["U_PRECISION"], NATIVE_BF16=c["NATIVE_BF16"],
+                **ptile_config(c["BLOCK_R"], c["U_PRECISION"]))
     if prep.reduce_table is not None:
         jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, scratch, scalars[0], BLOCK=REDUCE_BLOCK,
                                                  num_warps=4, num_stages=3, enable_fp_fusion=True)
@@ -601,6 +604,206 @@ def _launch(prep: _Prepared, scalars: list[Tensor], scratch: Tensor | None = Non
 def _bias_terms(step: float, lr: float, beta1: float, beta2: float) -> list[float]:
     """``[lr / (1 − β₁ᵗ), √(1 − β₂ᵗ)]`` for step ``t``."""
     return [lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)]
+
+
+# ---------------------------------------------------------------------------- prepared steps
+#
+# The contract of the plan (docs/triton.md, "Prepared steps"): ``prepare`` validates a
+# bucket's tensors once and builds its device tables; ``step`` then takes only the
+# gradients, the per-pair λ scale, each factor's hyperparameters and the GradScaler's
+# tensors. A step reads nothing back to the host: the counters are advanced and the bias
+# corrections computed by :func:`.kernels._terms_kernel`, and the only host → device copies
+# are the pair table (when a gradient's address changed) and the hyperparameter table
+# (when a Python-number hyperparameter changed). Steps on CUDA can be captured in a CUDA graph.
+
+#: Fields of the batch a prepared step reads from the handle (the gradients come per step).
+_STEP_FIELDS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "U", "Q_B",
+                "R_B", "H")
+
+
+@dataclass
+class TritonStep:
+    """A bucket's prepared step (:func:`prepare`); opaque to its owner, who drops it when the
+    bucket's tensors change (a new one is then prepared)."""
+
+    prep: _Prepared
+    count: int
+    device: torch.device
+    tensors: dict  # the validated per-pair tensors (U as given or a contiguous copy, w as (k,) views)
+    counters: Tensor  # (2L,): A's counters then B's, advanced by the step
+    hyper: Tensor  # fp64 (2, HYPER_FIELDS): A's then B's hyperparameters, on the device
+    scalars: list[Tensor]  # per bucket: fp32 (pairs, SCALAR_FIELDS), written by the terms kernel
+    rparts: Tensor  # fp32 (L,): each pair's share of R
+    scratch: Tensor  # fp32 partial statistics
+    one: Tensor  # fp32 (1,): the gradient scale of a step without one
+    zero: Tensor  # fp32 (1,): the found_inf of a step without one
+    hyper_key: tuple | None = None  # the Python-number hyperparameters last uploaded
+
+
+def _as_k_vector(t: Tensor, j: int, k: int, device: torch.device) -> Tensor:
+    """``w[j]`` as a contiguous fp32 (k,) view (it may come as (k,) or (k, 1))."""
+    if not isinstance(t, Tensor) or t.numel() != k or t.dtype != torch.float32 or t.device != device \
+            or not t.is_contiguous():
+        what = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise OptimizerInputError(f"triton prepare: w[{j}] must be a contiguous float32 tensor of {k} elements on "
+                                  f"{device}; found {what}")
+    return t.reshape(k)
+
+
+def prepare(batch: AnchoredBatch, counters: Tensor, w: Sequence[Tensor] | Tensor | None = None,
+            precision: str | None = None) -> TritonStep:
+    """Validate a bucket's tensors once and build what its steps need on the device.
+
+    Args:
+        batch: the bucket's pairs (its gradient and step-counter lists are not read). Shapes
+            as :func:`fused_step`; ``P``, ``G``, ``M``, ``Q_B``, ``R_B``, ``H`` fp32 contiguous
+            (the step writes them in place; views of the plan's stacked buffers are fine).
+        counters: (2L,) fp32/fp64 contiguous step counters on the parameters' device, A's
+            then B's (a view of the plan's buffer); each step advances them by one.
+        w: per pair the (k,) or (k, 1) anchor weights, fp32, or an (L, k, 1) tensor; None
+            reads ``batch.w``.
+        precision: ``tl.dot`` precision of the U products (:func:`u_precision`).
+
+    Returns:
+        The handle :func:`step` takes.
+
+    Raises:
+        OptimizerInputError: anything :func:`fused_step` refuses, statistics or terms that
+            are not fp32 contiguous, counters or ``w`` of the wrong shape, dtype or device.
+    """
+    count = len(batch)
+    w = getattr(batch, "w", None) if w is None else w
+    if w is None:
+        raise OptimizerInputError("triton prepare: no anchor weights w (neither an argument nor batch.w)")
+    w = list(w.unbind(0)) if isinstance(w, Tensor) else list(w)
+    lists = {name: list(getattr(batch, name)) for name in _STEP_FIELDS}
+    for name, values in (*lists.items(), ("w", w)):
+        if len(values) != count:
+            raise OptimizerInputError(f"triton prepare: {name} has {len(values)} entries, A has {count}")
+    if count == 0:
+        raise OptimizerInputError("triton prepare: the batch has no pairs")
+    lists["U"] = [t.contiguous() for t in lists["U"]]
+    A, B, U = lists["A"], lists["B"], lists["U"]
+    shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(count)]
+    device = _check_device(B, "B")
+    f32 = torch.float32
+    for j in range(count):
+        m, n, r, k = shapes[j]
+        for name, shape, dtype in (
+            ("A", (r, n), None), ("B", (m, r), None), ("exp_avg_A", (r, n), f32), ("exp_avg_sq_A", (r, n), f32),
+            ("exp_avg_B", (m, r), f32), ("exp_avg_sq_B", (m, r), f32), ("U", (m, k), None), ("P", (k, r), f32),
+            ("G", (r, r), f32), ("M", (r, r), f32), ("Q_B", (r, r), f32), ("R_B", (k, r), f32), ("H", (r, r), f32),
+        ):
+            _require(lists[name][j], name, j, device, shape, dtype)
+    lists["w"] = [_as_k_vector(t, j, shapes[j][3], device) for j, t in enumerate(w)]
+    if (not isinstance(counters, Tensor) or counters.shape != (2 * count,) or counters.dtype not in
+            (torch.float32, torch.float64) or counters.device != device or not counters.is_contiguous()):
+        what = (f"{counters.dtype} {tuple(counters.shape)} on {counters.device}" if isinstance(counters, Tensor)
+                else type(counters).__name__)
+        raise OptimizerInputError(f"triton prepare: counters must be a contiguous float32/float64 tensor of shape "
+                                  f"({2 * count},) on {device} (A's then B's step counters); found {what}")
+    prep = _prepare(lists, shapes, device, (lists["P"], lists["G"], lists["M"]), update=True, precision=precision)
+    return TritonStep(
+        prep=prep, count=count, device=device, tensors=lists, counters=counters,
+        hyper=torch.zeros((2, int(HYPER_FIELDS)), dtype=torch.float64, device=device),
+        scalars=[torch.zeros((len(launch.idx), int(SCALAR_FIELDS)), dtype=f32, device=device)
+                 for launch in prep.launches],
+        rparts=torch.zeros(count, dtype=f32, device=device),
+        scratch=torch.empty(prep.scratch_numel, dtype=f32, device=device),
+        one=torch.ones(1, dtype=f32, device=device), zero=torch.zeros(1, dtype=f32, device=device),
+    )
+
+
+def _check_flag(t: Tensor | None, name: str, device: torch.device) -> None:
+    if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or t.device != device
+                          or not t.dtype.is_floating_point):
+        what = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise OptimizerInputError(f"triton step: {name} must be a one-element float tensor on {device}; found {what}")
+
+
+def _step_grads(handle: TritonStep, grads: Sequence[Tensor], name: str, shapes: tuple) -> list[Tensor]:
+    """The gradients of one factor checked against the prepared shapes and dtypes (contiguous
+    copies of strided ones); raises naming the first that does not fit."""
+    if len(grads) != handle.count:
+        raise OptimizerInputError(f"triton step: {name} has {len(grads)} entries, the batch has {handle.count} pairs")
+    dtypes = handle.prep.param_dtypes
+    if (tuple(map(_shape, grads)) == shapes and tuple(map(_dtype, grads)) == dtypes
+            and all(map(Tensor.is_contiguous, grads)) and set(map(_device, grads)) == {handle.device}):
+        return grads  # the usual case, checked without a Python loop per pair
+    out = []
+    for j, g in enumerate(grads):
+        _require(g.contiguous() if isinstance(g, Tensor) else g, name, j, handle.device, shapes[j], dtypes[j])
+        out.append(g.contiguous())
+    return out
+
+
+def _hyper_key(hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> tuple:
+    """The Python-number part of both factors' hyperparameters (a tensor lr counts as 0)."""
+    return tuple(
+        (0.0 if isinstance(h.lr, Tensor) else float(h.lr), float(h.beta1), float(h.beta2), float(h.eps),
+         float(h.weight_decay), -1.0 if h.maximize else 1.0)
+        for h in (hyper_A, hyper_B))
+
+
+def step(handle: TritonStep, grad_A: Sequence[Tensor], grad_B: Sequence[Tensor], scale: Tensor,
+         hyper_A: AdamWHyper, hyper_B: AdamWHyper, grad_scale: Tensor | None = None,
+         found_inf: Tensor | None = None) -> Tensor:
+    """One anchored AdamW step of a prepared bucket, without reading anything back to the host.
+
+    Advances the handle's counters by one, computes ``Q_B``, ``R_B``, ``H`` from the cached
+    ``P``, ``G``, ``M`` (``2λ = scale[j]``), runs the fused update of every pair with A's
+    hyperparameters ``hyper_A`` and B's ``hyper_B`` (``lr`` a number or a 0-d tensor on the
+    device), and writes ``P'``, ``G'``, ``M'`` of the stored values.
+
+    Args:
+        handle: from :func:`prepare`.
+        grad_A, grad_B: per pair, the factors' gradients (their shapes and dtypes).
+        scale: (L,) per-pair ``2λ·coef`` (fp32 or fp64) on the device.
+        grad_scale: None or a one-element fp32 tensor on the device: the gradients are divided
+            by it (the ``.grad`` tensors are not modified).
+        found_inf: None or a one-element fp32 tensor on the device: when it is not 0 nothing
+            is written (parameters, moments, counters, statistics), as torch's fused AdamW
+            skips a step.
+
+    Returns:
+        ``R = ½ Σ_j ⟨H_j, M_j⟩``, 0-d fp32, at the statistics before the step.
+
+    Raises:
+        OptimizerInputError: gradients, ``scale`` or the GradScaler tensors that do not fit
+            (before anything is written).
+    """
+    grad_A = _step_grads(handle, grad_A, "grad_A", handle.prep.a_shapes)
+    grad_B = _step_grads(handle, grad_B, "grad_B", handle.prep.b_shapes)
+    if (not isinstance(scale, Tensor) or scale.shape != (handle.count,) or scale.device != handle.device
+            or not scale.dtype.is_floating_point):
+        what = f"{scale.dtype} {tuple(scale.shape)} on {scale.device}" if isinstance(scale, Tensor) else \
+            type(scale).__name__
+        raise OptimizerInputError(f"triton step: scale must be a float tensor of shape ({handle.count},) on "
+                                  f"{handle.device}; found {what}")
+    _check_flag(grad_scale, "grad_scale", handle.device)
+    _check_flag(found_inf, "found_inf", handle.device)
+    for h, name in ((hyper_A, "hyper_A"), (hyper_B, "hyper_B")):
+        if isinstance(h.lr, Tensor):
+            _check_flag(h.lr, f"{name}.lr", handle.device)
+    key = _hyper_key(hyper_A, hyper_B)
+    if key != handle.hyper_key:
+        handle.hyper.copy_(_upload(list(key), torch.float64, handle.device))
+        handle.hyper_key = key
+    for f, h in enumerate((hyper_A, hyper_B)):
+        if isinstance(h.lr, Tensor):
+            handle.hyper[f, int(_LR)].copy_(h.lr.reshape(()))
+    prep = handle.prep
+    for launch, table in zip(prep.launches, handle.scalars):
+        ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
+                *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
+        _set_grad_ptrs(launch, ptrs, handle.device)
+        block_r = launch.constexprs["BLOCK_R"]
+        jitted(_terms_kernel)[(len(launch.idx),)](
+            launch.pair_table, handle.counters, handle.hyper, scale,
+            handle.one if grad_scale is None else grad_scale, handle.zero if found_inf is None else found_inf,
+            table, handle.rparts, handle.count, BLOCK_R=block_r, **terms_config(block_r))
+    _launch(prep, handle.scalars, handle.scratch, grad_scale=grad_scale is not None)
+    return handle.rparts.sum()
 
 
 def _register_cuda_impls() -> None:
