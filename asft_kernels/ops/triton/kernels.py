@@ -113,6 +113,8 @@ def _factor_kernel(
     ``√(1−β₂ᵗ)``, ``1 − lr·wd``, ``β₁``, ``1−β₁``, ``β₂``, ``1−β₂``, ``ε``, the sign (−1 for
     maximize); then the gradient scale (gradients are divided by it when ``GRAD_SCALE``) and
     the write switch (0: nothing is stored, as a fused AdamW step skipped on ``found_inf``).
+    The gradient scale is stored as its reciprocal and multiplied: exactly the division for
+    the powers of 2 a ``GradScaler`` uses, within one rounding for other scales.
     ``U_PRECISION`` is the ``tl.dot`` precision of the products with U; with a bf16 U and a
     precision other than ``"ieee"``, the fp32 operand is split into three bf16 parts so that
     the products run on bf16 tensor cores at fp32 accuracy (``NATIVE_BF16``; off under the
@@ -166,7 +168,7 @@ def _factor_kernel(
         one_minus_beta2 = tl.load(frow + _OM_BETA2)
         eps = tl.load(frow + _EPS)
         grad_sign = tl.load(frow + _SIGN)
-        grad_scale = tl.load(srow + _GRAD_SCALE)
+        inv_grad_scale = tl.load(srow + _GRAD_SCALE)
     acc_stat = tl.full((BLOCK_R, BLOCK_R), 0.0, tl.float32)  # M (A) or G (B) of the strip
 
     for blk in range(0, n_blocks):
@@ -183,8 +185,8 @@ def _factor_kernel(
 
         if UPDATE:
             g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if GRAD_SCALE:
-                g = tl.div_rn(g, grad_scale)
+            if GRAD_SCALE:  # times 1/scale: exact for a GradScaler's scales (powers of 2)
+                g = g * inv_grad_scale
             if FACTOR_A:
                 g = g + tl.dot(mix, x, input_precision=DOT_PRECISION)
             else:
@@ -365,7 +367,7 @@ def _terms_kernel(
         Pw = diag(w) P,  H = s (G − Pᵀ Pw),  Q_B = s M,  R_B = Pw Q_B      (s = scale[i])
         rparts[i] = ½ ⟨H, M⟩
 
-    ``scalars[j]`` also receives the gradient scale and the write switch (0 when
+    ``scalars[j]`` also receives ``1 / grad_scale`` and the write switch (0 when
     ``found_inf != 0``: the counters are then left as they are, and the factor kernels store
     nothing). ``Q_B``, ``R_B``, ``H`` are the step's work
     buffers and are always written; ``R`` is the value at the statistics before the step.
@@ -399,7 +401,7 @@ def _terms_kernel(
         tl.store(dst + _OM_BETA2, (1.0 - beta2).to(tl.float32))
         tl.store(dst + _EPS, tl.load(h + _HEPS).to(tl.float32))
         tl.store(dst + _SIGN, tl.load(h + _HSIGN).to(tl.float32))
-    tl.store(srow + _GRAD_SCALE, tl.load(grad_scale).to(tl.float32))
+    tl.store(srow + _GRAD_SCALE, tl.div_rn(1.0, tl.load(grad_scale).to(tl.float32)))
     tl.store(srow + _KEEP, keep)
 
     s = tl.load(scale + i).to(tl.float32)
@@ -416,7 +418,7 @@ def _terms_kernel(
         pmask = (ck < k)[:, None] & mask_r[None, :]
         p = tl.load(p_ptr + ck[:, None] * r + offs_r[None, :], mask=pmask, other=0.0)
         wv = tl.load(w_ptr + ck, mask=ck < k, other=0.0)
-        ptw = tl.dot(tl.trans(p), p * wv[:, None], ptw, input_precision=DOT_PRECISION)
+        ptw = tl.dot(tl.trans(p), p * wv[:, None], ptw, input_precision="ieee")
     g = tl.load(tl.load(row + _G).to(tl.pointer_type(tl.float32)) + rr_idx, mask=rr_mask, other=0.0)
     mm = tl.load(tl.load(row + _M).to(tl.pointer_type(tl.float32)) + rr_idx, mask=rr_mask, other=0.0)
     h_val = (g - ptw) * s
@@ -428,8 +430,8 @@ def _terms_kernel(
     # result holds the sum, the first is stored.
     ones_l = tl.full((16, BLOCK_R), 1.0, tl.float32)
     ones_r = tl.full((BLOCK_R, 16), 1.0, tl.float32)
-    col = tl.dot(ones_l, h_val * mm, input_precision=DOT_PRECISION)
-    total = tl.dot(col, ones_r, input_precision=DOT_PRECISION) * 0.5
+    col = tl.dot(ones_l, h_val * mm, input_precision="ieee")
+    total = tl.dot(col, ones_r, input_precision="ieee") * 0.5
     o16 = tl.arange(0, 16)
     first = (o16[:, None] == 0) & (o16[None, :] == 0)
     tl.store(rparts + i + o16[:, None] * 0 + o16[None, :] * 0, total, mask=first)
@@ -439,7 +441,7 @@ def _terms_kernel(
         pmask = (ck < k)[:, None] & mask_r[None, :]
         p = tl.load(p_ptr + ck[:, None] * r + offs_r[None, :], mask=pmask, other=0.0)
         wv = tl.load(w_ptr + ck, mask=ck < k, other=0.0)
-        rb = tl.dot(p * wv[:, None], q_val, input_precision=DOT_PRECISION)
+        rb = tl.dot(p * wv[:, None], q_val, input_precision="ieee")
         tl.store(rb_ptr + ck[:, None] * r + offs_r[None, :], rb, mask=pmask)
 
 

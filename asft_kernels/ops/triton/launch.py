@@ -554,7 +554,7 @@ def _set_grad_ptrs(launch: _Launch, ptrs: tuple[int, ...], device: torch.device)
 def _scalar_row(bias_B: list[float], bias_A: list[float], adamw: list[float]) -> list[float]:
     """One row of the scalar table (``kernels.SCALAR_FIELDS``) from host values: per factor
     ``[lr/(1−β₁ᵗ), √(1−β₂ᵗ)]`` then ``adamw`` = ``[1 − lr·wd, β₁, 1−β₁, β₂, 1−β₂, ε, sign]``;
-    gradient scale 1, writes on."""
+    gradient scale (its reciprocal) 1, writes on."""
     row = [0.0] * int(SCALAR_FIELDS)
     for base, bias in ((int(_FACTOR_B), bias_B), (int(_FACTOR_A), bias_A)):
         row[base : base + 9] = [*bias, *adamw]
@@ -588,7 +588,7 @@ def _launch(prep: _Prepared, scalars: list[Tensor], scratch: Tensor | None = Non
             kernel[(tiles.shape[0],)](
                 launch.pair_table, table, tiles, scratch[offset : offset + numel], FACTOR_A=factor_a,
                 GRAD_SCALE=grad_scale, **launch.constexprs,
-                **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
+                **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update, launch.constexprs["P_SPLIT"]),
             )
         if launch.p_tiles is not None and launch.p_tiles.shape[0]:
             c = launch.constexprs

@@ -23,7 +23,7 @@ from .kernels import TILE_FIELDS
 MAX_TRITON_RANK = 64
 
 
-def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
+def kernel_config(block_r: int, factor_a: bool, update: bool = True, split: bool = True) -> dict:
     """Launch configuration of :func:`.kernels._factor_kernel` for a padded rank ``block_r``
     (16 or 64): the block sizes (constexprs) and the launch options ``num_warps``,
     ``num_stages``, ``enable_fp_fusion`` and, for the stats pass, ``maxnreg``.
@@ -40,6 +40,12 @@ def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
       gives up overlapping the next block's loads with the current block's math.
     * ptxas picks 64 registers for the 16-warp stats variant and spills, so the stats pass
       states the per-thread share of the register file (``maxnreg``) explicitly.
+    * The B update of a bucket whose P' is tiled (``split=False``: no phase 2, U products at
+      any precision, a gradient scale) runs 8 warps with ``maxnreg`` stated, 2 stages at
+      padded rank 16 and 1 at 64: at rank 64 with 16 warps (128 registers a thread) every
+      precision spills on sm_80 or sm_90, with 8 warps and 2 stages 16-24 bytes; at rank 16
+      every other choice of 4/8 warps, 1-3 stages, with or without ``maxnreg`` spills 8-24
+      bytes for one of fp32/bf16 U, ieee/tf32x3, sm_80/sm_90 (Triton 3.9).
     """
     if factor_a:
         cols, warps, stages = {16: (64, 8, 3), 64: (16, 16, 2)}[block_r]
@@ -47,8 +53,12 @@ def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
     else:
         rows, warps, stages = {16: (32, 4, 3), 64: (16, 16, 3)}[block_r]
         cfg = dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
+    tiled_b = update and not factor_a and not split
+    if tiled_b:
+        warps, stages = (8, 2) if block_r == 16 else (8, 1)
+        cfg["num_warps"] = warps
     cfg["num_stages"] = stages if update else 3
-    if not update:
+    if not update or tiled_b:
         cfg["maxnreg"] = min(255, 65536 // (32 * cfg["num_warps"]))
     # Stated explicitly: Triton 3.10 changes the default to no mul-add fusion.
     cfg["enable_fp_fusion"] = True
