@@ -90,12 +90,20 @@ DEFAULT_U_PRECISION = "ieee"
 def u_precisions() -> tuple[str, ...]:
     """The fp32 ``tl.dot`` input precisions the installed Triton's CUDA backend accepts
     (read at run time: Triton 3.6 offers ``tf32``, ``tf32x3``, ``ieee``; later releases add
-    ``bf16x3``, ``bf16x6``)."""
+    ``bf16x3``, ``bf16x6``); under the interpreter, those of them it accepts."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:  # no CUDA backend in this Triton: only what the language always has
         return ("ieee",)
-    return tuple(CUDAOptions.allowed_dot_input_precisions)
+    allowed = tuple(CUDAOptions.allowed_dot_input_precisions)
+    if _interpreting():  # the interpreter accepts fewer (it computes all of them in fp32)
+        try:
+            from triton.runtime.interpreter import InterpreterOptions
+
+            allowed = tuple(p for p in allowed if p in InterpreterOptions.allowed_dot_input_precisions)
+        except (ImportError, AttributeError):
+            allowed = tuple(p for p in allowed if p in ("tf32", "tf32x3", "ieee"))
+    return allowed
 
 
 def u_precision(requested: str | None = None) -> str:
