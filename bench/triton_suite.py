@@ -216,7 +216,8 @@ def eager_bucket_step(A, B, mA, vA, mB, vB, P, G, M, gA, gB, U, w, scale, counte
 
 
 def eager_step_fn(bucket: Bucket, compiled: bool):
-    fn = torch.compile(eager_bucket_step) if compiled else eager_bucket_step
+    # dynamic shapes: one compilation serves every shape of a dtype (each costs tens of seconds)
+    fn = torch.compile(eager_bucket_step, dynamic=True) if compiled else eager_bucket_step
     b = bucket
     args = (b.A, b.B, b.mA, b.vA, b.mB, b.vB, b.P, b.G, b.M, b.gA, b.gB, b.U, b.w, b.scale, b.counters, LR,
             BETAS[0], BETAS[1], EPS, WD)
@@ -448,10 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     if "bench" in args.parts:
         rows = []
-        for shape in shapes:
+        for shape in shapes:  # written after every shape: a stage cut short keeps what it measured
             rows += bench_shape(shape, device, variants, rounds, args.paper_rounds)
+            (out / "triton_bench.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
         results["bench"] = rows
-        (out / "triton_bench.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
     if "accuracy" in args.parts:
         acc_shapes = [Shape(m, m, 64, min(m, 4096), 2, "float32"), Shape(m, m, 8, 256 if m >= 256 else 8, 2,
                                                                          "float32")]
@@ -463,10 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = profile(device, shapes, rounds)
         results["profile"] = rows
         (out / "triton_profile.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    failed = [r for part in results.values() for r in part if "error" in r]
+    for part in ("bench", "accuracy", "profile"):  # the tables of earlier runs into the same --out
+        saved = out / f"triton_{part}.json"
+        if part not in results and saved.exists():
+            results[part] = json.loads(saved.read_text())["rows"]
     text = markdown(results.get("bench", []), results.get("accuracy", []), results.get("profile", []))
     (out / "triton_suite.md").write_text(f"{facts}\n\n{text}")
     print(text)
-    failed = [r for part in results.values() for r in part if "error" in r]
     return 1 if failed else 0
 
 
