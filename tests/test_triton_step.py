@@ -11,7 +11,6 @@ the kernels run under the Triton interpreter; the tests marked ``gpu`` need CUDA
 
 from __future__ import annotations
 
-import builtins
 import collections
 import os
 import sys
@@ -298,9 +297,10 @@ _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(T.__file__)))
 
 
 def _refuse_host_reads(monkeypatch):
-    """Patch ``Tensor.item``, ``.tolist``, ``.cpu`` to raise when called from the project's
-    code (the interpreter itself may copy tensors to the host)."""
-    for name in ("item", "tolist", "cpu"):
+    """Patch ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy`` and the conversions
+    ``float()``, ``int()``, ``bool()`` (a Python branch on a tensor) to raise when called
+    from the project's code (the interpreter itself copies tensors to the host)."""
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
 
         def guarded(self, *args, _original=original, _name=name, **kwargs):
@@ -310,7 +310,6 @@ def _refuse_host_reads(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, guarded)
-    monkeypatch.setattr(builtins, "float", builtins.float)  # (float(tensor) goes through item: guarded)
 
 
 def test_warm_step_reads_nothing_back_and_dispatches_a_constant_number_of_ops(device, monkeypatch):
@@ -348,6 +347,8 @@ def test_warm_step_reads_nothing_back_and_dispatches_a_constant_number_of_ops(de
             patch.setattr(L, "jitted", counting)
             with _OpCounter() as ops:
                 L.step(handle, gA, gB, *args, **flags)
+            with pytest.raises(AssertionError, match="tolist called from"):  # the guard works
+                L._read_steps([torch.tensor(1.0)])
         counts[n_pairs] = (collections.Counter(launches), ops.ops)
         assert torch.equal(bucket.counters.cpu(), torch.full((2 * n_pairs,), 2.0))
     assert counts[2] == counts[12]
