@@ -243,6 +243,34 @@ def _table() -> str:
         u = resource_usage(kernel.asm["cubin"])
         cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
     rows.append(f"| reduce | - | fp32 | - | 4 | 3 | {T.REDUCE_BLOCK} | {cells[0]} | {cells[1]} |")
+    # the prepared step's kernels and the large-anchor path (fp32 params; U fp32/bf16; ieee and tensor cores)
+    for block_r in (16, 64):
+        for udt in ("fp32", "bf16"):
+            for precision in ["ieee", *TC_PRECISIONS[:1]]:
+                u_dtype = getattr(tl, _TL[udt])
+                for fn, (const, options), name in (
+                    (T._factor_kernel, factor_variant(block_r, False, True, tl.float32, u_dtype, precision,
+                                                      split=False, grad_scale=True),
+                     f"B rows update, tiled P', {precision}"),
+                    (T._p_tile_kernel, ptile_variant(block_r, tl.float32, u_dtype, precision),
+                     f"P' tiles, {precision}"),
+                ):
+                    cells = []
+                    for arch in ARCHS:
+                        u = resource_usage(compile_kernel(fn, const, options, arch).asm["cubin"])
+                        cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+                    tile = (f"{const['BLOCK_KP']}x{block_r}, U chunk {const['BLOCK_M']}x{const['BLOCK_KP']}"
+                            if "BLOCK_KP" in const else f"{const['BLOCK_ROWS']}x{block_r}")
+                    rows.append(f"| {name} | {block_r} | fp32 | {udt} | {options['num_warps']} | "
+                                f"{options['num_stages']} | {tile} | {cells[0]} | {cells[1]} |")
+                    print(rows[-1], file=sys.stderr, flush=True)
+        const, options = terms_variant(block_r)
+        cells = []
+        for arch in ARCHS:
+            u = resource_usage(compile_kernel(T._terms_kernel, const, options, arch).asm["cubin"])
+            cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+        rows.append(f"| terms | {block_r} | fp32 | - | {options['num_warps']} | {options['num_stages']} | "
+                    f"P chunk {const['BLOCK_K']}x{block_r} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 
 
