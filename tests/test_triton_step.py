@@ -432,3 +432,28 @@ def test_cuda_graph_replays_match_the_uncaptured_trajectory_bitwise(monkeypatch)
         runs.append(bucket.snapshot() + losses)
     for x, y in zip(*runs):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_llama_sized_prepared_step_matches_float64(monkeypatch, precision):
+    """Pairs of 4096 × 4096 with k = 4096 (P' tiles) and k = 64 (split m), three prepared
+    steps at ``precision`` against the same steps in float64 on the device (the eager math
+    of bench/triton_suite.py): within the fp32 trajectory tolerance. The k = 4096 case is
+    the one the default precision is chosen by."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from bench.triton_suite import Bucket as SuiteBucket
+    from bench.triton_suite import Shape, eager_step_fn, triton_step_fn
+
+    dev = torch.device("cuda")
+    for r, k in ((64, 4096), (8, 64)):
+        shape = Shape(4096, 4096, r, k, 2, "float32")
+        got = SuiteBucket(shape, dev, seed=3, orthonormal=True)
+        ref = SuiteBucket(shape, dev, seed=3, math_dtype=torch.float64, U=got.U.double())
+        step, ref_step = triton_step_fn(got, precision), eager_step_fn(ref, compiled=False)
+        for _ in range(3):
+            step()
+            ref_step()
+        for name, a, b in zip(("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M"), got.state(), ref.state()):
+            assert _rel(a, b) < 1e-5, (precision, r, k, name, _rel(a, b))
