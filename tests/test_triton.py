@@ -215,8 +215,7 @@ def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
             continue
         pair_table, tiles = args[0].cpu(), args[2].cpu()
         assert grid == (tiles.shape[0],)
-        assert kw["num_stages"] == T.kernel_config(kw["BLOCK_R"], kw["FACTOR_A"], kw["UPDATE"], kw["P_SPLIT"])[
-            "num_stages"]
+        assert kw["num_stages"] == T.kernel_config(kw["BLOCK_R"], kw["FACTOR_A"], kw["UPDATE"])["num_stages"]
         block = kw["BLOCK_COLS"] if kw["FACTOR_A"] else kw["BLOCK_ROWS"]
         size_field = int(T._N_COLS if kw["FACTOR_A"] else T._M_ROWS)
         for j in range(pair_table.shape[0]):

@@ -78,7 +78,7 @@ def factor_variant(block_r: int, factor_a: bool, update: bool, param_dtype, u_dt
                    split=True, grad_scale=False):
     """Constexprs and launch options of :func:`_factor_kernel` at its default configuration,
     split as the backend's launch splits them."""
-    cfg = T.kernel_config(block_r, factor_a, update, split)
+    cfg = T.kernel_config(block_r, factor_a, update)
     options = {key: cfg.pop(key) for key in T.LAUNCH_OPTIONS if key in cfg}
     assert "num_stages" in options
     const = dict(PARAM_DTYPE=param_dtype, U_DTYPE=u_dtype or tl.float32, FACTOR_A=factor_a, UPDATE=update,
@@ -163,6 +163,30 @@ def test_tiled_b_update_and_p_tiles_compile_without_spills(arch, block_r, udt, p
     _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
     const, options = ptile_variant(block_r, tl.float32, getattr(tl, _TL[udt]), precision)
     _no_spills(compile_kernel(T._p_tile_kernel, const, options, arch))
+
+
+# Split-m variants (U products at "ieee") with a bf16 U and a gradient scale (the r = 16 B
+# update with fp32 params and bf16 U spilled 8 bytes on sm_90 at 4 warps).
+SPLIT_CASES = [
+    pytest.param(16, "fp32", "bf16", "ieee", False, id="B-r16-fp32-Ubf16"),
+    pytest.param(16, "bf16", "fp32", "ieee", True, id="B-r16-bf16-gs"),
+    pytest.param(64, "fp32", "bf16", "ieee", True, id="B-r64-fp32-Ubf16-gs"),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+@pytest.mark.parametrize(("block_r", "pdt", "udt", "precision", "grad_scale"), SPLIT_CASES)
+def test_split_b_update_variants_compile_without_spills(arch, block_r, pdt, udt, precision, grad_scale):
+    """B updates with split-m P' (and the A update, and the stats pass of the same params)
+    beyond the default table's variants: fp32 params with bf16 U, a gradient scale."""
+    const, options = factor_variant(block_r, False, True, getattr(tl, _TL[pdt]), getattr(tl, _TL[udt]), precision,
+                                    split=True, grad_scale=grad_scale)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
+    const, options = factor_variant(block_r, False, False, getattr(tl, _TL[pdt]), getattr(tl, _TL[udt]), precision,
+                                    split=True)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
+    const, options = factor_variant(block_r, True, True, getattr(tl, _TL[pdt]), grad_scale=True)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])

@@ -1,19 +1,25 @@
 """Host side of the Triton backend: validation, pointer tables, launches, and the
-contract functions ``supports``, ``stats_pass`` and ``fused_step``
-(:mod:`asft_kernels.ops.schema`), registered as the CUDA kernels of the ``asft::`` ops.
+contract functions ``supports``, ``stats_pass``, ``prepare``/``step`` and ``fused_step``
+(:mod:`asft_kernels.ops.schema`), the first and last registered as the CUDA kernels of the
+``asft::`` ops.
 
 A call costs a fixed number of launches and torch ops per bucket of pairs (parameter
 dtype, U dtype, padded rank), however many pairs it holds: two factor-kernel launches per
-bucket, one reduction launch for all of them, one pair table, one scalar table and one
-scratch slice per bucket, and one read of all step counters. Everything that depends on the
-number of pairs is plain Python (validation, addresses) or cached (the strip tables); the
-one exception is the stats pass, which allocates its three outputs per pair.
+bucket (plus one of P' tiles where the bucket does not split m, :func:`.layout.p_split`),
+one reduction launch for all of them; everything that depends on the number of pairs is
+plain Python (validation, addresses) or cached (the strip tables); the one exception is the
+stats pass, which allocates its three outputs per pair.
 
-An update with the same tensors as an earlier one (the optimizer's, every step) reuses
-what that one prepared (:func:`_prepare`): it uploads the scalar table, and the pair table
-only when a gradient's address changed, both from pinned memory without waiting for the
-GPU; a batch its owner marks ``fixed`` keeps its preparation on itself and is not checked
-again (docs/triton.md, "Prepared calls").
+``prepare``/``step`` (docs/triton.md, "The prepared step") is the contract the plan uses:
+tables built once on the device, one terms launch per bucket that advances the counters
+and computes the bias corrections and anchoring terms on the device, and nothing read back
+to the host, so a step can be captured in a CUDA graph.
+
+``fused_step`` (counters on the host, terms precomputed) reuses what an earlier call with
+the same tensors prepared (:func:`_prepare`): it uploads the scalar table, and the pair
+table only when a gradient's address changed, both from pinned memory without waiting for
+the GPU; a batch its owner marks ``fixed`` keeps its preparation on itself and is not
+checked again (docs/triton.md, "Prepared calls").
 """
 
 from __future__ import annotations
@@ -455,8 +461,10 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
             row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
             row[_INDEX] = j
             rows.append(row)
+        # A bucket that splits m (small k: small U products) keeps them at "ieee" (its tensor-core
+        # variant spills at padded rank 64 with Triton 3.6, layout.kernel_config).
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
-                          DOT_PRECISION=DOT_PRECISION, U_PRECISION=precision, P_SPLIT=split,
+                          DOT_PRECISION=DOT_PRECISION, U_PRECISION="ieee" if split else precision, P_SPLIT=split,
                           NATIVE_BF16=not _interpreting())
         p_tiles = None
         if not split:
@@ -596,7 +604,7 @@ def _launch(prep: _Prepared, scalars: list[Tensor], scratch: Tensor | None = Non
             kernel[(tiles.shape[0],)](
                 launch.pair_table, table, tiles, scratch[offset : offset + numel], FACTOR_A=factor_a,
                 GRAD_SCALE=grad_scale, **launch.constexprs,
-                **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update, launch.constexprs["P_SPLIT"]),
+                **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
             )
         if launch.p_tiles is not None and launch.p_tiles.shape[0]:
             c = launch.constexprs

@@ -23,10 +23,10 @@ from .kernels import TILE_FIELDS
 MAX_TRITON_RANK = 64
 
 
-def kernel_config(block_r: int, factor_a: bool, update: bool = True, split: bool = True) -> dict:
+def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
     """Launch configuration of :func:`.kernels._factor_kernel` for a padded rank ``block_r``
     (16 or 64): the block sizes (constexprs) and the launch options ``num_warps``,
-    ``num_stages``, ``enable_fp_fusion`` and, for the stats pass, ``maxnreg``.
+    ``num_stages``, ``enable_fp_fusion`` and, for the stats pass and the B update, ``maxnreg``.
 
     fp32 ``tl.dot`` with ``ieee`` precision runs on FMA units and keeps its operands in
     registers, so blocks are small. Every configuration compiles without spilling to local
@@ -38,27 +38,29 @@ def kernel_config(block_r: int, factor_a: bool, update: bool = True, split: bool
       3.6 needs more than the 128 registers a thread of a 16-warp program can have and
       spills (264 bytes on sm_80); 2 stages fit on 3.6 and 3.9. 1 stage would fit too but
       gives up overlapping the next block's loads with the current block's math.
-    * ptxas picks 64 registers for the 16-warp stats variant and spills, so the stats pass
-      states the per-thread share of the register file (``maxnreg``) explicitly.
-    * The B update of a bucket whose P' is tiled (``split=False``: no phase 2, U products at
-      any precision, a gradient scale) runs 8 warps with ``maxnreg`` stated, 2 stages at
-      padded rank 16 and 1 at 64: at rank 64 with 16 warps (128 registers a thread) every
-      precision spills on sm_80 or sm_90, with 8 warps and 2 stages 16-24 bytes; at rank 16
-      every other choice of 4/8 warps, 1-3 stages, with or without ``maxnreg`` spills 8-24
-      bytes for one of fp32/bf16 U, ieee/tf32x3, sm_80/sm_90 (Triton 3.9).
+    * ptxas picks 64 registers for a 16-warp stats variant and spills, so the stats pass
+      states the per-thread share of the register file (``maxnreg``) explicitly; at padded
+      rank 64 it runs 8 warps (with 16, fp32 parameters spill 8 bytes at 128 registers).
+    * The B update runs 8 warps with ``maxnreg`` stated, 2 stages at padded rank 16 and 1 at
+      64, for both ways of computing P' (:func:`p_split`). With U products at any
+      precision, bf16 U and a gradient scale, every other choice tried spills for some
+      variant: at rank 16, 4 warps with 2 or 3 stages, with or without ``maxnreg``, 8-32
+      bytes on sm_90; at rank 64, 16 warps (128 registers a thread) with 1-3 stages or 8
+      warps with 2 stages, 8-40 bytes on sm_80 or sm_90 (Triton 3.9; 3.6 alike). A bucket
+      that splits m runs its U products at ``"ieee"`` (:func:`.launch._prepare`): at padded
+      rank 64 its tf32x3 variant spills 8 bytes on sm_80 with Triton 3.6.
     """
     if factor_a:
         cols, warps, stages = {16: (64, 8, 3), 64: (16, 16, 2)}[block_r]
         cfg = dict(BLOCK_ROWS=16, BLOCK_K=16, BLOCK_COLS=cols, num_warps=warps)
     else:
-        rows, warps, stages = {16: (32, 4, 3), 64: (16, 16, 3)}[block_r]
+        if update:
+            rows, warps, stages = {16: (32, 8, 2), 64: (16, 8, 1)}[block_r]
+        else:
+            rows, warps, stages = {16: (32, 4, 3), 64: (16, 8, 3)}[block_r]
         cfg = dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
-    tiled_b = update and not factor_a and not split
-    if tiled_b:
-        warps, stages = (8, 2) if block_r == 16 else (8, 1)
-        cfg["num_warps"] = warps
     cfg["num_stages"] = stages if update else 3
-    if not update or tiled_b:
+    if not update or not factor_a:  # maxnreg stated: the stats pass and the B update
         cfg["maxnreg"] = min(255, 65536 // (32 * cfg["num_warps"]))
     # Stated explicitly: Triton 3.10 changes the default to no mul-add fusion.
     cfg["enable_fp_fusion"] = True
