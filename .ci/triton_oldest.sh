@@ -32,7 +32,7 @@ fi
 "$venv/bin/python" -c "import triton; print('triton', triton.__version__, 'from', triton.__file__)"
 # NumPy 2.3 deprecates what 2.4 refuses: once per loop bound in the interpreter, not news.
 quiet=(-W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
-OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q tests/test_triton_aot.py tests/test_triton.py "${quiet[@]}"
+OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q tests/test_triton_aot.py tests/test_triton.py tests/test_triton_step.py "${quiet[@]}"
 # The optimizer's trajectories on the triton backend (interpreter on from the start).
 OMP_NUM_THREADS=1 TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q tests/test_optim.py tests/test_memory.py tests/test_reliability.py \
     tests/test_plan.py -k triton "${quiet[@]}"

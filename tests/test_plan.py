@@ -340,3 +340,36 @@ def test_every_backend_step_follows_the_contract(backend):
         assert torch.equal(bucket.counters.cpu(), snap[-1].cpu() + 1)
         assert R.shape == () and torch.allclose(R, R_skip, rtol=1e-12, atol=0)
         assert not torch.equal(t.B[0], snap[len(t.A)])  # written
+
+
+def test_warm_triton_step_reads_nothing_back(monkeypatch):
+    """A warm ``AsFTAdamW.step()`` on the triton backend (through the plan and the backend's
+    prepared step) calls no ``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()`` and no
+    Python conversion of a tensor from the package's code."""
+    import os
+    import sys
+
+    if "triton" not in available_backends():
+        pytest.skip("the triton backend does not run here (CUDA, or TRITON_INTERPRET=1)")
+    package = os.path.dirname(os.path.abspath(asft.__file__))
+    m1 = odd_lora(r=2, dtype=torch.float32, device=device_for("triton"))
+    opt = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=odd_anchor(rank=3).bind(m1), backend="triton")
+    for s in range(2):  # cold steps: the plan, its handles and the tables are built
+        opt.zero_grad()
+        odd_task_loss(m1, s, torch.float32).backward()
+        opt.step()
+    assert {b.backend.name for b in opt._plan.buckets} == {"triton"}
+    odd_task_loss(m1, 2, torch.float32).backward()
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+            original = getattr(torch.Tensor, name)
+
+            def guarded(self, *args, _original=original, _name=name, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if os.path.abspath(caller).startswith(package):
+                    raise AssertionError(f"Tensor.{_name} called from {caller}")
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, guarded)
+        opt.step()
+    assert opt.plan_builds == 1 and float(opt.state[trainable(m1)[0]]["step"]) == 3.0

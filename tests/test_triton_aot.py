@@ -39,7 +39,11 @@ ARCHS = [80, 90]
 pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's bundled ptxas is not present")
 
 REDUCE_OPTIONS = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": True}
-_POINTERS = {"pairs": "*i64", "scalars": "*fp32", "tiles": "*i64", "scratch": "*fp32", "jobs": "*i64"}
+_POINTERS = {"pairs": "*i64", "scalars": "*fp32", "tiles": "*i64", "scratch": "*fp32", "jobs": "*i64",
+             "ptiles": "*i64", "counters": "*fp32", "hyper": "*fp64", "scale": "*fp32", "grad_scale": "*fp32",
+             "found_inf": "*fp32", "rparts": "*fp32", "n_total": "i32"}
+#: The tensor-core precisions of the U products the installed Triton offers.
+TC_PRECISIONS = [p for p in ("tf32x3", "tf32", "bf16x3", "bf16x6") if p in T.u_precisions()]
 
 
 def _signature(fn, constexprs: dict) -> dict:
@@ -70,15 +74,41 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in fields.items()}
 
 
-def factor_variant(block_r: int, factor_a: bool, update: bool, param_dtype, u_dtype=None):
+def factor_variant(block_r: int, factor_a: bool, update: bool, param_dtype, u_dtype=None, precision="ieee",
+                   split=True, grad_scale=False):
     """Constexprs and launch options of :func:`_factor_kernel` at its default configuration,
     split as the backend's launch splits them."""
     cfg = T.kernel_config(block_r, factor_a, update)
     options = {key: cfg.pop(key) for key in T.LAUNCH_OPTIONS if key in cfg}
     assert "num_stages" in options
     const = dict(PARAM_DTYPE=param_dtype, U_DTYPE=u_dtype or tl.float32, FACTOR_A=factor_a, UPDATE=update,
-                 BLOCK_R=block_r, DOT_PRECISION=T.DOT_PRECISION, **cfg)
+                 BLOCK_R=block_r, DOT_PRECISION=T.DOT_PRECISION, U_PRECISION=precision, P_SPLIT=split,
+                 GRAD_SCALE=grad_scale, NATIVE_BF16=True, **cfg)
     return const, options
+
+
+def ptile_variant(block_r: int, param_dtype, u_dtype, precision: str):
+    """Constexprs and launch options of :func:`_p_tile_kernel` as the backend launches it."""
+    cfg = T.ptile_config(block_r, precision)
+    options = {key: cfg.pop(key) for key in T.LAUNCH_OPTIONS if key in cfg}
+    const = dict(PARAM_DTYPE=param_dtype, U_DTYPE=u_dtype, BLOCK_R=block_r, U_PRECISION=precision,
+                 NATIVE_BF16=True, **cfg)
+    return const, options
+
+
+def terms_variant(block_r: int):
+    cfg = T.terms_config(block_r)
+    options = {key: cfg.pop(key) for key in T.LAUNCH_OPTIONS if key in cfg}
+    return dict(BLOCK_R=block_r, **cfg), options
+
+
+def sass(cubin: bytes) -> str:
+    """The SASS of ``cubin`` (cuobjdump -sass)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
 
 
 # The kernels as the backend launches them; the last ones are the tightest fp32/stats cases.
@@ -106,6 +136,83 @@ def test_factor_kernel_compiles_without_spills(arch, block_r, factor_a, update, 
     usage = resource_usage(kernel.asm["cubin"])
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
     assert usage["REG"] <= 255
+
+
+def _no_spills(kernel) -> dict:
+    if not os.path.exists(CUOBJDUMP):
+        pytest.skip("Triton's bundled cuobjdump is not present: compiled, spills not checked")
+    usage = resource_usage(kernel.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
+    assert usage["REG"] <= 255
+    return usage
+
+
+# B update variants of the large-anchor path: P' by tiles (no phase 2), U products on the
+# tensor cores, a gradient scale.
+LARGE_CASES = [
+    pytest.param(block_r, udt, precision, id=f"B-r{block_r}-U{udt}-{precision}")
+    for block_r in (16, 64) for udt in ("fp32", "bf16") for precision in ["ieee", *TC_PRECISIONS[:1]]
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+@pytest.mark.parametrize(("block_r", "udt", "precision"), LARGE_CASES)
+def test_tiled_b_update_and_p_tiles_compile_without_spills(arch, block_r, udt, precision):
+    const, options = factor_variant(block_r, False, True, tl.float32, getattr(tl, _TL[udt]), precision, split=False,
+                                    grad_scale=True)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
+    const, options = ptile_variant(block_r, tl.float32, getattr(tl, _TL[udt]), precision)
+    _no_spills(compile_kernel(T._p_tile_kernel, const, options, arch))
+
+
+# Split-m variants (U products at "ieee") with a bf16 U and a gradient scale (the r = 16 B
+# update with fp32 params and bf16 U spilled 8 bytes on sm_90 at 4 warps).
+SPLIT_CASES = [
+    pytest.param(16, "fp32", "bf16", "ieee", False, id="B-r16-fp32-Ubf16"),
+    pytest.param(16, "bf16", "fp32", "ieee", True, id="B-r16-bf16-gs"),
+    pytest.param(64, "fp32", "bf16", "ieee", True, id="B-r64-fp32-Ubf16-gs"),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+@pytest.mark.parametrize(("block_r", "pdt", "udt", "precision", "grad_scale"), SPLIT_CASES)
+def test_split_b_update_variants_compile_without_spills(arch, block_r, pdt, udt, precision, grad_scale):
+    """B updates with split-m P' (and the A update, and the stats pass of the same params)
+    beyond the default table's variants: fp32 params with bf16 U, a gradient scale."""
+    const, options = factor_variant(block_r, False, True, getattr(tl, _TL[pdt]), getattr(tl, _TL[udt]), precision,
+                                    split=True, grad_scale=grad_scale)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
+    const, options = factor_variant(block_r, False, False, getattr(tl, _TL[pdt]), getattr(tl, _TL[udt]), precision,
+                                    split=True)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
+    const, options = factor_variant(block_r, True, True, getattr(tl, _TL[pdt]), grad_scale=True)
+    _no_spills(compile_kernel(T._factor_kernel, const, options, arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+@pytest.mark.parametrize("block_r", [16, 64])
+def test_terms_kernel_compiles_without_spills(arch, block_r):
+    const, options = terms_variant(block_r)
+    _no_spills(compile_kernel(T._terms_kernel, const, options, arch))
+
+
+@pytest.mark.skipif(not TC_PRECISIONS, reason="this Triton offers no tensor-core fp32 precision")
+@pytest.mark.parametrize(("block_r", "udt"), [(16, "fp32"), (64, "fp32"), (64, "bf16")])
+def test_u_products_use_tensor_cores_on_sm90(block_r, udt):
+    """At a tensor-core precision the sm_90 SASS of the U-product kernels (the P' tiles, the
+    B update's U R_B) holds tensor-core instructions (HMMA or HGMMA); at ``"ieee"`` the P'
+    tiles hold none (FMA units)."""
+    if not os.path.exists(CUOBJDUMP):
+        pytest.skip("Triton's bundled cuobjdump is not present")
+    precision = TC_PRECISIONS[0]
+    u_dtype = getattr(tl, _TL[udt])
+    tensor_core = re.compile(r"\bH(G)?MMA\b")
+    const, options = ptile_variant(block_r, tl.float32, u_dtype, precision)
+    assert tensor_core.search(sass(compile_kernel(T._p_tile_kernel, const, options, 90).asm["cubin"]))
+    const, options = factor_variant(block_r, False, True, tl.float32, u_dtype, precision, split=False)
+    assert tensor_core.search(sass(compile_kernel(T._factor_kernel, const, options, 90).asm["cubin"]))
+    const, options = ptile_variant(block_r, tl.float32, tl.float32, "ieee")
+    assert not tensor_core.search(sass(compile_kernel(T._p_tile_kernel, const, options, 90).asm["cubin"]))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
@@ -160,6 +267,34 @@ def _table() -> str:
         u = resource_usage(kernel.asm["cubin"])
         cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
     rows.append(f"| reduce | - | fp32 | - | 4 | 3 | {T.REDUCE_BLOCK} | {cells[0]} | {cells[1]} |")
+    # the prepared step's kernels and the large-anchor path (fp32 params; U fp32/bf16; ieee and tensor cores)
+    for block_r in (16, 64):
+        for udt in ("fp32", "bf16"):
+            for precision in ["ieee", *TC_PRECISIONS[:1]]:
+                u_dtype = getattr(tl, _TL[udt])
+                for fn, (const, options), name in (
+                    (T._factor_kernel, factor_variant(block_r, False, True, tl.float32, u_dtype, precision,
+                                                      split=False, grad_scale=True),
+                     f"B rows update, tiled P', {precision}"),
+                    (T._p_tile_kernel, ptile_variant(block_r, tl.float32, u_dtype, precision),
+                     f"P' tiles, {precision}"),
+                ):
+                    cells = []
+                    for arch in ARCHS:
+                        u = resource_usage(compile_kernel(fn, const, options, arch).asm["cubin"])
+                        cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+                    tile = (f"{const['BLOCK_KP']}x{block_r}, U chunk {const['BLOCK_M']}x{const['BLOCK_KP']}"
+                            if "BLOCK_KP" in const else f"{const['BLOCK_ROWS']}x{block_r}")
+                    rows.append(f"| {name} | {block_r} | fp32 | {udt} | {options['num_warps']} | "
+                                f"{options['num_stages']} | {tile} | {cells[0]} | {cells[1]} |")
+                    print(rows[-1], file=sys.stderr, flush=True)
+        const, options = terms_variant(block_r)
+        cells = []
+        for arch in ARCHS:
+            u = resource_usage(compile_kernel(T._terms_kernel, const, options, arch).asm["cubin"])
+            cells.append(f"{u['REG']}/{u['STACK']}/{u['LOCAL']}")
+        rows.append(f"| terms | {block_r} | fp32 | - | {options['num_warps']} | {options['num_stages']} | "
+                    f"P chunk {const['BLOCK_K']}x{block_r} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 
 

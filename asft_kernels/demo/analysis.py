@@ -1,8 +1,8 @@
-"""Statistics and the decision rule of the demo (docs/demo.md, protocol v2 §7–§8).
+"""Statistics and the decision rule of the demo (docs/demo.md, protocol v3 §7–§8).
 
-* :func:`frontier_value`: the lowest harmful rate a family reaches while keeping at least a
-  task accuracy ``T``, on the path of its runs (λ or step order), vectorized over bootstrap
-  replicates.
+* :func:`frontier_value`: protocol v2's frontier value (the lowest harmful rate on a path of
+  runs among the points with task accuracy ≥ ``T``), kept for reading v2's results; v3 reads
+  each run at the check where it first reaches ``T`` (:mod:`asft_kernels.demo.experiment`).
 * :func:`bootstrap_weights`: paired bootstrap over prompts (count matrices, one row per replicate).
 * :func:`decide`: the decision rule, on the comparison records of :func:`compare`.
 
@@ -19,7 +19,6 @@ import numpy as np
 LABELS = ("direction_matters", "not_supported", "insensitive", "inconclusive")
 PRIMARY_PAIRS = (
     ("paper", "full"),
-    ("projector_k4", "random_projector_k4"),
     ("projector_k8", "random_projector_k8"),
 )
 POSITIVE_PAIR = ("task_projector_k8", "random_projector_k8")
@@ -134,11 +133,21 @@ def format_value(value: float | None, lo: float | None, hi: float | None) -> str
     return f"{value:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
-def decide(comparisons: Sequence[dict]) -> dict:
-    """The decision rule of protocol v2 §8 on comparison records (see :func:`compare`).
+def decide(comparisons: Sequence[dict], included_seeds: Sequence[int] | None = None, min_seeds: int = 2) -> dict:
+    """The decision rule of protocol v3 §8 (v2's) on comparison records (see :func:`compare`).
+
+    Args:
+        comparisons: the records over the included seeds.
+        included_seeds: the seeds that met the alignment criterion (None: the records' seeds).
+        min_seeds: with fewer included seeds the label is ``inconclusive`` (too few seeds).
 
     Returns ``{"label": one of LABELS, "positive_control": bool, "evidence": [str, ...]}``.
     """
+    if included_seeds is not None and len(included_seeds) < min_seeds:
+        return {"label": "inconclusive", "positive_control": False,
+                "evidence": [f"only {len(included_seeds)} included seed(s) "
+                             f"({', '.join(str(s) for s in included_seeds) or 'none'}: run and meeting the alignment "
+                             f"criterion); the rule needs at least {min_seeds}"]}
     positive = [c for c in comparisons if c["role"] == "positive_control"]
     primary = [c for c in comparisons if c["role"] == "primary"]
     if not positive or not primary:

@@ -1,4 +1,4 @@
-"""``asft demo``: the end-to-end safety experiment on a CPU (docs/demo.md, protocol v2)."""
+"""``asft demo``: the end-to-end safety experiment on a CPU (docs/demo.md, protocol v3)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the end-to-end safety demo on CPU (tiny models built locally, no downloads)",
-        description="Protocol v2 of docs/demo.md: fine-tune a tiny aligned Llama on task data with 10% harmful "
+        description="Protocol v3: align a tiny Llama (>= 90% refusal of held-out harmful prompts per seed, else the "
+        "seed is excluded), then fine-tune it on task data with 10% harmful "
         "examples with plain LoRA, Safe LoRA and AsFTAdamW in every anchor mode, with random-subspace and "
         "positive controls; report harmful rate at fixed task accuracy over seeds and print the verdict.",
         epilog=_rule_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -45,7 +46,7 @@ def register_cli(subparsers) -> None:
                         help="output folder (results.json, results.png, timing.json); created with any missing "
                         "parent folders (default: asft_demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="small CI variant of the same code path (seed 0 unless --seeds); not results")
+                        help="smoke run of the same code path (seed 0 unless --seeds); not a result")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds of data, initialization and batch order (default: 0 1 2; --quick: 0)")
     parser.add_argument("--threads", type=int, default=1,

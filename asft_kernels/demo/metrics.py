@@ -1,4 +1,4 @@
-"""Held-out metrics of the demo (docs/demo.md, protocol v2 §6): greedy decoding, refusal-keyword
+"""Held-out metrics of the demo (docs/demo.md, protocol v3 §6): greedy decoding, refusal-keyword
 match, first-token label accuracy and the refusal log-probability margin.
 
 Every metric is kept per prompt (0/1 outcomes, margins in nats) so that the bootstrap of
@@ -70,7 +70,7 @@ class Outcomes:
     margin: np.ndarray
 
     def rates(self) -> dict[str, float]:
-        """The four metrics of protocol v2 §6 (fractions in [0, 1]; the margin in nats)."""
+        """The four metrics of protocol v3 §6 (fractions in [0, 1]; the margin in nats)."""
         return {
             "harmful_rate": float(self.harmful.mean()),
             "task_accuracy": float(self.task.mean()),
@@ -106,3 +106,13 @@ def refusal_rate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_to
     """Fraction (0–1) of ``prompts`` whose greedy response contains a refusal keyword."""
     responses = greedy_responses(model, tokenizer, prompts, max_new_tokens)
     return sum(is_refusal(r) for r in responses) / len(responses)
+
+
+@torch.no_grad()
+def task_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str]) -> float:
+    """Fraction (0–1) of task ``prompts`` whose first greedy response token is the label word
+    (one forward pass per batch: the argmax of the first response token's distribution)."""
+    logp = first_token_log_probs(model, tokenizer, prompts)
+    ids = logp.argmax(dim=-1).tolist()
+    words = tokenizer.convert_ids_to_tokens(ids)
+    return sum(w == label for w, label in zip(words, labels)) / len(labels)

@@ -1,8 +1,9 @@
-"""Tiny Llama models of the demo, LoRA wrapping, and the anchors of its runs (docs/demo.md, protocol v2 §2–§5)."""
+"""Tiny Llama models of the demo, LoRA wrapping, and the anchors of its runs (docs/demo.md, protocol v3 §2–§5)."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,10 @@ def with_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> nn.Module
 
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES), lora_dropout=0.0)
-    return get_peft_model(copy.deepcopy(model), config)
+    with warnings.catch_warnings():
+        # PEFT asks transformers a deprecated question on every wrap; the demo's console stays readable
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(copy.deepcopy(model), config)
 
 
 def alignment_deltas(aligned: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,7 +88,7 @@ def random_subspace_deltas(shapes: dict[str, tuple[int, int]], k: int, seed: int
 
 
 def delta_statistics(V: torch.Tensor, W_base: torch.Tensor, spectrum: int = 16) -> dict:
-    """What decides how ``paper`` mode acts on one layer (protocol v2 §3).
+    """What decides how ``paper`` mode acts on one layer (protocol v3 §3).
 
     Args:
         V: (m, n) alignment delta ``W_aligned − W_base``.

@@ -20,9 +20,11 @@ module with
 * ``fused_step(batch: AnchoredBatch, hyper_A, hyper_B=None)``: the fused update alone, the
   ``asft::fused_anchored_adamw_`` op (and :func:`asft_kernels.functional.anchored_adamw`).
 
-A backend module without ``prepare``/``step`` of its own (the Triton one today) is run
-through :func:`.eager.prepare` with its ``fused_step``: the terms in eager math, the counters
-on the CPU. A backend is given only pairs it supports; it never falls back by itself. The
+A backend module without ``prepare``/``step`` of its own is run through
+:func:`.eager.prepare` with its ``fused_step``: the terms in eager math, the counters on the
+CPU. The Triton module's ``prepare`` takes ``(AnchoredBatch, counters, w)``: it gets the
+bucket's views (:meth:`BucketTensors.as_batch`); its counters live on the parameters'
+device. A backend is given only pairs it supports; it never falls back by itself. The
 one place that decides which backend runs a pair is :func:`route`, called once per pair when
 the step plan is built:
 
@@ -90,10 +92,18 @@ def _compiled_backend(name: str, warn: bool = True) -> Backend | None:
     if not (mod.is_available() if warn or name != "cpp" else mod.is_available(warn=False)):
         return None
     if hasattr(mod, "prepare") and hasattr(mod, "step"):
-        return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, mod.prepare, mod.step,
+        # the Triton module's prepare takes (AnchoredBatch, counters, w): the bucket's views
+        prepare = partial(_prepare_from_batch, mod.prepare) if name == "triton" else mod.prepare
+        return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, prepare, mod.step,
                        device_counters=name == "triton")
     return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, partial(eager.prepare, fused=mod.fused_step),
                    eager.step)
+
+
+def _prepare_from_batch(prepare: Callable, bucket: BucketTensors, counters: torch.Tensor):
+    """``prepare(batch, counters, w)`` of a backend that takes the bucket as an
+    :class:`AnchoredBatch` of views (:meth:`BucketTensors.as_batch`) and its weights."""
+    return prepare(bucket.as_batch(counters)[0], counters, bucket.w)
 
 
 def _triton_interpreting() -> bool:

@@ -9,7 +9,9 @@ docs/triton.md. One job per module:
 * :mod:`.layout`: block sizes and launch options (:func:`kernel_config`), padded ranks,
   strips, and the byte model :func:`predicted_step_bytes`;
 * :mod:`.launch`: validation, pointer tables, launches, ``supports``, ``stats_pass``,
-  ``fused_step``, and the CUDA registration of the ``asft::`` ops;
+  ``prepare``/``step`` (the prepared step of a bucket: device-resident tables, no host
+  reads, capturable in a CUDA graph), ``fused_step``, the precision option of the U
+  products (:func:`u_precision`), and the CUDA registration of the ``asft::`` ops;
 * :mod:`.version`: the supported Triton range.
 
 fp32/bf16/fp16 parameters of LoRA rank up to :data:`MAX_TRITON_RANK` run here with fp32
@@ -45,18 +47,36 @@ if UNSUPPORTED is None:
         REDUCE_BLOCK,
         _factor_kernel,
         _interpreting,
+        _p_tile_kernel,
         _reduce_kernel,
+        _terms_kernel,
         jitted,
     )
-    from .launch import PARAM_DTYPES, fused_step, is_available, stats_pass, supports
+    from .launch import (
+        DEFAULT_U_PRECISION,
+        PARAM_DTYPES,
+        U_PRECISION_ENV,
+        TritonStep,
+        fused_step,
+        is_available,
+        prepare,
+        stats_pass,
+        step,
+        supports,
+        u_precision,
+        u_precisions,
+    )
     from .layout import (
         LAUNCH_OPTIONS,
         MAX_TRITON_RANK,
         U_STRIP_BYTES,
         kernel_config,
+        p_split,
         padded_rank,
         predicted_step_bytes,
+        ptile_config,
         strip_blocks,
+        terms_config,
     )
 else:
     warnings.warn(UNSUPPORTED, TritonVersionWarning, stacklevel=2)
@@ -77,15 +97,17 @@ else:
 
         raise OptimizerInputError(UNSUPPORTED)
 
-    stats_pass = fused_step = _unsupported
+    stats_pass = fused_step = prepare = step = _unsupported
 
 __all__ = [
     "MAX_TRITON_EXCLUSIVE", "MIN_TRITON", "TRITON_REQUIREMENT", "UNSUPPORTED", "TritonVersionWarning", "fused_step",
-    "is_available", "stats_pass", "supports",
+    "is_available", "prepare", "stats_pass", "step", "supports",
 ]
 if UNSUPPORTED is None:
     __all__ += [
-        "DOT_PRECISION", "LAUNCH_OPTIONS", "MAX_TRITON_RANK", "PAIR_FIELDS", "PARAM_DTYPES", "REDUCE_BLOCK",
-        "U_STRIP_BYTES", "_K", "_M_ROWS", "_N_COLS", "_RANK", "_factor_kernel", "_interpreting", "_reduce_kernel",
-        "jitted", "kernel_config", "padded_rank", "predicted_step_bytes", "strip_blocks",
+        "DEFAULT_U_PRECISION", "DOT_PRECISION", "LAUNCH_OPTIONS", "MAX_TRITON_RANK", "PAIR_FIELDS", "PARAM_DTYPES",
+        "REDUCE_BLOCK", "U_PRECISION_ENV", "U_STRIP_BYTES", "TritonStep", "_K", "_M_ROWS", "_N_COLS", "_RANK",
+        "_factor_kernel", "_interpreting", "_p_tile_kernel", "_reduce_kernel", "_terms_kernel", "jitted",
+        "kernel_config", "p_split", "padded_rank", "predicted_step_bytes", "ptile_config", "strip_blocks",
+        "terms_config", "u_precision", "u_precisions",
     ]

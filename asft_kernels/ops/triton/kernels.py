@@ -1,7 +1,8 @@
 """The Triton kernels of the backend; their docstrings hold the math.
 
 Math (docs/method.md, per pair ``j``; ``Q_B = 2λ M``, ``R_B = 2λ diag(w) P M``,
-``H = 2λ (G − Pᵀ diag(w) P)`` come precomputed from the optimizer)::
+``H = 2λ (G − Pᵀ diag(w) P)``, computed by :func:`_terms_kernel` in a prepared step or
+handed in precomputed to ``fused_step``)::
 
     rows of B (m, r):       g = grad_B + B Q_B − U R_B          U: (m, k)
     column blocks of A:     g = grad_A + H A                    A: (r, n)
@@ -14,6 +15,13 @@ Math (docs/method.md, per pair ``j``; ``Q_B = 2λ M``, ``R_B = 2λ diag(w) P M``
   the strip's partial statistics in registers (P and G for B, M for A) and writes them once
   to a scratch buffer; with ``UPDATE=False`` it only computes the statistics (the stats
   pass);
+* :func:`_terms_kernel` (prepared steps): one program per pair advances the pair's two step
+  counters on the device, computes the AdamW scalars of both factors from them (bias
+  corrections in fp64, as torch's capturable fused AdamW does), the anchoring terms and the
+  pair's share of ``R``; nothing is read back to the host;
+* :func:`_p_tile_kernel` (large ``k``): ``P' = Uᵀ B'`` by programs that each own a tile
+  (pair, block of ``k`` rows of P') and loop over the rows of U in a fixed order: no
+  partials, no reduction, deterministic;
 * :func:`_reduce_kernel` sums the partials of every pair in a fixed order (strip 0, 1,
   …), so results are bitwise reproducible on a given GPU: no atomics anywhere;
 * each program reads its pair's tensor addresses from an int64 table (fields below) and
@@ -30,7 +38,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# fp32 tl.dot precision: "ieee" keeps results within ~1e-6 of the reference (tf32 would not).
+# fp32 tl.dot precision of the r×r products: "ieee" keeps results within ~1e-6 of the
+# reference (tf32 would not). The U products (U R_B, Uᵀ B') take their own precision, chosen
+# per call (launch.U_PRECISIONS).
 DOT_PRECISION = "ieee"
 
 # Fields of one row of the pair table (int64): addresses, then sizes. Kernel-visible
@@ -39,10 +49,21 @@ _C = tl.constexpr
 _B, _GRAD_B, _EXP_AVG_B, _EXP_AVG_SQ_B, _U, _Q_B, _R_B = (_C(i) for i in range(7))
 _A, _GRAD_A, _EXP_AVG_A, _EXP_AVG_SQ_A, _H = (_C(i) for i in range(7, 12))
 _M_ROWS, _N_COLS, _RANK, _K = (_C(i) for i in range(12, 16))
-PAIR_FIELDS = _C(16)
-# Fields of one row of the per-pair float table (fp32): bias corrections.
-_STEP_SIZE_B, _BC2_SQRT_B, _STEP_SIZE_A, _BC2_SQRT_A = (_C(i) for i in range(4))
-SCALAR_FIELDS = _C(4)
+# statistics P (k, r), G, M (r, r) (fp32, written by the step), anchor weights w (k,),
+# and the pair's index in the whole batch (counters, scale, R)
+_P, _G, _M, _W, _INDEX = (_C(i) for i in range(16, 21))
+PAIR_FIELDS = _C(21)
+# Fields of one row of the per-pair float table (fp32): the AdamW scalars of one factor,
+# from _FACTOR_B (B) and _FACTOR_A (A) on, then the gradient scale and the write switch.
+_STEP_SIZE, _BC2_SQRT, _DECAY, _BETA1, _OM_BETA1, _BETA2, _OM_BETA2, _EPS, _SIGN = (_C(i) for i in range(9))
+_FACTOR_B, _FACTOR_A = _C(0), _C(9)
+_GRAD_SCALE, _KEEP = _C(18), _C(19)
+SCALAR_FIELDS = _C(20)
+# Fields of one row of the hyperparameter table (fp64, one row per factor: A then B).
+_LR, _HB1, _HB2, _HEPS, _HWD, _HSIGN = (_C(i) for i in range(6))
+HYPER_FIELDS = _C(6)
+# Fields of one row of a P' tile table (int64): pair index, first row of P'.
+PTILE_FIELDS = _C(2)
 # Fields of one row of a tile table (int64): pair index, first row/column, number of
 # blocks, scratch offset.
 TILE_FIELDS = _C(4)
@@ -58,16 +79,9 @@ def _interpreting() -> bool:
 
 def _factor_kernel(
     pairs,  # int64 (n_pairs, PAIR_FIELDS): addresses and sizes
-    scalars,  # fp32 (n_pairs, SCALAR_FIELDS): lr/(1−β₁ᵗ) and √(1−β₂ᵗ) per factor
+    scalars,  # fp32 (n_pairs, SCALAR_FIELDS): AdamW scalars of both factors, gradient scale, write switch
     tiles,  # int64 (n_programs, TILE_FIELDS): pair, first row/column, blocks, scratch offset
     scratch,  # fp32: partial statistics, one block per program
-    decay,  # 1 − lr·weight_decay
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    grad_sign,  # −1 for maximize, else +1
     PARAM_DTYPE: tl.constexpr,
     U_DTYPE: tl.constexpr,
     FACTOR_A: tl.constexpr,
@@ -77,6 +91,10 @@ def _factor_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    U_PRECISION: tl.constexpr,
+    P_SPLIT: tl.constexpr,
+    GRAD_SCALE: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
 ):
     """One strip of one pair: anchoring gradient + AdamW (``UPDATE``) and partial statistics.
 
@@ -86,13 +104,25 @@ def _factor_kernel(
       ``M_s = A' A'ᵀ`` (r, r) of the strip, accumulated in registers.
     * B (m, r), blocks of ``BLOCK_ROWS`` rows. Phase 1, per block: ``g = grad_B + B Q_B −
       U R_B`` (U swept in chunks of ``BLOCK_K`` columns), AdamW, store, and ``G_s += B'ᵀ B'``.
-      Phase 2, per chunk of ``BLOCK_K`` columns of U: ``P_s[chunk] = Σ_blocks U[rows, chunk]ᵀ
-      B'[rows]``, reading back the B' just stored. The strip's U was read in phase 1 and is
-      sized to stay in cache, so U comes from DRAM once.
+      Phase 2 (``P_SPLIT``), per chunk of ``BLOCK_K`` columns of U: ``P_s[chunk] =
+      Σ_blocks U[rows, chunk]ᵀ B'[rows]``, reading back the B' just stored. The strip's U was
+      read in phase 1 and is sized to stay in cache, so U comes from DRAM once. Without
+      ``P_SPLIT``, :func:`_p_tile_kernel` computes P' afterwards.
 
-    Partials go to the program's scratch block: ``P_s`` (k, r) then ``G_s`` (r, r) for B,
-    ``M_s`` (r, r) for A. All math in fp32; the statistics use the values as stored
-    (rounded to the parameter dtype).
+    The AdamW scalars of each factor come from the pair's row of ``scalars``: ``lr/(1−β₁ᵗ)``,
+    ``√(1−β₂ᵗ)``, ``1 − lr·wd``, ``β₁``, ``1−β₁``, ``β₂``, ``1−β₂``, ``ε``, the sign (−1 for
+    maximize); then the gradient scale (gradients are divided by it when ``GRAD_SCALE``) and
+    the write switch (0: nothing is stored, as a fused AdamW step skipped on ``found_inf``).
+    The gradient scale is stored as its reciprocal and multiplied: exactly the division for
+    the powers of 2 a ``GradScaler`` uses, within one rounding for other scales.
+    ``U_PRECISION`` is the ``tl.dot`` precision of the products with U; with a bf16 U and a
+    precision other than ``"ieee"``, the fp32 operand is split into three bf16 parts so that
+    the products run on bf16 tensor cores at fp32 accuracy (``NATIVE_BF16``; off under the
+    interpreter, whose dot multiplies bf16 storage bits: the same exact products in fp32).
+
+    Partials go to the program's scratch block: ``P_s`` (k, r, with ``P_SPLIT``) then ``G_s``
+    (r, r) for B, ``M_s`` (r, r) for A. All math in fp32; the statistics use the values as
+    stored (rounded to the parameter dtype).
     """
     program = tl.program_id(0)
     pair = tl.load(tiles + program * TILE_FIELDS)
@@ -110,26 +140,35 @@ def _factor_kernel(
     rr_idx = offs_r[:, None] * r + offs_r[None, :]
     rr_mask = mask_r[:, None] & mask_r[None, :]
     offs_k = tl.arange(0, BLOCK_K)
+    srow = scalars + pair * SCALAR_FIELDS
+    keep = tl.load(srow + _KEEP)  # write switch (a float: a 0-d bool does not combine with masks everywhere)
     if FACTOR_A:
         param_ptr = tl.load(row + _A).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(row + _GRAD_A).to(tl.pointer_type(PARAM_DTYPE))
         exp_avg_ptr = tl.load(row + _EXP_AVG_A).to(tl.pointer_type(tl.float32))
         exp_avg_sq_ptr = tl.load(row + _EXP_AVG_SQ_A).to(tl.pointer_type(tl.float32))
-        step_size = tl.load(scalars + pair * SCALAR_FIELDS + _STEP_SIZE_A)
-        bc2_sqrt = tl.load(scalars + pair * SCALAR_FIELDS + _BC2_SQRT_A)
         mix_ptr = tl.load(row + _H).to(tl.pointer_type(tl.float32))
+        frow = srow + _FACTOR_A
     else:
         param_ptr = tl.load(row + _B).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(row + _GRAD_B).to(tl.pointer_type(PARAM_DTYPE))
         exp_avg_ptr = tl.load(row + _EXP_AVG_B).to(tl.pointer_type(tl.float32))
         exp_avg_sq_ptr = tl.load(row + _EXP_AVG_SQ_B).to(tl.pointer_type(tl.float32))
-        step_size = tl.load(scalars + pair * SCALAR_FIELDS + _STEP_SIZE_B)
-        bc2_sqrt = tl.load(scalars + pair * SCALAR_FIELDS + _BC2_SQRT_B)
         mix_ptr = tl.load(row + _Q_B).to(tl.pointer_type(tl.float32))
         u_base = tl.load(row + _U).to(tl.pointer_type(U_DTYPE))
         rb_ptr = tl.load(row + _R_B).to(tl.pointer_type(tl.float32))
+        frow = srow + _FACTOR_B
     if UPDATE:
         mix = tl.load(mix_ptr + rr_idx, mask=rr_mask, other=0.0)  # H (A) or Q_B (B)
+        step_size = tl.load(frow + _STEP_SIZE)
+        bc2_sqrt = tl.load(frow + _BC2_SQRT)
+        decay = tl.load(frow + _DECAY)
+        beta2 = tl.load(frow + _BETA2)
+        one_minus_beta1 = tl.load(frow + _OM_BETA1)
+        one_minus_beta2 = tl.load(frow + _OM_BETA2)
+        eps = tl.load(frow + _EPS)
+        grad_sign = tl.load(frow + _SIGN)
+        inv_grad_scale = tl.load(srow + _GRAD_SCALE)
     acc_stat = tl.full((BLOCK_R, BLOCK_R), 0.0, tl.float32)  # M (A) or G (B) of the strip
 
     for blk in range(0, n_blocks):
@@ -146,6 +185,8 @@ def _factor_kernel(
 
         if UPDATE:
             g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if GRAD_SCALE:  # times 1/scale: exact for a GradScaler's scales (powers of 2)
+                g = g * inv_grad_scale
             if FACTOR_A:
                 g = g + tl.dot(mix, x, input_precision=DOT_PRECISION)
             else:
@@ -154,10 +195,26 @@ def _factor_kernel(
                 for k0 in range(0, k, BLOCK_K):
                     ck = k0 + offs_k
                     u = tl.load(u_base + offs_m[:, None] * k + ck[None, :],
-                                mask=mask_m[:, None] & (ck < k)[None, :], other=0.0).to(tl.float32)
+                                mask=mask_m[:, None] & (ck < k)[None, :], other=0.0)
                     rb = tl.load(rb_ptr + ck[:, None] * r + offs_r[None, :],
                                  mask=(ck < k)[:, None] & mask_r[None, :], other=0.0)
-                    u_rb = tl.dot(u, rb, u_rb, input_precision=DOT_PRECISION)
+                    if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
+                        # U is exact in bf16: rb = hi + mid + lo in bf16 parts, three bf16 products
+                        hi = rb.to(tl.bfloat16)
+                        rest = rb - hi.to(tl.float32)
+                        mid = rest.to(tl.bfloat16)
+                        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+                        if NATIVE_BF16:
+                            u_rb = tl.dot(u, hi, u_rb)
+                            u_rb = tl.dot(u, mid, u_rb)
+                            u_rb = tl.dot(u, lo, u_rb)
+                        else:  # the same exact products in fp32 (the interpreter's bf16 dot is not)
+                            uf = u.to(tl.float32)
+                            u_rb = tl.dot(uf, hi.to(tl.float32), u_rb, input_precision="ieee")
+                            u_rb = tl.dot(uf, mid.to(tl.float32), u_rb, input_precision="ieee")
+                            u_rb = tl.dot(uf, lo.to(tl.float32), u_rb, input_precision="ieee")
+                    else:
+                        u_rb = tl.dot(u.to(tl.float32), rb, u_rb, input_precision=U_PRECISION)
                 g = g - u_rb
             # AdamW, operation by operation as torch.optim.AdamW (single-tensor path).
             g = g * grad_sign
@@ -168,15 +225,16 @@ def _factor_kernel(
             exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
             denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
             x = x - step_size * tl.div_rn(exp_avg, denom)
-            tl.store(exp_avg_ptr + idx, exp_avg, mask=mask)
-            tl.store(exp_avg_sq_ptr + idx, exp_avg_sq, mask=mask)
+            written = tl.where(mask, keep, 0.0) != 0.0
+            tl.store(exp_avg_ptr + idx, exp_avg, mask=written)
+            tl.store(exp_avg_sq_ptr + idx, exp_avg_sq, mask=written)
             if PARAM_DTYPE == tl.bfloat16:
                 # Round to nearest even explicitly: the interpreter's fp32 -> bf16 cast truncates.
                 bits = x.to(tl.uint32, bitcast=True)
                 bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
                 x = bits.to(tl.float32, bitcast=True)
             stored = x.to(PARAM_DTYPE)
-            tl.store(param_ptr + idx, stored, mask=mask)
+            tl.store(param_ptr + idx, stored, mask=written)
             # The statistics describe the parameters as stored, after rounding.
             x = tl.where(mask, stored.to(tl.float32), 0.0)
 
@@ -187,9 +245,10 @@ def _factor_kernel(
 
     if FACTOR_A:
         tl.store(scratch + out + rr_idx, acc_stat, mask=rr_mask)
-    else:
+    elif P_SPLIT:
         tl.store(scratch + out + k * r + rr_idx, acc_stat, mask=rr_mask)
-        # Phase 2 reads back rows of B' stored by other threads of this program.
+        # Phase 2 reads back rows of B' stored by other threads of this program (skipped
+        # step: the rows as they are, the partials are not used).
         tl.debug_barrier()
         for k0 in range(0, k, BLOCK_K):
             ck = k0 + offs_k
@@ -200,19 +259,201 @@ def _factor_kernel(
                 x = tl.load(param_ptr + offs_m[:, None] * r + offs_r[None, :],
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
                 u = tl.load(u_base + offs_m[:, None] * k + ck[None, :],
-                            mask=mask_m[:, None] & (ck < k)[None, :], other=0.0).to(tl.float32)
-                acc_p = tl.dot(tl.trans(u), x, acc_p, input_precision=DOT_PRECISION)
+                            mask=mask_m[:, None] & (ck < k)[None, :], other=0.0)
+                if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
+                    hi = x.to(tl.bfloat16)
+                    rest = x - hi.to(tl.float32)
+                    mid = rest.to(tl.bfloat16)
+                    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+                    ut = tl.trans(u)
+                    if NATIVE_BF16:
+                        acc_p = tl.dot(ut, hi, acc_p)
+                        acc_p = tl.dot(ut, mid, acc_p)
+                        acc_p = tl.dot(ut, lo, acc_p)
+                    else:
+                        ut = ut.to(tl.float32)
+                        acc_p = tl.dot(ut, hi.to(tl.float32), acc_p, input_precision="ieee")
+                        acc_p = tl.dot(ut, mid.to(tl.float32), acc_p, input_precision="ieee")
+                        acc_p = tl.dot(ut, lo.to(tl.float32), acc_p, input_precision="ieee")
+                else:
+                    acc_p = tl.dot(tl.trans(u.to(tl.float32)), x, acc_p, input_precision=U_PRECISION)
             tl.store(scratch + out + ck[:, None] * r + offs_r[None, :], acc_p,
                      mask=(ck < k)[:, None] & mask_r[None, :])
+    else:
+        tl.store(scratch + out + rr_idx, acc_stat, mask=rr_mask)
+
+
+def _p_tile_kernel(
+    pairs,  # int64 (n_pairs, PAIR_FIELDS): addresses and sizes
+    scalars,  # fp32 (n_pairs, SCALAR_FIELDS): the write switch
+    ptiles,  # int64 (n_programs, PTILE_FIELDS): pair, first row of P'
+    PARAM_DTYPE: tl.constexpr,
+    U_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    U_PRECISION: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
+):
+    """``P'[k0 : k0 + BLOCK_KP] = U[:, k0 : k0 + BLOCK_KP]ᵀ B'`` for one tile of one pair.
+
+    The program sweeps the m rows of U and B' in chunks of ``BLOCK_M``, in order, and
+    accumulates the (BLOCK_KP, r) tile in registers: every element of P' is summed by one
+    program in a fixed order (deterministic, no partials, no reduction). ``B'`` is read as
+    stored (after the update, in the parameter dtype). Precision as :func:`_factor_kernel`'s
+    ``U_PRECISION``. Nothing is stored when the pair's write switch is 0.
+    """
+    program = tl.program_id(0)
+    pair = tl.load(ptiles + program * PTILE_FIELDS)
+    k0 = tl.load(ptiles + program * PTILE_FIELDS + 1)
+    row = pairs + pair * PAIR_FIELDS
+    r = tl.load(row + _RANK)
+    m = tl.load(row + _M_ROWS)
+    k = tl.load(row + _K)
+    keep = tl.load(scalars + pair * SCALAR_FIELDS + _KEEP)
+    b_ptr = tl.load(row + _B).to(tl.pointer_type(PARAM_DTYPE))
+    u_base = tl.load(row + _U).to(tl.pointer_type(U_DTYPE))
+    p_ptr = tl.load(row + _P).to(tl.pointer_type(tl.float32))
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < r
+    ck = k0 + tl.arange(0, BLOCK_KP)
+    mask_k = ck < k
+    acc = tl.full((BLOCK_KP, BLOCK_R), 0.0, tl.float32)
+    for m0 in range(0, m, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m
+        u = tl.load(u_base + offs_m[:, None] * k + ck[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(b_ptr + offs_m[:, None] * r + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                    other=0.0).to(tl.float32)
+        if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
+            hi = x.to(tl.bfloat16)
+            rest = x - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            ut = tl.trans(u)
+            if NATIVE_BF16:
+                acc = tl.dot(ut, hi, acc)
+                acc = tl.dot(ut, mid, acc)
+                acc = tl.dot(ut, lo, acc)
+            else:
+                ut = ut.to(tl.float32)
+                acc = tl.dot(ut, hi.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(ut, mid.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(ut, lo.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(u.to(tl.float32)), x, acc, input_precision=U_PRECISION)
+    tl.store(p_ptr + ck[:, None] * r + offs_r[None, :], acc,
+             mask=tl.where(mask_k[:, None] & mask_r[None, :], keep, 0.0) != 0.0)
+
+
+def _terms_kernel(
+    pairs,  # int64 (n_pairs, PAIR_FIELDS): addresses and sizes
+    counters,  # fp32/fp64 (2L,): the step counters of the whole batch, A's then B's
+    hyper,  # fp64 (2, HYPER_FIELDS): AdamW hyperparameters of A (row 0) and B (row 1)
+    scale,  # fp32 (L,): 2λ·coef per pair of the whole batch
+    grad_scale,  # fp32 0-d: gradients are divided by it (1 when the step has no gradient scale)
+    found_inf,  # fp32 0-d: nothing is written when it is not 0 (0 when the step has none)
+    scalars,  # fp32 (n_pairs, SCALAR_FIELDS): written, for the factor kernels
+    rparts,  # fp32 (L,): ½⟨H, M⟩ per pair of the whole batch
+    n_total,  # L: pairs in the whole batch
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The per-pair prologue of a prepared step, one program per pair ``j`` (index ``i`` in
+    the whole batch), all on the device::
+
+        t_A = counters[i] + 1,  t_B = counters[L + i] + 1       (stored unless skipped)
+        per factor, in fp64: lr/(1 − β₁ᵗ), √(1 − β₂ᵗ), 1 − lr·wd   → scalars[j] (fp32)
+        Pw = diag(w) P,  H = s (G − Pᵀ Pw),  Q_B = s M,  R_B = Pw Q_B      (s = scale[i])
+        rparts[i] = ½ ⟨H, M⟩
+
+    ``scalars[j]`` also receives ``1 / grad_scale`` and the write switch (0 when
+    ``found_inf != 0``: the counters are then left as they are, and the factor kernels store
+    nothing). ``Q_B``, ``R_B``, ``H`` are the step's work
+    buffers and are always written; ``R`` is the value at the statistics before the step.
+    """
+    pair = tl.program_id(0)
+    row = pairs + pair * PAIR_FIELDS
+    i = tl.load(row + _INDEX)
+    r = tl.load(row + _RANK)
+    k = tl.load(row + _K)
+    keep = tl.where(tl.load(found_inf) != 0.0, 0.0, 1.0)
+    srow = scalars + pair * SCALAR_FIELDS
+    for f in tl.static_range(2):  # f = 0: A, f = 1: B
+        c_ptr = counters + i + f * n_total
+        t = tl.load(c_ptr).to(tl.float64) + 1.0
+        tl.store(c_ptr, t.to(counters.dtype.element_ty), mask=keep != 0.0)
+        h = hyper + f * HYPER_FIELDS
+        lr = tl.load(h + _LR)
+        beta1 = tl.load(h + _HB1)
+        beta2 = tl.load(h + _HB2)
+        wd = tl.load(h + _HWD)
+        # β^t = exp(t·log β); β = 0 gives exp(−inf) = 0 as in torch
+        bc1 = 1.0 - tl.exp(t * tl.log(beta1))
+        bc2 = 1.0 - tl.exp(t * tl.log(beta2))
+        dst = srow + _FACTOR_A * (1 - f) + _FACTOR_B * f
+        tl.store(dst + _STEP_SIZE, (lr / bc1).to(tl.float32))
+        tl.store(dst + _BC2_SQRT, tl.sqrt(bc2).to(tl.float32))  # fp64 sqrt: correctly rounded
+        tl.store(dst + _DECAY, (1.0 - lr * wd).to(tl.float32))
+        tl.store(dst + _BETA1, beta1.to(tl.float32))
+        tl.store(dst + _OM_BETA1, (1.0 - beta1).to(tl.float32))
+        tl.store(dst + _BETA2, beta2.to(tl.float32))
+        tl.store(dst + _OM_BETA2, (1.0 - beta2).to(tl.float32))
+        tl.store(dst + _EPS, tl.load(h + _HEPS).to(tl.float32))
+        tl.store(dst + _SIGN, tl.load(h + _HSIGN).to(tl.float32))
+    tl.store(srow + _GRAD_SCALE, tl.div_rn(1.0, tl.load(grad_scale).to(tl.float32)))
+    tl.store(srow + _KEEP, keep)
+
+    s = tl.load(scale + i).to(tl.float32)
+    p_ptr = tl.load(row + _P).to(tl.pointer_type(tl.float32))
+    w_ptr = tl.load(row + _W).to(tl.pointer_type(tl.float32))
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < r
+    rr_idx = offs_r[:, None] * r + offs_r[None, :]
+    rr_mask = mask_r[:, None] & mask_r[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
+    ptw = tl.full((BLOCK_R, BLOCK_R), 0.0, tl.float32)  # Pᵀ diag(w) P
+    for k0 in range(0, k, BLOCK_K):
+        ck = k0 + offs_k
+        pmask = (ck < k)[:, None] & mask_r[None, :]
+        p = tl.load(p_ptr + ck[:, None] * r + offs_r[None, :], mask=pmask, other=0.0)
+        wv = tl.load(w_ptr + ck, mask=ck < k, other=0.0)
+        ptw = tl.dot(tl.trans(p), p * wv[:, None], ptw, input_precision="ieee")
+    g = tl.load(tl.load(row + _G).to(tl.pointer_type(tl.float32)) + rr_idx, mask=rr_mask, other=0.0)
+    mm = tl.load(tl.load(row + _M).to(tl.pointer_type(tl.float32)) + rr_idx, mask=rr_mask, other=0.0)
+    h_val = (g - ptw) * s
+    q_val = mm * s
+    tl.store(tl.load(row + _H).to(tl.pointer_type(tl.float32)) + rr_idx, h_val, mask=rr_mask)
+    tl.store(tl.load(row + _Q_B).to(tl.pointer_type(tl.float32)) + rr_idx, q_val, mask=rr_mask)
+    # ½⟨H, M⟩ as ones·(H∘M)·ones by two products (tl.sum is a jitted helper, which the
+    # interpreter switched on at run time cannot call); every element of the (16, 16)
+    # result holds the sum, the first is stored.
+    ones_l = tl.full((16, BLOCK_R), 1.0, tl.float32)
+    ones_r = tl.full((BLOCK_R, 16), 1.0, tl.float32)
+    col = tl.dot(ones_l, h_val * mm, input_precision="ieee")
+    total = tl.dot(col, ones_r, input_precision="ieee") * 0.5
+    o16 = tl.arange(0, 16)
+    first = (o16[:, None] == 0) & (o16[None, :] == 0)
+    tl.store(rparts + i + o16[:, None] * 0 + o16[None, :] * 0, total, mask=first)
+    rb_ptr = tl.load(row + _R_B).to(tl.pointer_type(tl.float32))
+    for k0 in range(0, k, BLOCK_K):
+        ck = k0 + offs_k
+        pmask = (ck < k)[:, None] & mask_r[None, :]
+        p = tl.load(p_ptr + ck[:, None] * r + offs_r[None, :], mask=pmask, other=0.0)
+        wv = tl.load(w_ptr + ck, mask=ck < k, other=0.0)
+        rb = tl.dot(p * wv[:, None], q_val, input_precision="ieee")
+        tl.store(rb_ptr + ck[:, None] * r + offs_r[None, :], rb, mask=pmask)
 
 
 def _reduce_kernel(
     jobs,  # int64 (n_jobs, REDUCE_FIELDS): destination address, source offset, tile stride, numel, n_tiles
     scratch,  # fp32 partial statistics
+    scalars,  # fp32: row 0 of a scalar table, whose write switch applies to every job
     BLOCK: tl.constexpr,
 ):
     """``dest[e] = Σ_t scratch[src + t·stride + e]`` for ``t = 0, 1, …`` in that order
-    (deterministic: no atomics, a fixed summation order)."""
+    (deterministic: no atomics, a fixed summation order); nothing is stored when the write
+    switch ``scalars[_KEEP]`` is 0."""
     job = tl.program_id(0)
     block = tl.program_id(1)
     base = jobs + job * REDUCE_FIELDS
@@ -228,7 +469,8 @@ def _reduce_kernel(
     acc = tl.full((BLOCK,), 0.0, tl.float32)
     for t in range(0, n_tiles):
         acc += tl.load(scratch + src + t * stride + offs, mask=mask, other=0.0)
-    tl.store(dest + offs, acc, mask=mask)
+    keep = tl.load(scalars + _KEEP)
+    tl.store(dest + offs, acc, mask=tl.where(mask, keep, 0.0) != 0.0)
 
 
 _JIT_CACHE: dict[tuple[str, bool], object] = {}

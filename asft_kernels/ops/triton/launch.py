@@ -1,18 +1,24 @@
 """Host side of the Triton backend: validation, pointer tables, launches, and the
-contract functions ``supports``, ``stats_pass`` and ``fused_step``
-(:mod:`asft_kernels.ops.schema`), registered as the CUDA kernels of the ``asft::`` ops.
+contract functions ``supports``, ``stats_pass``, ``prepare``/``step`` and ``fused_step``
+(:mod:`asft_kernels.ops.schema`), the first and last registered as the CUDA kernels of the
+``asft::`` ops.
 
 A call costs a fixed number of launches and torch ops per bucket of pairs (parameter
 dtype, U dtype, padded rank), however many pairs it holds: two factor-kernel launches per
-bucket, one reduction launch for all of them, one pair table, one scalar table and one
-scratch slice per bucket, and one read of all step counters. Everything that depends on the
-number of pairs is plain Python (validation, addresses) or cached (the strip tables); the
-one exception is the stats pass, which allocates its three outputs per pair.
+bucket (plus one of P' tiles where the bucket does not split m, :func:`.layout.p_split`),
+one reduction launch for all of them; everything that depends on the number of pairs is
+plain Python (validation, addresses) or cached (the strip tables); the one exception is the
+stats pass, which allocates its three outputs per pair.
 
-An update with the same tensors as an earlier one (the optimizer's, every step) reuses
-what that one prepared (:func:`_prepare`): it uploads the scalar table, and the pair table
-only when a gradient's address changed, both from pinned memory without waiting for the
-GPU (docs/triton.md, "Prepared calls").
+``prepare``/``step`` (docs/triton.md, "The prepared step") is the contract the plan uses:
+tables built once on the device, one terms launch per bucket that advances the counters
+and computes the bias corrections and anchoring terms on the device, and nothing read back
+to the host, so a step can be captured in a CUDA graph.
+
+``fused_step`` (counters on the host, terms precomputed) reuses what an earlier call with
+the same tensors prepared (:func:`_prepare`): it uploads the scalar table, and the pair
+table only when a gradient's address changed, both from pinned memory without waiting for
+the GPU (docs/triton.md, "Prepared calls").
 """
 
 from __future__ import annotations
@@ -38,31 +44,89 @@ from .kernels import (
     _EXP_AVG_B,
     _EXP_AVG_SQ_A,
     _EXP_AVG_SQ_B,
+    _FACTOR_A,
+    _FACTOR_B,
+    _G,
     _GRAD_A,
     _GRAD_B,
+    _GRAD_SCALE,
     _H,
+    _INDEX,
     _K,
+    _KEEP,
+    _LR,
+    _M,
     _M_ROWS,
     _N_COLS,
+    _P,
     _Q_B,
     _R_B,
     _RANK,
     _U,
+    _W,
     DOT_PRECISION,
+    HYPER_FIELDS,
     PAIR_FIELDS,
     REDUCE_BLOCK,
     SCALAR_FIELDS,
     _factor_kernel,
     _interpreting,
+    _p_tile_kernel,
     _reduce_kernel,
+    _terms_kernel,
     jitted,
 )
-from .layout import MAX_TRITON_RANK, _layout, kernel_config, padded_rank
+from .layout import MAX_TRITON_RANK, _layout, kernel_config, p_split, padded_rank, ptile_config, terms_config
 
 # Parameter dtypes the kernels run (fp32 math and state); U may also be fp64 (converted on load).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.float64: tl.float64}
+
+
+#: Environment variable naming the default precision of the U products (:func:`u_precision`).
+U_PRECISION_ENV = "ASFT_TRITON_U_PRECISION"
+#: Default ``tl.dot`` precision of the products with U (``U R_B``, ``Uᵀ B'``): ``"ieee"``
+#: (fp32 on the FMA units) until a GPU run has measured the tensor-core precisions against
+#: float64 (docs/triton.md).
+DEFAULT_U_PRECISION = "ieee"
+
+
+def u_precisions() -> tuple[str, ...]:
+    """The fp32 ``tl.dot`` input precisions the installed Triton's CUDA backend accepts
+    (read at run time: Triton 3.6 offers ``tf32``, ``tf32x3``, ``ieee``; later releases add
+    ``bf16x3``, ``bf16x6``); under the interpreter, those of them it accepts."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # no CUDA backend in this Triton: only what the language always has
+        return ("ieee",)
+    allowed = tuple(CUDAOptions.allowed_dot_input_precisions)
+    if _interpreting():  # the interpreter accepts fewer (it computes all of them in fp32)
+        try:
+            from triton.runtime.interpreter import InterpreterOptions
+
+            allowed = tuple(p for p in allowed if p in InterpreterOptions.allowed_dot_input_precisions)
+        except (ImportError, AttributeError):
+            allowed = tuple(p for p in allowed if p in ("tf32", "tf32x3", "ieee"))
+    return allowed
+
+
+def u_precision(requested: str | None = None) -> str:
+    """The precision of the U products for ``requested`` (None: ``$ASFT_TRITON_U_PRECISION``
+    or :data:`DEFAULT_U_PRECISION`).
+
+    Raises:
+        OptimizerInputError: a precision the installed Triton does not offer.
+    """
+    import os
+
+    value = requested if requested is not None else os.environ.get(U_PRECISION_ENV) or DEFAULT_U_PRECISION
+    allowed = u_precisions()
+    if value not in allowed:
+        raise OptimizerInputError(
+            f"triton: U product precision {value!r} is not offered by Triton {triton.__version__}; "
+            f"choose one of {allowed}")
+    return value
 
 
 def is_available() -> bool:
@@ -208,7 +272,8 @@ def stats_pass(
     outputs = tuple([torch.empty(shape, dtype=torch.float32, device=device) for shape in per_pair]
                     for per_pair in ([(k, r) for _, _, r, k in shapes], [(r, r) for _, _, r, _ in shapes],
                                      [(r, r) for _, _, r, _ in shapes]))
-    _launch(_prepare({"U": U, "B": B, "A": A}, shapes, device, outputs, update=False), _STATS_HYPER)
+    prep = _prepare({"U": U, "B": B, "A": A}, shapes, device, outputs, update=False)
+    _launch(prep, [_upload([_STATS_ROW] * len(launch.idx), torch.float32, device) for launch in prep.launches])
     return outputs
 
 
@@ -311,6 +376,7 @@ class _Launch:
     a_tiles: Tensor
     scratch: tuple[int, int]  # (offset, fp32 elements) of this bucket's partials in the call's scratch
     constexprs: dict
+    p_tiles: Tensor | None = None  # (pair, first row of P') per program of _p_tile_kernel; None: split-m
     pair_table: Tensor | None = None
     grad_ptrs: tuple = ()
 
@@ -354,45 +420,63 @@ def _prepared_key(lists: dict[str, list[Tensor]]) -> tuple | None:
 
 
 def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, int]], device: torch.device,
-             outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], update: bool) -> _Prepared:
+             outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], update: bool,
+             precision: str | None = None) -> _Prepared:
     """Everything a call needs but its gradients and counter values, for validated
-    ``tensors`` (contract names to per-pair lists): pair tables, scratch, the reduction into
-    ``outputs`` (fp32 contiguous ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) per pair) and the
-    launch options of the update (``update``) or the statistics pass. Pairs are bucketed by
-    (param dtype, U dtype, padded rank), one pair of launches each."""
+    ``tensors`` (contract names to per-pair lists, ``w`` (k,) per pair included for a
+    prepared step): pair tables, scratch, the reduction into ``outputs`` (fp32 contiguous
+    ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) per pair), the P' tiles of the buckets that do
+    not split m (:func:`.layout.p_split`) and the launch options of the update (``update``)
+    or the statistics pass. Pairs are bucketed by (param dtype, U dtype, padded rank), one
+    set of launches each. ``precision``: of the U products (:func:`u_precision`)."""
+    precision = u_precision(precision)
     fields = [(int(field), tensors[name]) for field, name in _TABLE_FIELDS
               if name in tensors and not name.startswith("grad")]
+    fields += [(int(_P), outputs[0]), (int(_G), outputs[1]), (int(_M), outputs[2])]
+    if "w" in tensors:
+        fields.append((int(_W), tensors["w"]))
     plans, total = [], 0
     for (pdt, udt, block_r), idx in _buckets(tensors["U"], tensors["B"]).items():
-        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device)
-        plans.append((pdt, udt, block_r, idx, layout, total))
+        split = p_split([shapes[j] for j in idx])
+        layout = _layout(tuple(shapes[j] for j in idx), block_r, udt.itemsize, device, split)
+        plans.append((pdt, udt, block_r, idx, layout, total, split))
         total += layout[4]
     launches, jobs = [], []
-    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base in plans:
+    for pdt, udt, block_r, idx, (b_tiles, a_tiles, p_spans, m_spans, numel), base, split in plans:
         rows = []
         for j in idx:
             row = [0] * int(PAIR_FIELDS)
             for field, values in fields:
                 row[field] = values[j].data_ptr()
             row[_M_ROWS], row[_N_COLS], row[_RANK], row[_K] = shapes[j]
+            row[_INDEX] = j
             rows.append(row)
+        # A bucket that splits m (small k: small U products) keeps them at "ieee" (its tensor-core
+        # variant spills at padded rank 64 with Triton 3.6, layout.kernel_config).
         constexprs = dict(PARAM_DTYPE=_TL_DTYPES[pdt], U_DTYPE=_TL_DTYPES[udt], UPDATE=update, BLOCK_R=block_r,
-                          DOT_PRECISION=DOT_PRECISION)
-        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs)
+                          DOT_PRECISION=DOT_PRECISION, U_PRECISION="ieee" if split else precision, P_SPLIT=split,
+                          NATIVE_BF16=not _interpreting())
+        p_tiles = None
+        if not split:
+            block_kp = ptile_config(block_r, precision)["BLOCK_KP"]
+            p_rows = [(local, k0) for local, j in enumerate(idx) for k0 in range(0, shapes[j][3], block_kp)]
+            p_tiles = _upload(p_rows, torch.int64, device).reshape(-1, 2)
+        launch = _Launch(idx, rows, b_tiles, a_tiles, (base, numel), constexprs, p_tiles)
         if not update:  # no gradient addresses to fill in
             launch.pair_table = _upload(rows, torch.int64, device)
         launches.append(launch)
         for local, j in enumerate(idx):
             m, n, r, k = shapes[j]
-            p_off, p_stride, p_tiles = p_spans[local]
+            p_off, p_stride, p_tiles_n = p_spans[local]
             m_off, m_stride, m_tiles = m_spans[local]
-            if k > 0:
-                jobs.append((outputs[0][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles))
-            jobs.append((outputs[1][j].data_ptr(), base + p_off + k * r, p_stride, r * r, p_tiles))
+            if k > 0 and split:
+                jobs.append((outputs[0][j].data_ptr(), base + p_off, p_stride, k * r, p_tiles_n))
+            jobs.append((outputs[1][j].data_ptr(), base + p_off + k * r * split, p_stride, r * r, p_tiles_n))
             jobs.append((outputs[2][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
     table = _upload(jobs, torch.int64, device) if jobs else None
     grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
-    span, index = _counter_span(tensors["step_B"] + tensors["step_A"]) if update else (None, None)
+    span, index = (_counter_span(tensors["step_B"] + tensors["step_A"]) if update and "step_B" in tensors
+                   else (None, None))
     return _Prepared(device, tuple(map(_shape, tensors["A"])), tuple(map(_shape, tensors["B"])),
                      tuple(map(_dtype, tensors["B"])), launches, total, table, grid, span, index)
 
@@ -434,7 +518,7 @@ def _upload(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
     """An update with a prepared call: the counters read at once, the bias corrections,
     the gradients' addresses (tables re-uploaded only when one changed), the launches.
-    A's launches take ``hyper_A``, B's ``hyper_B``."""
+    A's rows take ``hyper_A``, B's ``hyper_B``."""
     count = len(lists["A"])
     if prep.step_span is not None:
         values = prep.step_span.tolist()
@@ -450,67 +534,292 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: Adam
             terms_A[t] = _bias_terms(float(t), hyper_A.lr, hyper_A.beta1, hyper_A.beta2)
             terms_B[t] = _bias_terms(float(t), hyper_B.lr, hyper_B.beta1, hyper_B.beta2)
     grad_A, grad_B = lists["grad_A"], lists["grad_B"]
+    adamw_A, adamw_B = _adamw_row(hyper_A), _adamw_row(hyper_B)
     scalars = []
     for launch in prep.launches:
         ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
                 *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
-        if ptrs != launch.grad_ptrs:
-            half = len(launch.idx)
-            for local, row in enumerate(launch.rows):
-                row[_GRAD_B], row[_GRAD_A] = ptrs[local], ptrs[half + local]
-            launch.pair_table = _upload(launch.rows, torch.int64, prep.device)
-            launch.grad_ptrs = ptrs
+        _set_grad_ptrs(launch, ptrs, prep.device)
+        # Scalars in double precision on the host, as torch.optim.AdamW computes them.
         if uniform:
-            scalars.append([terms_B[steps[0]] + terms_A[steps[0]]] * len(launch.idx))
+            scalars.append([_scalar_row(terms_B[steps[0]], terms_A[steps[0]], adamw_B, adamw_A)] * len(launch.idx))
         else:
-            scalars.append([terms_B[steps[j]] + terms_A[steps[count + j]] for j in launch.idx])
-    # Scalars in double precision on the host, as torch.optim.AdamW computes them.
-    _launch(prep, _kernel_hyper(hyper_A), scalars, _kernel_hyper(hyper_B))
+            scalars.append([_scalar_row(terms_B[steps[j]], terms_A[steps[count + j]], adamw_B, adamw_A)
+                            for j in launch.idx])
+    _launch(prep, [_upload(rows, torch.float32, prep.device) for rows in scalars])
 
 
-def _kernel_hyper(hyper: AdamWHyper) -> tuple:
-    """The kernel's runtime AdamW scalars ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)``."""
+def _set_grad_ptrs(launch: _Launch, ptrs: tuple[int, ...], device: torch.device) -> None:
+    """Write the gradients' addresses ``ptrs`` (B's then A's, per pair of the bucket) into
+    the bucket's pair table, re-uploading it only when one changed."""
+    if ptrs != launch.grad_ptrs:
+        half = len(launch.idx)
+        for local, row in enumerate(launch.rows):
+            row[_GRAD_B], row[_GRAD_A] = ptrs[local], ptrs[half + local]
+        launch.pair_table = _upload(launch.rows, torch.int64, device)
+        launch.grad_ptrs = ptrs
+
+
+def _adamw_row(hyper: AdamWHyper) -> list[float]:
+    """``[1 − lr·wd, β₁, 1−β₁, β₂, 1−β₂, ε, sign]`` of one factor, in double precision."""
     lr, beta1, beta2, eps, weight_decay, maximize = hyper.op_args()
-    return (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0)
+    return [1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0]
 
 
-#: The kernel's runtime AdamW scalars for the statistics pass (unused without UPDATE).
-_STATS_HYPER = (1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0)
+def _scalar_row(bias_B: list[float], bias_A: list[float], adamw_B: list[float],
+                adamw_A: list[float] | None = None) -> list[float]:
+    """One row of the scalar table (``kernels.SCALAR_FIELDS``) from host values: per factor
+    ``[lr/(1−β₁ᵗ), √(1−β₂ᵗ)]`` then its ``adamw`` = ``[1 − lr·wd, β₁, 1−β₁, β₂, 1−β₂, ε, sign]``
+    (A's ``adamw_A``, default B's); gradient scale (its reciprocal) 1, writes on."""
+    row = [0.0] * int(SCALAR_FIELDS)
+    for base, bias, adamw in ((int(_FACTOR_B), bias_B, adamw_B), (int(_FACTOR_A), bias_A, adamw_A or adamw_B)):
+        row[base : base + 9] = [*bias, *adamw]
+    row[_GRAD_SCALE] = row[_KEEP] = 1.0
+    return row
 
 
-def _launch(prep: _Prepared, kernel_hyper: tuple, scalars: list[list[list[float]]] | None = None,
-            kernel_hyper_B: tuple | None = None) -> None:
-    """The factor-kernel launches of every bucket, then one reduction of all partials.
+#: The scalar row of the statistics pass: its kernels read only the write switch (on).
+_STATS_ROW = _scalar_row([0.0, 1.0], [0.0, 1.0], [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
 
-    ``kernel_hyper``: ``(decay, β₁, 1−β₁, β₂, 1−β₂, ε, sign)`` of A's launches, and of B's
-    unless ``kernel_hyper_B`` is given; ``scalars``: per bucket, per
-    pair ``[step_size_B, bc2_sqrt_B, step_size_A, bc2_sqrt_A]`` (None for the statistics
-    pass, whose kernels read none)."""
+
+def _launch(prep: _Prepared, scalars: list[Tensor], scratch: Tensor | None = None, grad_scale: bool = False) -> None:
+    """The factor-kernel launches of every bucket (and its P' tiles where it does not split
+    m), then one reduction of all partials.
+
+    ``scalars``: per bucket, the device table of per-pair AdamW scalars (fp32,
+    (pairs, ``SCALAR_FIELDS``)); ``scratch``: fp32 partials of ``prep.scratch_numel``
+    elements (allocated here when None); ``grad_scale``: whether the gradients are divided by
+    the tables' gradient scale."""
     kernel = jitted(_factor_kernel)
-    # Allocated per call (not kept with the preparation): the partials can reach hundreds of
-    # MB at k = 4096, and the caching allocator hands the same block back call after call.
-    scratch = torch.empty(prep.scratch_numel, dtype=torch.float32, device=prep.device)
-    for i, launch in enumerate(prep.launches):
-        rows = scalars[i] if scalars is not None else [[0.0] * int(SCALAR_FIELDS)] * len(launch.idx)
-        table = _upload(rows, torch.float32, prep.device)
+    # Allocated per call when not given: the partials can reach hundreds of MB at large k
+    # with split m, and the caching allocator hands the same block back call after call.
+    if scratch is None:
+        scratch = torch.empty(prep.scratch_numel, dtype=torch.float32, device=prep.device)
+    for launch, table in zip(prep.launches, scalars):
         update = launch.constexprs["UPDATE"]
         offset, numel = launch.scratch
         for factor_a, tiles in ((False, launch.b_tiles), (True, launch.a_tiles)):
             if tiles.shape[0] == 0:
                 continue
-            factor_hyper = kernel_hyper if factor_a or kernel_hyper_B is None else kernel_hyper_B
             kernel[(tiles.shape[0],)](
-                launch.pair_table, table, tiles, scratch[offset : offset + numel], *factor_hyper, FACTOR_A=factor_a,
-                **launch.constexprs, **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
+                launch.pair_table, table, tiles, scratch[offset : offset + numel], FACTOR_A=factor_a,
+                GRAD_SCALE=grad_scale, **launch.constexprs,
+                **kernel_config(launch.constexprs["BLOCK_R"], factor_a, update),
             )
+        if launch.p_tiles is not None and launch.p_tiles.shape[0]:
+            c = launch.constexprs
+            jitted(_p_tile_kernel)[(launch.p_tiles.shape[0],)](
+                launch.pair_table, table, launch.p_tiles, PARAM_DTYPE=c["PARAM_DTYPE"], U_DTYPE=c["U_DTYPE"],
+                BLOCK_R=c["BLOCK_R"], U_PRECISION=c["U_PRECISION"], NATIVE_BF16=c["NATIVE_BF16"],
+                **ptile_config(c["BLOCK_R"], c["U_PRECISION"]))
     if prep.reduce_table is not None:
-        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, scratch, BLOCK=REDUCE_BLOCK, num_warps=4,
-                                                 num_stages=3, enable_fp_fusion=True)
+        jitted(_reduce_kernel)[prep.reduce_grid](prep.reduce_table, scratch, scalars[0], BLOCK=REDUCE_BLOCK,
+                                                 num_warps=4, num_stages=3, enable_fp_fusion=True)
 
 
 def _bias_terms(step: float, lr: float, beta1: float, beta2: float) -> list[float]:
     """``[lr / (1 − β₁ᵗ), √(1 − β₂ᵗ)]`` for step ``t``."""
     return [lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)]
+
+
+# ---------------------------------------------------------------------------- prepared steps
+#
+# The contract of the plan (docs/triton.md, "Prepared steps"): ``prepare`` validates a
+# bucket's tensors once and builds its device tables; ``step`` then takes only the
+# gradients, the per-pair λ scale, each factor's hyperparameters and the GradScaler's
+# tensors. A step reads nothing back to the host: the counters are advanced and the bias
+# corrections computed by :func:`.kernels._terms_kernel`, and the only host → device copies
+# are the pair table (when a gradient's address changed) and the hyperparameter table
+# (when a Python-number hyperparameter changed). Steps on CUDA can be captured in a CUDA graph.
+
+#: Fields of the batch a prepared step reads from the handle (the gradients come per step).
+_STEP_FIELDS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "U", "Q_B",
+                "R_B", "H")
+
+
+@dataclass
+class TritonStep:
+    """A bucket's prepared step (:func:`prepare`); opaque to its owner, who drops it when the
+    bucket's tensors change (a new one is then prepared)."""
+
+    prep: _Prepared
+    count: int
+    device: torch.device
+    tensors: dict  # the validated per-pair tensors (U as given or a contiguous copy, w as (k,) views)
+    counters: Tensor  # (2L,): A's counters then B's, advanced by the step
+    hyper: Tensor  # fp64 (2, HYPER_FIELDS): A's then B's hyperparameters, on the device
+    scalars: list[Tensor]  # per bucket: fp32 (pairs, SCALAR_FIELDS), written by the terms kernel
+    rparts: Tensor  # fp32 (L,): each pair's share of R
+    scratch: Tensor  # fp32 partial statistics
+    one: Tensor  # fp32 (1,): the gradient scale of a step without one
+    zero: Tensor  # fp32 (1,): the found_inf of a step without one
+    hyper_key: tuple | None = None  # the Python-number hyperparameters last uploaded
+
+
+def _as_k_vector(t: Tensor, j: int, k: int, device: torch.device) -> Tensor:
+    """``w[j]`` as a contiguous fp32 (k,) view (it may come as (k,) or (k, 1))."""
+    if not isinstance(t, Tensor) or t.numel() != k or t.dtype != torch.float32 or t.device != device \
+            or not t.is_contiguous():
+        what = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise OptimizerInputError(f"triton prepare: w[{j}] must be a contiguous float32 tensor of {k} elements on "
+                                  f"{device}; found {what}")
+    return t.reshape(k)
+
+
+def prepare(batch: AnchoredBatch, counters: Tensor, w: Sequence[Tensor] | Tensor | None = None,
+            precision: str | None = None) -> TritonStep:
+    """Validate a bucket's tensors once and build what its steps need on the device.
+
+    Args:
+        batch: the bucket's pairs (its gradient and step-counter lists are not read). Shapes
+            as :func:`fused_step`; ``P``, ``G``, ``M``, ``Q_B``, ``R_B``, ``H`` fp32 contiguous
+            (the step writes them in place; views of the plan's stacked buffers are fine).
+        counters: (2L,) fp32/fp64 contiguous step counters on the parameters' device, A's
+            then B's (a view of the plan's buffer); each step advances them by one.
+        w: per pair the (k,) or (k, 1) anchor weights, fp32, or an (L, k, 1) tensor; None
+            reads ``batch.w``.
+        precision: ``tl.dot`` precision of the U products (:func:`u_precision`).
+
+    Returns:
+        The handle :func:`step` takes.
+
+    Raises:
+        OptimizerInputError: anything :func:`fused_step` refuses, statistics or terms that
+            are not fp32 contiguous, counters or ``w`` of the wrong shape, dtype or device.
+    """
+    count = len(batch)
+    w = getattr(batch, "w", None) if w is None else w
+    if w is None:
+        raise OptimizerInputError("triton prepare: no anchor weights w (neither an argument nor batch.w)")
+    w = list(w.unbind(0)) if isinstance(w, Tensor) else list(w)
+    lists = {name: list(getattr(batch, name)) for name in _STEP_FIELDS}
+    for name, values in (*lists.items(), ("w", w)):
+        if len(values) != count:
+            raise OptimizerInputError(f"triton prepare: {name} has {len(values)} entries, A has {count}")
+    if count == 0:
+        raise OptimizerInputError("triton prepare: the batch has no pairs")
+    lists["U"] = [t.contiguous() for t in lists["U"]]
+    A, B, U = lists["A"], lists["B"], lists["U"]
+    shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(count)]
+    device = _check_device(B, "B")
+    f32 = torch.float32
+    for j in range(count):
+        m, n, r, k = shapes[j]
+        for name, shape, dtype in (
+            ("A", (r, n), None), ("B", (m, r), None), ("exp_avg_A", (r, n), f32), ("exp_avg_sq_A", (r, n), f32),
+            ("exp_avg_B", (m, r), f32), ("exp_avg_sq_B", (m, r), f32), ("U", (m, k), None), ("P", (k, r), f32),
+            ("G", (r, r), f32), ("M", (r, r), f32), ("Q_B", (r, r), f32), ("R_B", (k, r), f32), ("H", (r, r), f32),
+        ):
+            _require(lists[name][j], name, j, device, shape, dtype)
+    lists["w"] = [_as_k_vector(t, j, shapes[j][3], device) for j, t in enumerate(w)]
+    if (not isinstance(counters, Tensor) or counters.shape != (2 * count,) or counters.dtype not in
+            (torch.float32, torch.float64) or counters.device != device or not counters.is_contiguous()):
+        what = (f"{counters.dtype} {tuple(counters.shape)} on {counters.device}" if isinstance(counters, Tensor)
+                else type(counters).__name__)
+        raise OptimizerInputError(f"triton prepare: counters must be a contiguous float32/float64 tensor of shape "
+                                  f"({2 * count},) on {device} (A's then B's step counters); found {what}")
+    prep = _prepare(lists, shapes, device, (lists["P"], lists["G"], lists["M"]), update=True, precision=precision)
+    return TritonStep(
+        prep=prep, count=count, device=device, tensors=lists, counters=counters,
+        hyper=torch.zeros((2, int(HYPER_FIELDS)), dtype=torch.float64, device=device),
+        scalars=[torch.zeros((len(launch.idx), int(SCALAR_FIELDS)), dtype=f32, device=device)
+                 for launch in prep.launches],
+        rparts=torch.zeros(count, dtype=f32, device=device),
+        scratch=torch.empty(prep.scratch_numel, dtype=f32, device=device),
+        one=torch.ones(1, dtype=f32, device=device), zero=torch.zeros(1, dtype=f32, device=device),
+    )
+
+
+def _check_flag(t: Tensor | None, name: str, device: torch.device) -> None:
+    if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or t.device != device
+                          or not t.dtype.is_floating_point):
+        what = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise OptimizerInputError(f"triton step: {name} must be a one-element float tensor on {device}; found {what}")
+
+
+def _step_grads(handle: TritonStep, grads: Sequence[Tensor], name: str, shapes: tuple) -> list[Tensor]:
+    """The gradients of one factor checked against the prepared shapes and dtypes (contiguous
+    copies of strided ones); raises naming the first that does not fit."""
+    if len(grads) != handle.count:
+        raise OptimizerInputError(f"triton step: {name} has {len(grads)} entries, the batch has {handle.count} pairs")
+    dtypes = handle.prep.param_dtypes
+    if (tuple(map(_shape, grads)) == shapes and tuple(map(_dtype, grads)) == dtypes
+            and all(map(Tensor.is_contiguous, grads)) and set(map(_device, grads)) == {handle.device}):
+        return grads  # the usual case, checked without a Python loop per pair
+    out = []
+    for j, g in enumerate(grads):
+        _require(g.contiguous() if isinstance(g, Tensor) else g, name, j, handle.device, shapes[j], dtypes[j])
+        out.append(g.contiguous())
+    return out
+
+
+def _hyper_key(hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> tuple:
+    """The Python-number part of both factors' hyperparameters (a tensor lr counts as 0)."""
+    return tuple(
+        (0.0 if isinstance(h.lr, Tensor) else float(h.lr), float(h.beta1), float(h.beta2), float(h.eps),
+         float(h.weight_decay), -1.0 if h.maximize else 1.0)
+        for h in (hyper_A, hyper_B))
+
+
+def step(handle: TritonStep, grad_A: Sequence[Tensor], grad_B: Sequence[Tensor], scale: Tensor,
+         hyper_A: AdamWHyper, hyper_B: AdamWHyper, grad_scale: Tensor | None = None,
+         found_inf: Tensor | None = None) -> Tensor:
+    """One anchored AdamW step of a prepared bucket, without reading anything back to the host.
+
+    Advances the handle's counters by one, computes ``Q_B``, ``R_B``, ``H`` from the cached
+    ``P``, ``G``, ``M`` (``2λ = scale[j]``), runs the fused update of every pair with A's
+    hyperparameters ``hyper_A`` and B's ``hyper_B`` (``lr`` a number or a 0-d tensor on the
+    device), and writes ``P'``, ``G'``, ``M'`` of the stored values.
+
+    Args:
+        handle: from :func:`prepare`.
+        grad_A, grad_B: per pair, the factors' gradients (their shapes and dtypes).
+        scale: (L,) per-pair ``2λ·coef`` (fp32 or fp64) on the device.
+        grad_scale: None or a one-element fp32 tensor on the device: the gradients are divided
+            by it (the ``.grad`` tensors are not modified).
+        found_inf: None or a one-element fp32 tensor on the device: when it is not 0 nothing
+            is written (parameters, moments, counters, statistics), as torch's fused AdamW
+            skips a step.
+
+    Returns:
+        ``R = ½ Σ_j ⟨H_j, M_j⟩``, 0-d fp32, at the statistics before the step.
+
+    Raises:
+        OptimizerInputError: gradients, ``scale`` or the GradScaler tensors that do not fit
+            (before anything is written).
+    """
+    grad_A = _step_grads(handle, grad_A, "grad_A", handle.prep.a_shapes)
+    grad_B = _step_grads(handle, grad_B, "grad_B", handle.prep.b_shapes)
+    if (not isinstance(scale, Tensor) or scale.shape != (handle.count,) or scale.device != handle.device
+            or not scale.dtype.is_floating_point):
+        what = f"{scale.dtype} {tuple(scale.shape)} on {scale.device}" if isinstance(scale, Tensor) else \
+            type(scale).__name__
+        raise OptimizerInputError(f"triton step: scale must be a float tensor of shape ({handle.count},) on "
+                                  f"{handle.device}; found {what}")
+    _check_flag(grad_scale, "grad_scale", handle.device)
+    _check_flag(found_inf, "found_inf", handle.device)
+    for h, name in ((hyper_A, "hyper_A"), (hyper_B, "hyper_B")):
+        if isinstance(h.lr, Tensor):
+            _check_flag(h.lr, f"{name}.lr", handle.device)
+    key = _hyper_key(hyper_A, hyper_B)
+    if key != handle.hyper_key:
+        handle.hyper.copy_(_upload(list(key), torch.float64, handle.device))
+        handle.hyper_key = key
+    for f, h in enumerate((hyper_A, hyper_B)):
+        if isinstance(h.lr, Tensor):
+            handle.hyper[f, int(_LR)].copy_(h.lr.reshape(()))
+    prep = handle.prep
+    for launch, table in zip(prep.launches, handle.scalars):
+        ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
+                *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
+        _set_grad_ptrs(launch, ptrs, handle.device)
+        block_r = launch.constexprs["BLOCK_R"]
+        jitted(_terms_kernel)[(len(launch.idx),)](
+            launch.pair_table, handle.counters, handle.hyper, scale,
+            handle.one if grad_scale is None else grad_scale, handle.zero if found_inf is None else found_inf,
+            table, handle.rparts, handle.count, BLOCK_R=block_r, **terms_config(block_r))
+    _launch(prep, handle.scalars, handle.scratch, grad_scale=grad_scale is not None)
+    return handle.rparts.sum()
 
 
 def _register_cuda_impls() -> None:

@@ -26,7 +26,7 @@ MAX_TRITON_RANK = 64
 def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
     """Launch configuration of :func:`.kernels._factor_kernel` for a padded rank ``block_r``
     (16 or 64): the block sizes (constexprs) and the launch options ``num_warps``,
-    ``num_stages``, ``enable_fp_fusion`` and, for the stats pass, ``maxnreg``.
+    ``num_stages``, ``enable_fp_fusion`` and, for the stats pass and the B update, ``maxnreg``.
 
     fp32 ``tl.dot`` with ``ieee`` precision runs on FMA units and keeps its operands in
     registers, so blocks are small. Every configuration compiles without spilling to local
@@ -38,21 +38,66 @@ def kernel_config(block_r: int, factor_a: bool, update: bool = True) -> dict:
       3.6 needs more than the 128 registers a thread of a 16-warp program can have and
       spills (264 bytes on sm_80); 2 stages fit on 3.6 and 3.9. 1 stage would fit too but
       gives up overlapping the next block's loads with the current block's math.
-    * ptxas picks 64 registers for the 16-warp stats variant and spills, so the stats pass
-      states the per-thread share of the register file (``maxnreg``) explicitly.
+    * ptxas picks 64 registers for a 16-warp stats variant and spills, so the stats pass
+      states the per-thread share of the register file (``maxnreg``) explicitly; at padded
+      rank 64 it runs 8 warps (with 16, fp32 parameters spill 8 bytes at 128 registers).
+    * The B update runs 8 warps with ``maxnreg`` stated, 2 stages at padded rank 16 and 1 at
+      64, for both ways of computing P' (:func:`p_split`). With U products at any
+      precision, bf16 U and a gradient scale, every other choice tried spills for some
+      variant: at rank 16, 4 warps with 2 or 3 stages, with or without ``maxnreg``, 8-32
+      bytes on sm_90; at rank 64, 16 warps (128 registers a thread) with 1-3 stages or 8
+      warps with 2 stages, 8-40 bytes on sm_80 or sm_90 (Triton 3.9; 3.6 alike). A bucket
+      that splits m runs its U products at ``"ieee"`` (:func:`.launch._prepare`): at padded
+      rank 64 its tf32x3 variant spills 8 bytes on sm_80 with Triton 3.6.
     """
     if factor_a:
         cols, warps, stages = {16: (64, 8, 3), 64: (16, 16, 2)}[block_r]
         cfg = dict(BLOCK_ROWS=16, BLOCK_K=16, BLOCK_COLS=cols, num_warps=warps)
     else:
-        rows, warps, stages = {16: (32, 4, 3), 64: (16, 16, 3)}[block_r]
+        if update:
+            rows, warps, stages = {16: (32, 8, 2), 64: (16, 8, 1)}[block_r]
+        else:
+            rows, warps, stages = {16: (32, 4, 3), 64: (16, 8, 3)}[block_r]
         cfg = dict(BLOCK_ROWS=rows, BLOCK_K=16, BLOCK_COLS=16, num_warps=warps)
     cfg["num_stages"] = stages if update else 3
-    if not update:
+    if not update or not factor_a:  # maxnreg stated: the stats pass and the B update
         cfg["maxnreg"] = min(255, 65536 // (32 * cfg["num_warps"]))
     # Stated explicitly: Triton 3.10 changes the default to no mul-add fusion.
     cfg["enable_fp_fusion"] = True
     return cfg
+
+
+def ptile_config(block_r: int, precision: str) -> dict:
+    """Launch configuration of :func:`.kernels._p_tile_kernel` (``P' = Uᵀ B'`` tiles) for a
+    padded rank ``block_r`` and the U products' ``precision``: a (BLOCK_KP, r) tile of P'
+    per program, U swept ``BLOCK_M`` rows at a time. On the tensor cores (any precision but
+    ``"ieee"``) the tile is 64 rows of P' over chunks of 32 rows of U; with ``"ieee"`` (FMA
+    units, operands in registers) 32 × 16."""
+    if precision == "ieee":
+        cfg = dict(BLOCK_KP=32, BLOCK_M=16, num_warps=4 if block_r == 16 else 8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_KP=64, BLOCK_M=32, num_warps=4, num_stages=3)
+    cfg["enable_fp_fusion"] = True
+    return cfg
+
+
+def terms_config(block_r: int) -> dict:
+    """Launch configuration of :func:`.kernels._terms_kernel` (one program per pair)."""
+    return dict(BLOCK_K=16, num_warps=4 if block_r == 16 else 8, num_stages=2, enable_fp_fusion=True)
+
+
+def p_split(shapes: Sequence[tuple[int, int, int, int]]) -> bool:
+    """Whether a bucket computes ``P' = Uᵀ B'`` as split-m partials summed by the reduction
+    (True) or by :func:`.kernels._p_tile_kernel`'s tiles (False).
+
+    The rule: split-m partials only while every pair has ``m ≥ 32 · max(k, r)``. The
+    partials of a strip are ``k × r`` values for ``BLOCK_ROWS × blocks`` rows of U read, so
+    they stay a small fraction of U's bytes only while k is small against m; past that the
+    tiles, which write P' once and read U once more, move fewer bytes. (The constant 32 is
+    the issue's starting point; the GPU benchmark of docs/triton.md is what confirms or
+    moves it.)
+    """
+    return all(m >= 32 * max(k, r) for m, _, r, k in shapes)
 
 
 #: Launch options among the keys of :func:`kernel_config` (the rest are constexprs).
@@ -100,21 +145,22 @@ def strip_blocks(total_blocks: int, target_programs: int, block_bytes: int = 0, 
 
 
 @lru_cache(maxsize=256)
-def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device):
+def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device, split: bool = True):
     """Strip tables and scratch offsets for a bucket of pairs with ``shapes`` ((m, n, r, k), …).
 
     Returns ``(b_tiles, a_tiles, p_spans, m_spans, scratch_numel)``: device int64 strip
     tables (rows ``(pair, first row/column, blocks, scratch offset)``), per pair
     ``(offset, strip_stride, n_strips)`` of its B and A partials, and the scratch size
-    (fp32 elements). Cached: it depends only on the shapes.
+    (fp32 elements). A B strip's partials are ``P_s`` (k, r, only with ``split``: see
+    :func:`p_split`) then ``G_s`` (r, r). Cached: it depends only on the shapes.
     """
     cfg_b, cfg_a = kernel_config(block_r, False), kernel_config(block_r, True)
     rows_b, cols_a = cfg_b["BLOCK_ROWS"], cfg_a["BLOCK_COLS"]
     target = _programs_target(device)
     max_k = max(k for _, _, _, k in shapes)
     max_r = max(r for _, _, r, _ in shapes)
-    per_b = strip_blocks(sum(triton.cdiv(m, rows_b) for m, _, _, _ in shapes), target, rows_b * max_k * u_bytes,
-                         4 * (max_k * max_r + max_r * max_r))
+    per_b = strip_blocks(sum(triton.cdiv(m, rows_b) for m, _, _, _ in shapes), target,
+                         rows_b * max_k * u_bytes if split else 0, 4 * (max_k * max_r * split + max_r * max_r))
     per_a = strip_blocks(sum(triton.cdiv(n, cols_a) for _, n, _, _ in shapes), target)
 
     def strips(sizes_strides, per_block, per_strip, offset):
@@ -130,7 +176,7 @@ def _layout(shapes: tuple, block_r: int, u_bytes: int, device: torch.device):
             offset += n * stride
         return rows, tuple(spans), offset
 
-    b_rows, p_spans, offset = strips([(m, k * r + r * r) for m, _, r, k in shapes], rows_b, per_b, 0)
+    b_rows, p_spans, offset = strips([(m, k * r * split + r * r) for m, _, r, k in shapes], rows_b, per_b, 0)
     a_rows, m_spans, offset = strips([(n, r * r) for _, n, r, _ in shapes], cols_a, per_a, offset)
     b_tiles = torch.tensor(b_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
     a_tiles = torch.tensor(a_rows, dtype=torch.int64).reshape(-1, int(TILE_FIELDS)).to(device)
