@@ -2,9 +2,10 @@
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors), after one real step the
 kernel launches are replaced by a counter, so what is timed is the Python and torch work
-around the kernels: ``AsFTAdamW(backend="triton").step()``, and ``fused_step`` alone with
-the optimizer's own batch (``fixed``: its preparation kept on it) and with a batch built
-anew (the address-keyed cache). Also printed: kernel launches and torch ops per step.
+around the kernels: ``AsFTAdamW(backend="triton").step()`` (the plan's prepared step), and
+``fused_step`` alone on a batch of the bucket's tensors, called again with the same lists
+("fixed") and with lists built anew ("cached"; both through the address-keyed cache). Also
+printed: kernel launches and torch ops per step.
 Shapes are small on purpose (64 × 64, r 8, k 16, all pairs in one bucket).
 
     python bench/triton_host.py --pairs 64 224 --calls 300 --runs 3
@@ -65,8 +66,10 @@ def measure(pairs: int, calls: int, runs: int) -> dict:
     try:
         for _ in range(3):
             opt.step()
-        batch = opt._current_plan().buckets[0].handle.batch
-        fresh = batch.select(list(range(len(batch))))  # not fixed: the address-keyed cache
+        bucket = opt._current_plan().buckets[0]
+        batch = bucket.tensors.as_batch(bucket.counters)[0]  # fused_step alone, on the bucket's tensors
+        batch.grad_A, batch.grad_B = bucket.grads()
+        fresh = batch.select(list(range(len(batch))))  # new lists: the address-keyed cache
         hyper = AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.01, False)
         before = _Stub.launches
         with OpCounter() as ops:

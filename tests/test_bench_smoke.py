@@ -45,8 +45,9 @@ def test_triton_step_host_work_has_fixed_launches_and_ops():
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"\d+ \| ", line)]
     assert [int(r[0]) for r in rows] == [2, 12]
     (launches_2, ops_2), (launches_12, ops_12) = [(int(r[4]), int(r[5])) for r in rows]
-    # B and A factor kernels, the P' tiles (64 rows < 32·max(k, r): layout.p_split), one reduction
-    assert launches_2 == launches_12 == 4
+    # the terms launch (counters, bias corrections, terms), B and A factor kernels, the P' tiles
+    # (64 rows < 32·max(k, r): layout.p_split), one reduction
+    assert launches_2 == launches_12 == 5
     assert ops_2 == ops_12 > 0
     assert all(float(x) > 0 for r in rows for x in r[1:4])
 
