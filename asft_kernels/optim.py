@@ -34,14 +34,12 @@ from torch.optim.adam import adam as _functional_adam
 from .anchor import AlignmentAnchor, AnchorBinding, refuse_parametrized
 from .errors import OptimizerInputError
 from .ops import BACKENDS, Backend, eager, math_dtype, resolve_backend
-from .plan import StepPlan, build_plan, init_state, step_dtype
+from .plan import LOW_PRECISION, MOMENTS, StepPlan, build_plan, init_state, step_dtype
 
 _LOG = logging.getLogger("asft_kernels")
 _grad = operator.attrgetter("grad")
 _is_not_none = partial(operator.is_not, None)
 _is_sparse = operator.attrgetter("is_sparse")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _step_with_hooks(step):
@@ -317,7 +315,7 @@ class AsFTAdamW(torch.optim.AdamW):
                 p = by_id.get(pid)
                 if p is None or not isinstance(value, dict):
                     continue
-                for key in _MOMENTS:
+                for key in MOMENTS:
                     t = value.get(key)
                     if not torch.is_tensor(t):
                         continue
@@ -326,7 +324,7 @@ class AsFTAdamW(torch.optim.AdamW):
                             f"load_state_dict: the saved {key} of parameter {pid} has shape {tuple(t.shape)}, the "
                             f"parameter has {tuple(p.shape)}; this state belongs to a model of other shapes"
                         )
-                    if p.dtype in _LOW_PRECISION and t.dtype == torch.float32:
+                    if p.dtype in LOW_PRECISION and t.dtype == torch.float32:
                         keep_fp32.setdefault(pid, {})[key] = t
         default_lam = self.defaults.get("anchor_lambda", 1.0)
         for group in saved_groups:

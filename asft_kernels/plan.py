@@ -39,8 +39,8 @@ from .ops import eager as eager_ops
 from .sharding import ShardedPair, complete_sharded_step, local_tensor, sharded_pair
 
 _SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 # C-level getters: one pass over a list of tensors without a Python frame per tensor
 _version = operator.attrgetter("_version")
@@ -75,7 +75,7 @@ def init_state(state: dict, p: Tensor) -> dict:
             state["step"] = torch.tensor(float(step), dtype=step_dtype())
         elif step.device.type != "cpu" or step.dtype not in (torch.float32, torch.float64):
             state["step"] = step.detach().to("cpu", step_dtype())
-        for name in _MOMENTS:
+        for name in MOMENTS:
             if state[name].dtype != md or not state[name].is_contiguous():
                 state[name] = state[name].to(dtype=md).contiguous()
     return state
@@ -359,8 +359,9 @@ def build_plan(opt) -> StepPlan:
                 "items"].append((pair, A, B, shard, basis_dtype, md, train_A if frozen else True,
                                  train_B if frozen else True))
     # ---- every check passed: create state, buffers, counters and handles
-    buckets = [_make_bucket(opt, spec) for spec in specs.values()]
-    counters = _gather_counters(opt, buckets)
+    made = [_make_bucket(opt, spec) for spec in specs.values()]
+    buckets = [bucket for bucket, _ in made]
+    counters = _gather_counters([states for _, states in made], buckets)
     for bucket in buckets:
         _prepare(bucket)
     plain, plain_fp32 = [], []
@@ -370,7 +371,7 @@ def build_plan(opt) -> StepPlan:
             if id(p) in anchored_ids:
                 continue
             st = opt.state.get(p)
-            if st and p.dtype in _LOW_PRECISION and st.get("exp_avg") is not None \
+            if st and p.dtype in LOW_PRECISION and st.get("exp_avg") is not None \
                     and st["exp_avg"].dtype == torch.float32:
                 fp32.append(p)  # a λ = 0 factor that keeps the fp32 moments of anchored steps
             else:
@@ -395,7 +396,8 @@ def build_plan(opt) -> StepPlan:
     )
 
 
-def _make_bucket(opt, spec: dict) -> Bucket:
+def _make_bucket(opt, spec: dict) -> tuple[Bucket, list[dict | None]]:
+    """The bucket of ``spec`` and its factors' states (A's then B's; None for a frozen factor)."""
     items = spec["items"]
     pairs = [it[0] for it in items]
     As = [it[1] for it in items]
@@ -427,23 +429,22 @@ def _make_bucket(opt, spec: dict) -> Bucket:
         zeros_B={j: torch.zeros_like(b) for j, b in enumerate(Bs) if b.grad is None},
         shards=shards if sharded else None, gathered_A=[None] * L, routed_from=spec["routed"],
     )
-    bucket._states = states_A + states_B  # consumed by _gather_counters
-    return bucket
+    return bucket, states_A + states_B
 
 
-def _gather_counters(opt, buckets: list[Bucket]) -> list[Tensor]:
+def _gather_counters(states_of: list[list[dict | None]], buckets: list[Bucket]) -> list[Tensor]:
     """One counter buffer per device the counters live on (the CPU, or the parameters'
     device for a backend with ``device_counters``): each bucket's counters a contiguous
     (2L,) slice, A's then B's, and each trained factor's ``state["step"]`` replaced by its
     0-d view (``state_dict()`` keeps a 0-d ``step`` per parameter, as AdamW's does). A
     frozen factor's slot is a placeholder no state refers to."""
-    by_device: dict[torch.device, list[Bucket]] = {}
-    for bucket in buckets:
+    by_device: dict[torch.device, list[tuple[Bucket, list[dict | None]]]] = {}
+    for bucket, states in zip(buckets, states_of):
         where = bucket.B[0].device if bucket.backend.device_counters else torch.device("cpu")
-        by_device.setdefault(where, []).append(bucket)
+        by_device.setdefault(where, []).append((bucket, states))
     buffers = []
     for device, members in by_device.items():
-        states = [st for b in members for st in b._states]
+        states = [st for _, member_states in members for st in member_states]
         zero = torch.zeros((), dtype=step_dtype())
         values = [zero if st is None else st["step"].reshape(()).to("cpu", step_dtype()) for st in states]
         buffer = torch.stack(values).to(device)
@@ -451,10 +452,9 @@ def _gather_counters(opt, buckets: list[Bucket]) -> list[Tensor]:
             if st is not None:
                 st["step"] = view
         off = 0
-        for b in members:
+        for b, _ in members:
             b.counters = buffer[off:off + 2 * len(b)]
             off += 2 * len(b)
-            del b._states
         buffers.append(buffer)
     return buffers
 
