@@ -54,13 +54,7 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise AsFTError(f"{what} {str(path)!r} is a directory; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise AsFTError(f"{what} {str(path)!r}: {str(parent)!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AsFTError(f"{what} {str(path)!r}: directory {str(parent)!r} is not writable")
+    _check_creatable_under(path, path.parent, what)
     return path
 
 
@@ -76,14 +70,20 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise AsFTError(f"{what} {str(path)!r} is a file; give a folder")
-    existing = path
+    _check_creatable_under(path, path, what)
+    return path
+
+
+def _check_creatable_under(path: Path, start: Path, what: str) -> None:
+    """Refuse ``path`` unless the nearest existing one of ``start`` and its parents is a
+    writable directory (where the missing directories down to ``path`` can be created)."""
+    existing = start
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise AsFTError(f"{what} {str(path)!r}: {str(existing)!r} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise AsFTError(f"{what} {str(path)!r}: directory {str(existing)!r} is not writable")
-    return path
 
 
 def _one_line(exc: BaseException, command: str = "") -> str:
