@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import asft_kernels as asft
 from asft_kernels.reference import paper_regularizer
@@ -123,6 +125,23 @@ def max_rel_err(params, ref_params):
             return math.inf
         worst = max(worst, err)
     return worst
+
+
+def rel_err(got, want):
+    """:func:`max_rel_err` of one tensor against its reference."""
+    return max_rel_err([got], [want])
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (``ops``: op name -> count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def clone_model(model):

@@ -253,15 +253,20 @@ def test_thread_count_does_not_change_results(tmp_path):
         assert torch.equal(one[key], two[key]), f"{key} differs between 1 and 2 threads"
 
 
-def test_missing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, tmp_path):
-    import asft_kernels as asft
-
+def _no_compiler(monkeypatch, tmp_path):
+    """This process's C++ build state reset, and a compiler that does not exist."""
     monkeypatch.setattr(cpp._State, "loaded", None)
     monkeypatch.setattr(cpp._State, "library", None)
     monkeypatch.setattr(cpp._State, "error", None)
     monkeypatch.setattr(cpp._State, "warned", False)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+
+
+def test_missing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, tmp_path):
+    import asft_kernels as asft
+
+    _no_compiler(monkeypatch, tmp_path)
     with pytest.warns(cpp.CppBackendWarning, match=r"no C\+\+ compiler.*eager") as record:
         assert cpp.is_available() is False
         assert cpp.is_available() is False
@@ -574,16 +579,6 @@ def test_anchored_step_opcheck_and_bad_input_changes_nothing():
     for (name, xs), ys in zip(_written(b, counters).items(), before.values()):  # counters included
         assert all(torch.equal(x, y) for x, y in zip(xs, ys)), name
 
-
-
-def _no_compiler(monkeypatch, tmp_path):
-    """This process's C++ build state reset, and a compiler that does not exist."""
-    monkeypatch.setattr(cpp._State, "loaded", None)
-    monkeypatch.setattr(cpp._State, "library", None)
-    monkeypatch.setattr(cpp._State, "error", None)
-    monkeypatch.setattr(cpp._State, "warned", False)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
 
 
 def _one_layer_lora():

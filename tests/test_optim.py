@@ -557,12 +557,7 @@ def test_factors_maximize_per_group(backend):
                         backend=backend)
     o2 = torch.optim.AdamW(_split_groups(m2, hyper_A, hyper_B))
     for s in range(3):
-        o1.zero_grad()
-        o2.zero_grad()
-        odd_task_loss(m1, s, torch.float64).backward()
-        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 0.5)).backward()
-        o1.step()
-        o2.step()
+        lockstep(m1, o1, m2, o2, b2, s, lam=0.5)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 
 
@@ -582,12 +577,7 @@ def test_loraplus_end_to_end(backend):
     assert sum(len(g["anchor_pairs"]) for g in o1.param_groups) == 3
     assert {g["lr"] for g in o1.param_groups if g["params"]} == {2e-3, 2e-3 * 16}
     for s in range(4):
-        o1.zero_grad()
-        o2.zero_grad()
-        odd_task_loss(m1, s, torch.float64).backward()
-        (odd_task_loss(m2, s, torch.float64) + paper_regularizer(b2, 0.5)).backward()
-        o1.step()
-        o2.step()
+        lockstep(m1, o1, m2, o2, b2, s, lam=0.5)
     assert max_rel_err(trainable(m1), trainable(m2)) < 1e-10
 
 

@@ -15,8 +15,18 @@ import sys
 
 import pytest
 import torch
-from helpers import TOLERANCE, max_rel_err, odd_anchor, odd_lora, odd_task_loss, run_asft, run_reference, trainable
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import (
+    TOLERANCE,
+    OpCounter,
+    max_rel_err,
+    odd_anchor,
+    odd_lora,
+    odd_task_loss,
+    rel_err,
+    run_asft,
+    run_reference,
+    trainable,
+)
 
 from asft_kernels.errors import OptimizerInputError
 from asft_kernels.ops import EAGER, AdamWHyper, AnchoredBatch, eager, resolve_backend, route
@@ -105,11 +115,6 @@ def _float64_copy(cols):
 HYPER = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, False)
 
 
-def _rel(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_stats_pass_matches_float64(device, dtype):
     cols = _pairs(SHAPES, dtype, device, seed=1, basis_dtype=torch.bfloat16 if dtype == torch.bfloat16 else
@@ -119,7 +124,7 @@ def test_stats_pass_matches_float64(device, dtype):
         u, b, a = u.cpu().double(), b.cpu().double(), a.cpu().double()
         for got, want in ((P[j], u.T @ b), (G[j], b.T @ b), (M[j], a @ a.T)):
             assert got.dtype == torch.float32 and got.device.type == device.type
-            assert _rel(got, want) < 1e-6, (j, SHAPES[j])
+            assert rel_err(got, want) < 1e-6, (j, SHAPES[j])
 
 
 @pytest.mark.parametrize(("dtype", "maximize"), [(torch.float32, False), (torch.float32, True),
@@ -136,11 +141,11 @@ def test_fused_step_trajectory_matches_float64(device, dtype, maximize):
     tol = TOLERANCE[dtype]
     for name in ("A", "B", "mA", "vA", "mB", "vB"):
         for j, (got, want) in enumerate(zip(cols[name], ref[name])):
-            assert _rel(got, want) < tol, (name, j, SHAPES[j])
+            assert rel_err(got, want) < tol, (name, j, SHAPES[j])
     # the carried statistics describe the parameters as stored
     for j, (u, b, a) in enumerate(zip(cols["U"], cols["B"], cols["A"])):
         u, b, a = u.cpu().double(), b.cpu().double(), a.cpu().double()
-        assert _rel(P[j], u.T @ b) < 1e-6 and _rel(G[j], b.T @ b) < 1e-6 and _rel(M[j], a @ a.T) < 1e-6, j
+        assert rel_err(P[j], u.T @ b) < 1e-6 and rel_err(G[j], b.T @ b) < 1e-6 and rel_err(M[j], a @ a.T) < 1e-6, j
 
 
 def test_bf16_basis_and_bf16_params_round_to_nearest_even(device):
@@ -231,18 +236,6 @@ def test_all_pairs_go_in_a_few_grouped_launches(device, monkeypatch):
         assert longest > 1  # strips of several blocks were exercised
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_launches_and_torch_ops_do_not_grow_with_the_number_of_pairs(device, monkeypatch):
     """2 and 12 pairs of the same shapes (two buckets: r = 3 and r = 20): the fused step
     makes the same kernel launches and the same torch ops, op by op; the stats pass the same
@@ -258,10 +251,10 @@ def test_launches_and_torch_ops_do_not_grow_with_the_number_of_pairs(device, mon
         T.fused_step(batch, HYPER)  # warm: strip tables cached, kernels compiled
         counter = _LaunchCounter(L.jitted)
         monkeypatch.setattr(L, "jitted", counter)
-        with _OpCounter() as ops:
+        with OpCounter() as ops:
             T.stats_pass(cols["U"], cols["B"], cols["A"])
         stats_ops, stats_launches = ops.ops, len(counter.launches)
-        with _OpCounter() as ops:
+        with OpCounter() as ops:
             T.fused_step(batch, HYPER)
         step_launches = len(counter.launches) - stats_launches
         monkeypatch.undo()
@@ -314,7 +307,7 @@ def test_repeated_calls_reuse_one_prepared_launch(device):
             impl(batch, HYPER)
         for name in ("A", "B", "mA", "vA", "mB", "vB"):
             for j, (got, want) in enumerate(zip(cols[name], ref[name])):
-                assert _rel(got, want) < TOLERANCE[torch.float32], (t, name, j)
+                assert rel_err(got, want) < TOLERANCE[torch.float32], (t, name, j)
     (key,) = set(L._PREPARED) - before  # one prepared call for the four
     assert L._PREPARED[key].step_span is not None  # all counters read at once
     impl, c, P, G, M, Q, R, H, step_A, step_B = runs[0]
@@ -468,11 +461,11 @@ def test_llama_sized_pairs_match_float64(monkeypatch):
     Pr, Gr, Mr = _trajectory(eager.fused_step, eager.stats_pass, ref, 3, HYPER)
     for name in ("A", "B", "mA", "vA", "mB", "vB"):
         for j, (got, want) in enumerate(zip(cols[name], ref[name])):
-            assert _rel(got, want) < TOLERANCE[torch.float32], (name, j, shapes[j])
+            assert rel_err(got, want) < TOLERANCE[torch.float32], (name, j, shapes[j])
     for j, (u, b, a) in enumerate(zip(cols["U"], cols["B"], cols["A"])):
         u, b, a = u.cpu().double(), b.cpu().double(), a.cpu().double()
         # sums of up to 11008 fp32 products
-        assert _rel(P[j], u.T @ b) < 2e-5 and _rel(G[j], b.T @ b) < 2e-5 and _rel(M[j], a @ a.T) < 2e-5, j
+        assert rel_err(P[j], u.T @ b) < 2e-5 and rel_err(G[j], b.T @ b) < 2e-5 and rel_err(M[j], a @ a.T) < 2e-5, j
 
 
 @pytest.mark.gpu

@@ -17,7 +17,8 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from helpers import OpCounter, rel_err
+from torch.utils._python_dispatch import _disable_current_modes
 
 from asft_kernels.errors import OptimizerInputError
 from asft_kernels.ops import AdamWHyper, AnchoredBatch
@@ -131,7 +132,7 @@ class Bucket:
         for key, got in (("A", b.A), ("B", b.B), ("mA", b.exp_avg_A), ("vA", b.exp_avg_sq_A), ("mB", b.exp_avg_B),
                          ("vB", b.exp_avg_sq_B)):
             for j, (x, want) in enumerate(zip(got, self.ref[key])):
-                assert _rel(x, want) < tol, (key, j, self.shapes[j], _rel(x, want))
+                assert rel_err(x, want) < tol, (key, j, self.shapes[j], rel_err(x, want))
 
     def check_stats(self):
         """P, G, M describe the parameters as stored (float64 products)."""
@@ -139,17 +140,12 @@ class Bucket:
         for j, (u, bb, a) in enumerate(zip(b.U, b.B, b.A)):
             u, bb, a = u.cpu().double(), bb.cpu().double(), a.cpu().double()
             for name, want in (("P", u.T @ bb), ("G", bb.T @ bb), ("M", a @ a.T)):
-                assert _rel(getattr(b, name)[j], want) < 1e-5, (name, j, self.shapes[j])
+                assert rel_err(getattr(b, name)[j], want) < 1e-5, (name, j, self.shapes[j])
 
     def snapshot(self):
         b = self.batch
         return [t.clone() for name in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G",
                                        "M") for t in getattr(b, name)] + [self.counters.clone()]
-
-
-def _rel(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def test_split_rule_covers_both_paths():
@@ -228,7 +224,7 @@ def test_bf16_basis_on_split_bf16_products(device):
             bucket.check_stats()
         runs.append(bucket.snapshot())
     for x, y in zip(*runs):
-        assert _rel(x, y) < 1e-5
+        assert rel_err(x, y) < 1e-5
 
 
 def test_u_precision_option(device, monkeypatch):
@@ -279,18 +275,6 @@ def test_bad_inputs_are_refused_before_any_write(device):
         L.step(handle, gA, gB, bucket.scale(0.3), HYPER_A, HYPER_B, found_inf=torch.zeros(2, device=device))
     for x, y in zip(before, bucket.snapshot()):
         assert torch.equal(x, y)
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(T.__file__)))
@@ -345,12 +329,12 @@ def test_warm_step_reads_nothing_back_and_dispatches_a_constant_number_of_ops(de
         with monkeypatch.context() as patch:
             _refuse_host_reads(patch)
             patch.setattr(L, "jitted", counting)
-            with _OpCounter() as ops:
+            with OpCounter() as ops:
                 L.step(handle, gA, gB, *args, **flags)
             counted = collections.Counter(launches)
             with pytest.raises(AssertionError, match="tolist called from"):  # the guard works
                 L._read_steps([torch.tensor(1.0)])
-            with _OpCounter() as again:  # the same gradient tensors: no table upload at all
+            with OpCounter() as again:  # the same gradient tensors: no table upload at all
                 L.step(handle, gA, gB, *args, **flags)
         assert sum(again.ops.values()) < sum(ops.ops.values()) and "aten.lift_fresh.default" not in again.ops
         counts[n_pairs] = (counted, ops.ops)
@@ -456,4 +440,4 @@ def test_llama_sized_prepared_step_matches_float64(monkeypatch, precision):
             step()
             ref_step()
         for name, a, b in zip(("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M"), got.state(), ref.state()):
-            assert _rel(a, b) < 1e-5, (precision, r, k, name, _rel(a, b))
+            assert rel_err(a, b) < 1e-5, (precision, r, k, name, rel_err(a, b))
