@@ -33,7 +33,7 @@ from torch.optim.adam import adam as _functional_adam
 
 from .anchor import AlignmentAnchor, AnchorBinding, refuse_parametrized
 from .errors import OptimizerInputError
-from .ops import BACKENDS, Backend, eager, math_dtype, resolve_backend
+from .ops import BACKENDS, eager, math_dtype, resolve_backend
 from .plan import LOW_PRECISION, MOMENTS, StepPlan, build_plan, init_state, step_dtype
 
 _LOG = logging.getLogger("asft_kernels")
@@ -228,7 +228,7 @@ class AsFTAdamW(torch.optim.AdamW):
         if binding is not None:
             where: dict[int, tuple[int, int]] = {}
             seen_twice: set[int] = set()
-            explicit: dict[torch.device, Backend] = {}
+            explicit: set[torch.device] = set()
             for gi, group in enumerate(self.param_groups):
                 for pi, p in enumerate(group["params"]):
                     if id(p) in where:
@@ -255,7 +255,8 @@ class AsFTAdamW(torch.optim.AdamW):
                 if self._backend_request in ("cpp", "triton") and B.device not in explicit:
                     # an explicit backend is built here, so a missing compiler is one error at
                     # construction naming the cause (auto warns once and runs eager instead)
-                    explicit[B.device] = resolve_backend(self._backend_request, B.device)
+                    resolve_backend(self._backend_request, B.device)
+                    explicit.add(B.device)
                 pairs_of[loc_b[0]].append([pair.key, loc_a[0], loc_a[1], loc_b[1]])
             if not len(binding):
                 raise OptimizerInputError("the anchor binding holds no pairs: bind the model with anchor.bind(model)")

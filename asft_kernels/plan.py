@@ -356,8 +356,7 @@ def build_plan(opt) -> StepPlan:
             bkey = (backend.name, device, dtype, basis_dtype, int(A.shape[0]), k, gi, a_gi, shard is not None, frozen)
             specs.setdefault(bkey, {"backend": backend, "groups": (gi, a_gi), "frozen": frozen, "items": [],
                                     "routed": routed})[
-                "items"].append((pair, A, B, shard, basis_dtype, md, train_A if frozen else True,
-                                 train_B if frozen else True))
+                "items"].append((pair, A, B, shard, basis_dtype, md, train_A, train_B))
     # ---- every check passed: create state, buffers, counters and handles
     made = [_make_bucket(opt, spec) for spec in specs.values()]
     buckets = [bucket for bucket, _ in made]

@@ -60,6 +60,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import synchronize as sync  # noqa: E402  (after the checkout is on sys.path)
+
 #: (r, k, dtype) of the benchmark shapes, each with 64 pairs of 4096 × 4096 (issue #24).
 SHAPES = [(8, 64, "float32"), (8, 256, "float32"), (64, 256, "float32"), (8, 4096, "float32"),
           (64, 4096, "float32"), (16, 64, "bfloat16")]
@@ -84,11 +86,6 @@ class Shape:
 
 
 # ---------------------------------------------------------------------------- timing
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_step(step, device: torch.device, rounds: int, warmup: int = 3) -> dict:
