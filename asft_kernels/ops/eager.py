@@ -237,15 +237,8 @@ def _frozen_factor_step(batch: AnchoredBatch, train_A: list[int], train_B: list[
         m = [(b.exp_avg_A if is_a else b.exp_avg_B)[j] for j in idx]
         v = [(b.exp_avg_sq_A if is_a else b.exp_avg_sq_B)[j] for j in idx]
         t = [steps[j if is_a else L + j] for j in idx]
-        for dtype in {p.dtype for p in params}:  # one parameter dtype per foreach call
-            sel = [i for i, p in enumerate(params) if p.dtype == dtype]
-            adamw_foreach_([params[i] for i in sel], [grads[i] for i in sel], [m[i] for i in sel],
-                           [v[i] for i in sel], [t[i] for i in sel], *hyper.op_args()[:5])
-    for j in range(L):
-        a, bb = b.A[j].to(dt), b.B[j].to(dt)
-        torch.mm(b.U[j].to(dt).T, bb, out=b.P[j])
-        torch.mm(bb.T, bb, out=b.G[j])
-        torch.mm(a, a.T, out=b.M[j])
+        adamw_foreach_(params, grads, m, v, t, *hyper.op_args()[:5])  # a bucket has one parameter dtype
+    _write_statistics(b, [t.to(dt) for t in b.B], [t.to(dt) for t in b.A], dt)
 
 
 def anchored_step_op(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, w, scale,
@@ -300,22 +293,18 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     for j in range(L):
         grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], A_old[j]))
     steps = torch.stack(list(b.step_B) + list(b.step_A)).tolist()
-    if hyper_A == hyper_B:  # one foreach pass over both factors
-        if hyper_A.maximize:
-            torch._foreach_neg_(grads)
-        stored = adamw_foreach_(list(b.B) + list(b.A), grads, list(b.exp_avg_B) + list(b.exp_avg_A),
-                                list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A), steps, *hyper_A.op_args()[:5],
-                                work=B_old + A_old)
-    else:  # B's factors with B's hyperparameters, A's with A's
-        stored = []
-        for hyper, part in ((hyper_B, slice(0, L)), (hyper_A, slice(L, 2 * L))):
-            g = grads[part]
-            if hyper.maximize:
-                torch._foreach_neg_(g)
-            factors = (list(b.B), list(b.exp_avg_B), list(b.exp_avg_sq_B), B_old) if part.start == 0 else \
-                (list(b.A), list(b.exp_avg_A), list(b.exp_avg_sq_A), A_old)
-            stored += adamw_foreach_(factors[0], g, factors[1], factors[2], steps[part], *hyper.op_args()[:5],
-                                     work=factors[3])
+    params, work = list(b.B) + list(b.A), B_old + A_old
+    exp_avgs, exp_avg_sqs = list(b.exp_avg_B) + list(b.exp_avg_A), list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A)
+    # one foreach pass over both factors when they share hyperparameters, else B's then A's
+    parts = [(hyper_A, slice(0, 2 * L))] if hyper_A == hyper_B else \
+        [(hyper_B, slice(0, L)), (hyper_A, slice(L, 2 * L))]
+    stored = []
+    for hyper, part in parts:
+        g = grads[part]
+        if hyper.maximize:
+            torch._foreach_neg_(g)
+        stored += adamw_foreach_(params[part], g, exp_avgs[part], exp_avg_sqs[part], steps[part],
+                                 *hyper.op_args()[:5], work=work[part])
     # Next step's statistics, from the values as stored.
     if transposed is not None and stored[0] is b.B[0]:  # the parameters themselves: their views hold
         UT, BT, AT = transposed
@@ -324,8 +313,13 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
             torch.mm(BT[j], stored[j], out=b.G[j])
             torch.mm(stored[L + j], AT[j], out=b.M[j])
         return
-    for j in range(L):
-        b_new, a_new = stored[j], stored[L + j]
+    _write_statistics(b, stored[:L], stored[L:], dt)
+
+
+def _write_statistics(b: AnchoredBatch, B_new: list[Tensor], A_new: list[Tensor], dt: torch.dtype) -> None:
+    """``P = Uᵀ B'``, ``G = B'ᵀ B'``, ``M = A' A'ᵀ`` of every pair into the batch's buffers,
+    from the stored factors ``B_new``, ``A_new`` in the math dtype ``dt``."""
+    for j, (b_new, a_new) in enumerate(zip(B_new, A_new)):
         torch.mm(b.U[j].to(dt).T, b_new, out=b.P[j])
         torch.mm(b_new.T, b_new, out=b.G[j])
         torch.mm(a_new, a_new.T, out=b.M[j])
