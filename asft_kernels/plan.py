@@ -182,36 +182,20 @@ class Bucket:
              grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor:
         """The bucket's step: one backend ``step`` call (FSDP2 shards: the eager terms, the
         backend's fused update on the local shards, then the collectives). Returns R."""
-        scale = self.scale_for(lam)
-        if self.shards is None:
-            loss = self.backend.step(self.handle, grads[0], grads[1], scale, hyper_A, hyper_B, grad_scale, found_inf)
-        else:
-            loss = self._sharded_step(grads, scale, hyper_A, hyper_B, grad_scale, found_inf)
+        step = self.backend.step if self.shards is None else eager_ops.step  # shards: see _prepare
+        loss = step(self.handle, grads[0], grads[1], self.scale_for(lam), hyper_A, hyper_B, grad_scale, found_inf)
         self.versions = self.current_versions()
         return loss
 
-    def _sharded_step(self, grads, scale, hyper_A, hyper_B, grad_scale, found_inf) -> Tensor:
-        """FSDP2: the backend writes local shards and partial sums; complete them
-        (:mod:`asft_kernels.sharding`)."""
-        h = self.handle  # an eager handle: the stacked terms and the batch of per-pair views
-        t = self.tensors
-        loss = eager_ops.anchoring_terms(t.P, t.G, t.M, t.w, scale[:, None, None], h.Q_B, h.R_B, h.H)
-        if found_inf is not None and bool(found_inf.item() != 0):
-            return loss
-        grad_A, grad_B = grads
-        if grad_scale is not None:
-            grad_A, grad_B = torch._foreach_div(grad_A, grad_scale), torch._foreach_div(grad_B, grad_scale)
-        self.counters.add_(1)
-        b = h.batch
-        b.grad_A, b.grad_B = grad_A, grad_B
-        local = []
-        for j, shard in enumerate(self.shards):
-            item = {name: getattr(b, name)[j] for name in BATCH_FIELDS}
-            local.append(shard.localize(item, self.gathered_A[j]))
+    def sharded_fused_step(self, batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
+        """FSDP2: the fused update of ``batch`` (the bucket's per-pair views, gradients set) on
+        the local shards by the backend, then the collectives that complete the partial
+        statistics (:mod:`asft_kernels.sharding`)."""
+        local = [shard.localize({name: getattr(batch, name)[j] for name in BATCH_FIELDS}, self.gathered_A[j])
+                 for j, shard in enumerate(self.shards)]
         self.backend.fused_step(AnchoredBatch(*([it[name] for it in local] for name in BATCH_FIELDS)), hyper_A,
                                 hyper_B)
-        self.gathered_A = list(complete_sharded_step(self.shards, b.P, b.G, b.M))
-        return loss
+        self.gathered_A = list(complete_sharded_step(self.shards, batch.P, batch.G, batch.M))
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -459,9 +443,9 @@ def _gather_counters(states_of: list[list[dict | None]], buckets: list[Bucket]) 
 
 
 def _prepare(bucket: Bucket) -> None:
-    """The bucket's handle from its backend (an eager handle for FSDP2 shards, whose step
-    runs through the plan)."""
-    if bucket.shards is not None:
-        bucket.handle = eager_ops.prepare(bucket.tensors, bucket.counters)
+    """The bucket's handle from its backend (for FSDP2 shards an eager handle whose fused
+    update is :meth:`Bucket.sharded_fused_step`)."""
+    if bucket.shards is not None:  # the eager step (terms, inf skip, unscaling, counters) around the shards' update
+        bucket.handle = eager_ops.prepare(bucket.tensors, bucket.counters, fused=bucket.sharded_fused_step)
     else:
         bucket.handle = bucket.backend.prepare(bucket.tensors, bucket.counters)
