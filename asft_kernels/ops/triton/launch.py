@@ -501,10 +501,15 @@ def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int] | No
 def _grads_fit(prep: _Prepared, grad_A: list[Tensor], grad_B: list[Tensor]) -> bool:
     """Whether the gradients can go to the prepared call as they are: the factors' shapes
     and dtypes, contiguous, on the call's device."""
-    return (tuple(map(_shape, grad_A)) == prep.a_shapes and tuple(map(_shape, grad_B)) == prep.b_shapes
-            and tuple(map(_dtype, grad_A)) == prep.param_dtypes and tuple(map(_dtype, grad_B)) == prep.param_dtypes
-            and all(map(Tensor.is_contiguous, chain(grad_A, grad_B)))
-            and set(map(_device, chain(grad_A, grad_B))) == {prep.device})
+    return (_fits(grad_A, prep.a_shapes, prep.param_dtypes, prep.device)
+            and _fits(grad_B, prep.b_shapes, prep.param_dtypes, prep.device))
+
+
+def _fits(grads: Sequence[Tensor], shapes: tuple, dtypes: tuple, device: torch.device) -> bool:
+    """Whether one factor's gradients have ``shapes`` and ``dtypes``, are contiguous and on
+    ``device`` (C-level passes, no Python loop per pair)."""
+    return (tuple(map(_shape, grads)) == shapes and tuple(map(_dtype, grads)) == dtypes
+            and all(map(Tensor.is_contiguous, grads)) and set(map(_device, grads)) == {device})
 
 
 def _upload(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -537,9 +542,7 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: Adam
     adamw_A, adamw_B = _adamw_row(hyper_A), _adamw_row(hyper_B)
     scalars = []
     for launch in prep.launches:
-        ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
-                *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
-        _set_grad_ptrs(launch, ptrs, prep.device)
+        _set_grad_ptrs(launch, grad_A, grad_B, prep.device)
         # Scalars in double precision on the host, as torch.optim.AdamW computes them.
         if uniform:
             scalars.append([_scalar_row(terms_B[steps[0]], terms_A[steps[0]], adamw_B, adamw_A)] * len(launch.idx))
@@ -549,9 +552,12 @@ def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: Adam
     _launch(prep, [_upload(rows, torch.float32, prep.device) for rows in scalars])
 
 
-def _set_grad_ptrs(launch: _Launch, ptrs: tuple[int, ...], device: torch.device) -> None:
-    """Write the gradients' addresses ``ptrs`` (B's then A's, per pair of the bucket) into
-    the bucket's pair table, re-uploading it only when one changed."""
+def _set_grad_ptrs(launch: _Launch, grad_A: Sequence[Tensor], grad_B: Sequence[Tensor],
+                   device: torch.device) -> None:
+    """Write the addresses of the bucket's gradients (B's then A's, per pair) into its pair
+    table, re-uploading it only when one changed."""
+    ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
+            *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
     if ptrs != launch.grad_ptrs:
         half = len(launch.idx)
         for local, row in enumerate(launch.rows):
@@ -743,13 +749,13 @@ def _step_grads(handle: TritonStep, grads: Sequence[Tensor], name: str, shapes: 
     if len(grads) != handle.count:
         raise OptimizerInputError(f"triton step: {name} has {len(grads)} entries, the batch has {handle.count} pairs")
     dtypes = handle.prep.param_dtypes
-    if (tuple(map(_shape, grads)) == shapes and tuple(map(_dtype, grads)) == dtypes
-            and all(map(Tensor.is_contiguous, grads)) and set(map(_device, grads)) == {handle.device}):
-        return grads  # the usual case, checked without a Python loop per pair
+    if _fits(grads, shapes, dtypes, handle.device):
+        return grads  # the usual case
     out = []
     for j, g in enumerate(grads):
-        _require(g.contiguous() if isinstance(g, Tensor) else g, name, j, handle.device, shapes[j], dtypes[j])
-        out.append(g.contiguous())
+        g = g.contiguous() if isinstance(g, Tensor) else g
+        _require(g, name, j, handle.device, shapes[j], dtypes[j])
+        out.append(g)
     return out
 
 
@@ -810,9 +816,7 @@ def step(handle: TritonStep, grad_A: Sequence[Tensor], grad_B: Sequence[Tensor],
             handle.hyper[f, int(_LR)].copy_(h.lr.reshape(()))
     prep = handle.prep
     for launch, table in zip(prep.launches, handle.scalars):
-        ptrs = (*map(Tensor.data_ptr, map(grad_B.__getitem__, launch.idx)),
-                *map(Tensor.data_ptr, map(grad_A.__getitem__, launch.idx)))
-        _set_grad_ptrs(launch, ptrs, handle.device)
+        _set_grad_ptrs(launch, grad_A, grad_B, handle.device)
         block_r = launch.constexprs["BLOCK_R"]
         jitted(_terms_kernel)[(len(launch.idx),)](
             launch.pair_table, handle.counters, handle.hyper, scale,
