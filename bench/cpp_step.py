@@ -8,6 +8,10 @@ printed too; the ratios use medians). By default the caches are flushed before e
 * ``cpp kernel`` / ``eager kernel``: one ``fused_step`` call of the backend on all pairs;
 * ``cpp step`` / ``eager step``: ``AsFTAdamW(..., backend=...).step()`` (what a user runs:
   kernel + the optimizer's r×r math and bookkeeping);
+* ``cpp call``: the C++ call of each bucket alone (``asft_kernels.ops.cpp.step`` on the
+  prepared handles of an optimizer's plan: counters, anchoring terms, fused pass); ``cpp
+  step`` − ``cpp call`` is the time the step spends outside the C++ call (Python, plan
+  checks, gradient gathering), printed as "outside the C++ call";
 * ``adamw fused``: ``torch.optim.AdamW(fused=True).step()`` on the same parameters, no anchor;
 * ``floor (copy_)``: the bytes a step must move (AdamW's 7 fp32 accesses per LoRA element: read
   p, g, m, v, write p, m, v; plus one read of every U) at the bandwidth of a ``copy_`` that
@@ -47,7 +51,7 @@ FLUSH_BYTES = 64 << 20  # twice the L3 cache of the machine the figures were tak
 CONFIGS = (
     # (label, m, n, r, k, layers)
     ("m=n=2048 r=16 k=64 x4", 2048, 2048, 16, 64, 4),
-    ("m=n=4096 r=8 k=256 x1", 4096, 4096, 8, 256, 1),
+    ("m=n=4096 r=8 k=256 x2", 4096, 4096, 8, 256, 2),
     ("m=n=2048 r=64 k=256 x2", 2048, 2048, 64, 256, 2),
 )
 
@@ -200,6 +204,22 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
         for p in params:
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
         optimizers[backend] = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend=backend)
+    # the C++ call of each bucket alone, on a third copy's prepared handles
+    from asft_kernels.plan import hyper_of
+
+    params_op, binding_op, _ = _model(m, n, r, k, layers)
+    for p in params_op:
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
+    opt_op = asft.AsFTAdamW(params_op, lr=1e-4, anchor=binding_op, backend="cpp")
+    opt_op.step()  # builds the plan and its handles
+    group = opt_op.param_groups[0]
+    calls = [(b.handle, b.grads(), b.scale_for(float(group["anchor_lambda"]))) for b in opt_op._plan.buckets]
+    hyper_op = hyper_of(group)
+
+    def cpp_call():
+        for handle, (grad_A, grad_B), scale in calls:
+            cpp.step(handle, grad_A, grad_B, scale, hyper_op, hyper_op)
+
     plain = [p.detach().clone().requires_grad_() for p in params]
     for p, q in zip(params, plain):
         q.grad = p.grad.clone()
@@ -222,6 +242,7 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
         "cpp kernel": kernel(cpp.fused_step, kernel_cols["cpp"]),
         "eager kernel": kernel(eager.fused_step, kernel_cols["eager"]),
         "cpp step": optimizers["cpp"].step,
+        "cpp call": cpp_call,
         "eager step": optimizers["eager"].step,
         "adamw fused": opt_adamw.step,
         "floor (copy_)": lambda: dst.copy_(src),
@@ -251,6 +272,9 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     print(f"  {'':14s} {'median':>9s}    {'min':>9s}")
     for name, t in med.items():
         print(f"  {name:14s} {t * 1e3:9.3f} ms {min(times[name]) * 1e3:9.3f} ms")
+    outside = med["cpp step"] - med["cpp call"]
+    print(f"  outside the C++ call         = {outside * 1e3:.3f} ms "
+          f"({outside / med['cpp step'] * 100:.1f} % of the cpp step)")
     print(f"  cpp step / eager step        = {med['cpp step'] / med['eager step']:.3f}")
     print(f"  cpp kernel / eager kernel    = {med['cpp kernel'] / med['eager kernel']:.3f}")
     print(f"  cpp step / floor             = {med['cpp step'] / med['floor (copy_)']:.3f}")

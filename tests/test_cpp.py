@@ -504,8 +504,16 @@ def test_step_is_terms_counters_and_fused_step(dtype, shape):
     C++ fused step, and within the usual tolerance against the eager backend's step; A and B
     take their own hyperparameters."""
     args = _bucket(dtype, shape)
-    one, three, ref = _copy(args), _copy(args), _copy(args)
+    one, three, ref, op = _copy(args), _copy(args), _copy(args), _copy(args)
     R_one = cpp.step(cpp.prepare(one[0], one[1]), one[2], one[3], one[4], HYPER_A, HYPER_B)
+    # the list op (the surface torch.compile and opcheck see) runs the same code
+    b, counters, gA, gB, scale = op
+    R_op = torch.ops.asft.anchored_adamw_step_(b.A, b.B, b.exp_avg_A, b.exp_avg_sq_A, b.exp_avg_B, b.exp_avg_sq_B,
+                                               b.P, b.G, b.M, gA, gB, b.U, b.w, scale, counters,
+                                               *HYPER_A.op_args(), *HYPER_B.op_args(), None, None)
+    assert torch.equal(R_one, R_op)
+    for name, xs in _written(op[0], op[1]).items():
+        assert all(torch.equal(x, y) for x, y in zip(xs, _written(one[0], one[1])[name])), name
     # the same work in three calls
     b, counters, gA, gB, scale = three
     L, k, r = b.P.shape
@@ -579,6 +587,36 @@ def test_anchored_step_opcheck_and_bad_input_changes_nothing():
     for (name, xs), ys in zip(_written(b, counters).items(), before.values()):  # counters included
         assert all(torch.equal(x, y) for x, y in zip(xs, ys)), name
 
+
+
+def test_prepared_bucket_refuses_a_swapped_tensor_and_writes_nothing():
+    """The handle re-checks by pointer: a held tensor whose storage or dtype changed after
+    prepare (``p.data = ...``) is refused, naming it, before anything is written."""
+    b, counters, gA, gB, scale = _bucket(torch.float32, seed=3)
+    handle = cpp.prepare(b, counters)
+    cpp.step(handle, gA, gB, scale, HYPER_A, HYPER_B)
+    b.A[1].data = b.A[1].data.clone()  # same values, another storage
+    before = {name: [x.clone() for x in xs] for name, xs in _written(b, counters).items()}
+    with pytest.raises(OptimizerInputError, match=r"A\[1\] is no longer the tensor the bucket was prepared with"):
+        cpp.step(handle, gA, gB, scale, HYPER_A, HYPER_B)
+    b2, counters2, gA2, gB2, scale2 = _bucket(torch.float32, seed=4)
+    handle2 = cpp.prepare(b2, counters2)
+    b2.exp_avg_B[0].data = b2.exp_avg_B[0].data.double()
+    with pytest.raises(OptimizerInputError, match=r"exp_avg_B\[0\] is no longer .* now Double"):
+        cpp.step(handle2, gA2, gB2, scale2, HYPER_A, HYPER_B)
+    for (name, xs), ys in zip(_written(b, counters).items(), before.values()):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys)), name
+    # prepared again, it steps
+    cpp.step(cpp.prepare(b, counters), gA, gB, scale, HYPER_A, HYPER_B)
+    assert not torch.equal(b.A[1], before["A"][1])
+
+
+def test_prepared_step_is_seen_by_the_profiler():
+    b, counters, gA, gB, scale = _bucket(torch.float32, seed=5)
+    handle = cpp.prepare(b, counters)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cpp.step(handle, gA, gB, scale, HYPER_A, HYPER_B)
+    assert [e.name for e in prof.events() if e.name.startswith("asft::")] == ["asft::CpuBucket.step"]
 
 
 def _one_layer_lora():

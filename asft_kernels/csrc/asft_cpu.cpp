@@ -51,6 +51,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/record_function.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1232,13 +1234,117 @@ double scaler_value(const at::Tensor& t, const char* name) {
   return static_cast<double>(*t.const_data_ptr<float>());
 }
 
+// What a bucket step needs that stays the same from one step to the next: the pair views of
+// the validated tensors (gradient pointers and step values filled in per call), their
+// scratch layout and the converted bases. Built by validate_bucket, which checks every
+// tensor but the gradients and writes nothing.
+struct BucketCore {
+  int64_t L = 0, k = 0, r = 0;
+  at::ScalarType acc = at::kFloat;  // math dtype of P, G, M, w, scale and the moments
+  at::ScalarType ct = at::kFloat;   // dtype of the counters
+  std::vector<at::ScalarType> param_type;  // per pair
+  std::vector<PairView> pairs;
+  std::vector<ScratchOffsets> offsets;
+  std::vector<at::Tensor> keep;  // bases converted to the math dtype
+  int64_t total = 0;             // scratch bytes
+};
+
+BucketCore validate_bucket(at::TensorList A, at::TensorList B, at::TensorList exp_avg_A, at::TensorList exp_avg_sq_A,
+                           at::TensorList exp_avg_B, at::TensorList exp_avg_sq_B, const at::Tensor& P,
+                           const at::Tensor& G, const at::Tensor& M, at::TensorList U, const at::Tensor& w,
+                           const at::Tensor& counters) {
+  const size_t npairs = A.size();
+  for (size_t s : {B.size(), exp_avg_A.size(), exp_avg_sq_A.size(), exp_avg_B.size(), exp_avg_sq_B.size(), U.size()})
+    TORCH_CHECK_VALUE(s == npairs, "asft::cpp: anchored_adamw_step_ needs one entry per pair in every list; A has ",
+                      npairs, ", another list has ", s);
+  TORCH_CHECK_VALUE(P.dim() == 3 && P.size(0) == static_cast<int64_t>(npairs),
+                    "asft::cpp: anchored_adamw_step_: P must be (L, k, r) with L = ", npairs, " pairs, found ",
+                    shape_str(P));
+  BucketCore core;
+  const int64_t L = core.L = P.size(0), k = core.k = P.size(1), r = core.r = P.size(2);
+  const auto acc = core.acc = P.scalar_type();
+  TORCH_CHECK_VALUE(acc == at::kFloat || acc == at::kDouble, "asft::cpp: anchored_adamw_step_: P must be fp32/fp64, ",
+                    "found ", acc);
+  check_stacked(P, "P", {L, k, r}, "(L, k, r)", acc);
+  check_stacked(G, "G", {L, r, r}, "(L, r, r)", acc);
+  check_stacked(M, "M", {L, r, r}, "(L, r, r)", acc);
+  check_stacked(w, "w", {L, k, 1}, "(L, k, 1)", acc);
+  const auto ct = core.ct = counters.scalar_type();
+  TORCH_CHECK_VALUE(ct == at::kFloat || ct == at::kDouble, "asft::cpp: anchored_adamw_step_: counters must be ",
+                    "fp32/fp64, found ", ct);
+  check_stacked(counters, "counters", {2 * L}, "(2L,)", ct);
+  core.pairs.resize(npairs);
+  core.offsets.resize(npairs);
+  core.param_type.resize(npairs);
+  uint8_t* Pp = static_cast<uint8_t*>(P.data_ptr());
+  uint8_t* Gp = static_cast<uint8_t*>(G.data_ptr());
+  uint8_t* Mp = static_cast<uint8_t*>(M.data_ptr());
+  const int64_t elem = acc == at::kDouble ? 8 : 4;
+  for (size_t j = 0; j < npairs; ++j) {
+    auto [m, n, rj, kj] = check_pair(U[j], B[j], A[j], j);
+    TORCH_CHECK_VALUE(rj == r && kj == k, "asft::cpp: anchored_adamw_step_: pair ", j, " has r = ", rj, ", k = ", kj,
+                      "; the bucket's P has r = ", r, ", k = ", k);
+    const auto pt = core.param_type[j] = B[j].scalar_type();
+    TORCH_CHECK_VALUE(acc_type(pt) == acc, "asft::cpp: anchored_adamw_step_: every pair needs the math dtype ", acc,
+                      " of P, B[", j, "] is ", pt);
+    check_tensor(exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
+    check_tensor(exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
+    check_tensor(exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
+    check_tensor(exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
+    PairView& pv = core.pairs[j];
+    pv.A = A[j].data_ptr();
+    pv.B = B[j].data_ptr();
+    pv.exp_avg_A = exp_avg_A[j].data_ptr();
+    pv.exp_avg_sq_A = exp_avg_sq_A[j].data_ptr();
+    pv.exp_avg_B = exp_avg_B[j].data_ptr();
+    pv.exp_avg_sq_B = exp_avg_sq_B[j].data_ptr();
+    pv.U = basis_in(U[j], acc, core.keep);
+    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
+    pv.P_out = Pp + j * k * r * elem;
+    pv.G_out = Gp + j * r * r * elem;
+    pv.M_out = Mp + j * r * r * elem;
+    core.offsets[j] = plan_scratch(pv, acc, true, core.total);
+    bind_kernels<true>(pv, pt);
+  }
+  return core;
+}
+
+// The per-step inputs of a validated bucket: the gradients (checked and pointed at), the
+// step counters' values (t + 1) and the scale; nothing is written.
+void bind_step_inputs(BucketCore& core, at::TensorList grad_A, at::TensorList grad_B, const at::Tensor& scale,
+                      const at::Tensor& counters) {
+  const size_t npairs = core.pairs.size();
+  TORCH_CHECK_VALUE(grad_A.size() == npairs && grad_B.size() == npairs, "asft::cpp: anchored_adamw_step_ needs one ",
+                    "gradient per pair; the bucket has ", npairs, " pairs, found ", grad_A.size(), " grad_A and ",
+                    grad_B.size(), " grad_B");
+  check_stacked(scale, "scale", {core.L}, "(L,)", core.acc);
+  const uint8_t* cp = static_cast<const uint8_t*>(counters.const_data_ptr());
+  const int64_t ct_elem = core.ct == at::kDouble ? 8 : 4;
+  auto counter = [&](int64_t i) {
+    const uint8_t* at_i = cp + i * ct_elem;
+    return core.ct == at::kFloat ? static_cast<double>(*reinterpret_cast<const float*>(at_i))
+                                 : *reinterpret_cast<const double*>(at_i);
+  };
+  for (size_t j = 0; j < npairs; ++j) {
+    PairView& pv = core.pairs[j];
+    const auto pt = core.param_type[j];
+    check_tensor(grad_A[j], "grad_A", j, {pv.r, pv.n}, pt, true);
+    check_tensor(grad_B[j], "grad_B", j, {pv.m, pv.r}, pt, true);
+    const double t_A = counter(static_cast<int64_t>(j)) + 1.0, t_B = counter(core.L + static_cast<int64_t>(j)) + 1.0;
+    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: anchored_adamw_step_: the counters of pair ", j,
+                      " must be >= 0 (incremented by this op), found ", t_A - 1, " and ", t_B - 1);
+    pv.grad_A = grad_A[j].const_data_ptr();
+    pv.grad_B = grad_B[j].const_data_ptr();
+    pv.step_A = t_A;
+    pv.step_B = t_B;
+  }
+}
+
 template <typename acc_t>
-double bucket_step(std::vector<PairView>& pairs,
-                   std::vector<ScratchOffsets>& offsets, int64_t total, const at::Tensor& P, const at::Tensor& G,
-                   const at::Tensor& M, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& counters,
-                   bool skip, const Hyper& hA, const Hyper& hB) {
-  const int64_t L = static_cast<int64_t>(pairs.size());
-  const int64_t r = P.size(2), k = P.size(1);
+double bucket_step(BucketCore& core, const at::Tensor& P, const at::Tensor& G, const at::Tensor& M,
+                   const at::Tensor& w, const at::Tensor& scale, const at::Tensor& counters, bool skip,
+                   const Hyper& hA, const Hyper& hB) {
+  const int64_t L = core.L, r = core.r, k = core.k;
   // the terms of every pair: Q_B (L, r, r), R_B (L, k, r), H (L, r, r), one buffer per thread
   thread_local std::vector<acc_t> terms;
   const size_t need = static_cast<size_t>(L * (2 * r * r + k * r));
@@ -1253,7 +1359,7 @@ double bucket_step(std::vector<PairView>& pairs,
   PHASE_LAP(kPhaseTerms);
   if (skip) return loss;
   // ---- writes: the counters, then the fused pass
-  if (counters.scalar_type() == at::kFloat) {
+  if (core.ct == at::kFloat) {
     float* c = counters.data_ptr<float>();
     for (int64_t i = 0; i < 2 * L; ++i) c[i] += 1.0f;
   } else {
@@ -1261,15 +1367,41 @@ double bucket_step(std::vector<PairView>& pairs,
     for (int64_t i = 0; i < 2 * L; ++i) c[i] += 1.0;
   }
   at::Tensor fresh;
-  uint8_t* scratch = call_scratch(total, fresh);
+  uint8_t* scratch = call_scratch(core.total, fresh);
   for (int64_t j = 0; j < L; ++j) {
-    PairView& pv = pairs[j];
-    place_scratch(pv, offsets[j], scratch);
+    PairView& pv = core.pairs[j];
+    place_scratch(pv, core.offsets[j], scratch);
     fill_weights<acc_t>(pv, Q + j * r * r, r, 1, R + j * k * r, r, 1, H + j * r * r, r, 1);
   }
   PHASE_LAP(kPhasePrepare);
-  run_pairs(pairs, hA, hB);
+  run_pairs(core.pairs, hA, hB);
   return loss;
+}
+
+// Runs a bucket whose core and step inputs are bound: the scaler's tensors read, the step
+// (or, on an inf, the terms only), R returned; the caller bumps the version counters.
+at::Tensor run_bucket(BucketCore& core, const at::Tensor& P, const at::Tensor& G, const at::Tensor& M,
+                      const at::Tensor& w, const at::Tensor& scale, const at::Tensor& counters, const Hyper& hA,
+                      const Hyper& hB, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, bool& skip) {
+  const double unscale = grad_scale.has_value() ? 1.0 / scaler_value(*grad_scale, "grad_scale") : 1.0;
+  skip = found_inf.has_value() && scaler_value(*found_inf, "found_inf") != 0.0;
+  Hyper a = hA, b = hB;
+  a.unscale = b.unscale = unscale;
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(core.acc).device(at::kCPU));
+  const bool no_write = skip;
+  AT_DISPATCH_FLOATING_TYPES(core.acc, "asft_bucket_step", [&] {
+    const double loss = bucket_step<scalar_t>(core, P, G, M, w, scale, counters, no_write, a, b);
+    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(loss);
+  });
+  return out;
+}
+
+// Written through raw pointers: bump the version counters as in-place torch ops would.
+void bump_versions(std::initializer_list<at::TensorList> lists, std::initializer_list<const at::Tensor*> stacked) {
+  for (at::TensorList list : lists)
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  for (const at::Tensor* t : stacked) t->unsafeGetTensorImpl()->bump_version();
 }
 
 at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::TensorList exp_avg_A,
@@ -1284,96 +1416,98 @@ at::Tensor anchored_adamw_step_cpu(at::TensorList A, at::TensorList B, at::Tenso
                                    const std::optional<at::Tensor>& found_inf) {
   PHASE_OP;
   PHASE_START;
-  const size_t npairs = A.size();
-  for (size_t s : {B.size(), exp_avg_A.size(), exp_avg_sq_A.size(), exp_avg_B.size(), exp_avg_sq_B.size(),
-                   grad_A.size(), grad_B.size(), U.size()})
-    TORCH_CHECK_VALUE(s == npairs, "asft::cpp: anchored_adamw_step_ needs one entry per pair in every list; A has ",
-                      npairs, ", another list has ", s);
-  TORCH_CHECK_VALUE(P.dim() == 3 && P.size(0) == static_cast<int64_t>(npairs),
-                    "asft::cpp: anchored_adamw_step_: P must be (L, k, r) with L = ", npairs, " pairs, found ",
-                    shape_str(P));
-  const int64_t L = P.size(0), k = P.size(1), r = P.size(2);
-  const auto acc = P.scalar_type();
-  TORCH_CHECK_VALUE(acc == at::kFloat || acc == at::kDouble, "asft::cpp: anchored_adamw_step_: P must be fp32/fp64, ",
-                    "found ", acc);
-  check_stacked(P, "P", {L, k, r}, "(L, k, r)", acc);
-  check_stacked(G, "G", {L, r, r}, "(L, r, r)", acc);
-  check_stacked(M, "M", {L, r, r}, "(L, r, r)", acc);
-  check_stacked(w, "w", {L, k, 1}, "(L, k, 1)", acc);
-  check_stacked(scale, "scale", {L}, "(L,)", acc);
-  const auto ct = counters.scalar_type();
-  TORCH_CHECK_VALUE(ct == at::kFloat || ct == at::kDouble, "asft::cpp: anchored_adamw_step_: counters must be ",
-                    "fp32/fp64, found ", ct);
-  check_stacked(counters, "counters", {2 * L}, "(2L,)", ct);
-  const double unscale = grad_scale.has_value() ? 1.0 / scaler_value(*grad_scale, "grad_scale") : 1.0;
-  const bool skip = found_inf.has_value() && scaler_value(*found_inf, "found_inf") != 0.0;
-  std::vector<at::Tensor> keep;
-  std::vector<PairView> pairs(npairs);
-  std::vector<ScratchOffsets> offsets(npairs);
-  int64_t total = 0;
-  const uint8_t* Pp = static_cast<const uint8_t*>(P.const_data_ptr());
-  const uint8_t* Gp = static_cast<const uint8_t*>(G.const_data_ptr());
-  const uint8_t* Mp = static_cast<const uint8_t*>(M.const_data_ptr());
-  const int64_t elem = acc == at::kDouble ? 8 : 4;
-  const int64_t ct_elem = ct == at::kDouble ? 8 : 4;
-  const uint8_t* cp = static_cast<const uint8_t*>(counters.const_data_ptr());
-  for (size_t j = 0; j < npairs; ++j) {
-    auto [m, n, rj, kj] = check_pair(U[j], B[j], A[j], j);
-    TORCH_CHECK_VALUE(rj == r && kj == k, "asft::cpp: anchored_adamw_step_: pair ", j, " has r = ", rj, ", k = ", kj,
-                      "; the bucket's P has r = ", r, ", k = ", k);
-    const auto pt = B[j].scalar_type();
-    TORCH_CHECK_VALUE(acc_type(pt) == acc, "asft::cpp: anchored_adamw_step_: every pair needs the math dtype ", acc,
-                      " of P, B[", j, "] is ", pt);
-    check_tensor(grad_A[j], "grad_A", j, {r, n}, pt, true);
-    check_tensor(grad_B[j], "grad_B", j, {m, r}, pt, true);
-    check_tensor(exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
-    check_tensor(exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
-    check_tensor(exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
-    check_tensor(exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
-    auto counter = [&](int64_t i) {
-      const uint8_t* at_i = cp + i * ct_elem;
-      return ct == at::kFloat ? static_cast<double>(*reinterpret_cast<const float*>(at_i))
-                              : *reinterpret_cast<const double*>(at_i);
-    };
-    const double t_A = counter(static_cast<int64_t>(j)) + 1.0, t_B = counter(L + static_cast<int64_t>(j)) + 1.0;
-    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: anchored_adamw_step_: the counters of pair ", j,
-                      " must be >= 0 (incremented by this op), found ", t_A - 1, " and ", t_B - 1);
-    PairView& pv = pairs[j];
-    pv.A = A[j].data_ptr();
-    pv.B = B[j].data_ptr();
-    pv.grad_A = grad_A[j].data_ptr();
-    pv.grad_B = grad_B[j].data_ptr();
-    pv.exp_avg_A = exp_avg_A[j].data_ptr();
-    pv.exp_avg_sq_A = exp_avg_sq_A[j].data_ptr();
-    pv.exp_avg_B = exp_avg_B[j].data_ptr();
-    pv.exp_avg_sq_B = exp_avg_sq_B[j].data_ptr();
-    pv.U = basis_in(U[j], acc, keep);
-    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
-    pv.step_A = t_A;
-    pv.step_B = t_B;
-    pv.P_out = const_cast<uint8_t*>(Pp + j * k * r * elem);
-    pv.G_out = const_cast<uint8_t*>(Gp + j * r * r * elem);
-    pv.M_out = const_cast<uint8_t*>(Mp + j * r * r * elem);
-    offsets[j] = plan_scratch(pv, acc, true, total);
-    bind_kernels<true>(pv, pt);
-  }
+  // every input validated before anything is written
+  BucketCore core = validate_bucket(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, U, w, counters);
+  bind_step_inputs(core, grad_A, grad_B, scale, counters);
   PHASE_LAP(kPhasePrepare);
-  // ---- every check passed
-  Hyper hA{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A, unscale};
-  Hyper hB{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B, unscale};
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(acc).device(at::kCPU));
-  AT_DISPATCH_FLOATING_TYPES(acc, "asft_bucket_step", [&] {
-    const double loss = bucket_step<scalar_t>(pairs, offsets, total, P, G, M, w, scale, counters, skip, hA, hB);
-    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(loss);
-  });
-  if (!skip) {
-    // written through raw pointers: bump the version counters as in-place torch ops would
-    for (at::TensorList list : {A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B})
-      for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
-    for (const at::Tensor* t : {&P, &G, &M, &counters}) t->unsafeGetTensorImpl()->bump_version();
-  }
+  bool skip = false;
+  at::Tensor out = run_bucket(core, P, G, M, w, scale, counters,
+                              Hyper{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A},
+                              Hyper{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B}, grad_scale, found_inf,
+                              skip);
+  if (!skip) bump_versions({A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B}, {&P, &G, &M, &counters});
   return out;
 }
+
+// ------------------------------------------------------------------------ prepared buckets
+// CpuBucket(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, U, w, counters):
+// a bucket validated once (the checks of anchored_adamw_step_ but the gradients'), holding its
+// tensors and their pair views. Its method step(grad_A, grad_B, scale, <the 12 hyperparameters>,
+// grad_scale, found_inf) -> R steps it exactly as anchored_adamw_step_ would with the same
+// tensors, taking per call only what changes. Each call first re-checks by pointer that every
+// held tensor still has the storage, dtype, shape and layout it was validated with (a
+// `p.data = ...` swap, `resize_`, `set_`), and refuses to run otherwise.
+//
+// A method, not an op taking the object: calling an op with a script object from Python makes
+// torch's Python wrapper walk every argument list for fake script objects, which costs more
+// than the checks themselves at a few hundred pairs. The profiler sees the call as
+// "asft::CpuBucket.step"; torch.compile and opcheck see anchored_adamw_step_, which runs the same
+// code after validating everything itself.
+struct CpuBucket : torch::CustomClassHolder {
+  std::vector<at::Tensor> A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, U;
+  at::Tensor P, G, M, w, counters;
+  BucketCore core;
+  // what every held tensor looked like when validated, in the order of held()
+  std::vector<const void*> ptr;
+  std::vector<at::ScalarType> dtype;
+  std::vector<int64_t> sizes;  // concatenated
+  std::vector<uint8_t> ndim;
+
+  CpuBucket(std::vector<at::Tensor> A_, std::vector<at::Tensor> B_, std::vector<at::Tensor> exp_avg_A_,
+            std::vector<at::Tensor> exp_avg_sq_A_, std::vector<at::Tensor> exp_avg_B_,
+            std::vector<at::Tensor> exp_avg_sq_B_, at::Tensor P_, at::Tensor G_, at::Tensor M_,
+            std::vector<at::Tensor> U_, at::Tensor w_, at::Tensor counters_)
+      : A(std::move(A_)), B(std::move(B_)), exp_avg_A(std::move(exp_avg_A_)), exp_avg_sq_A(std::move(exp_avg_sq_A_)),
+        exp_avg_B(std::move(exp_avg_B_)), exp_avg_sq_B(std::move(exp_avg_sq_B_)), U(std::move(U_)),
+        P(std::move(P_)), G(std::move(G_)), M(std::move(M_)), w(std::move(w_)), counters(std::move(counters_)) {
+    core = validate_bucket(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, U, w, counters);
+    for_each_held([&](const at::Tensor& t, const char*, size_t) {
+      ptr.push_back(t.const_data_ptr());
+      dtype.push_back(t.scalar_type());
+      ndim.push_back(static_cast<uint8_t>(t.dim()));
+      sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
+    });
+  }
+
+  template <typename F>
+  void for_each_held(F&& f) const {
+    const std::pair<const std::vector<at::Tensor>*, const char*> lists[] = {
+        {&A, "A"}, {&B, "B"}, {&exp_avg_A, "exp_avg_A"}, {&exp_avg_sq_A, "exp_avg_sq_A"},
+        {&exp_avg_B, "exp_avg_B"}, {&exp_avg_sq_B, "exp_avg_sq_B"}, {&U, "U"}};
+    for (const auto& [list, name] : lists)
+      for (size_t j = 0; j < list->size(); ++j) f((*list)[j], name, j);
+    f(P, "P", 0), f(G, "G", 0), f(M, "M", 0), f(w, "w", 0), f(counters, "counters", 0);
+  }
+
+  // The cheap re-check: addresses, dtypes, shapes and contiguity of every held tensor.
+  void recheck() const {
+    size_t i = 0, off = 0;
+    for_each_held([&](const at::Tensor& t, const char* name, size_t j) {
+      const at::IntArrayRef was(sizes.data() + off, ndim[i]);
+      TORCH_CHECK_VALUE(t.const_data_ptr() == ptr[i] && t.scalar_type() == dtype[i] && t.sizes() == was &&
+                            t.is_contiguous(),
+                        "asft::cpp: CpuBucket.step: ", name, "[", j, "] is no longer the tensor the bucket was ",
+                        "prepared with (its storage, dtype, shape or layout changed: now ", t.scalar_type(), " ",
+                        shape_str(t), ", prepared as ", dtype[i], " ", dims_str(was),
+                        "); prepare the bucket again");
+      off += ndim[i++];
+    });
+  }
+
+  at::Tensor step(at::TensorList grad_A, at::TensorList grad_B, const at::Tensor& scale, const Hyper& hA,
+                  const Hyper& hB, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+    PHASE_OP;
+    PHASE_START;
+    recheck();
+    bind_step_inputs(core, grad_A, grad_B, scale, counters);
+    PHASE_LAP(kPhasePrepare);
+    bool skip = false;
+    at::Tensor out = run_bucket(core, P, G, M, w, scale, counters, hA, hB, grad_scale, found_inf, skip);
+    if (!skip) bump_versions({A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B}, {&P, &G, &M, &counters});
+    return out;
+  }
+};
 
 }  // namespace
 
@@ -1392,6 +1526,23 @@ TORCH_LIBRARY_FRAGMENT(asft, m) {
   m.def("cpu_phase_clock(bool reset=False) -> Tensor", &cpu_phase_clock);
 }
 #endif
+
+TORCH_LIBRARY_FRAGMENT(asft, m) {
+  m.class_<CpuBucket>("CpuBucket")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+                       at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>())
+      .def("__len__", [](const c10::intrusive_ptr<CpuBucket>& self) { return self->core.L; })
+      .def("step", [](const c10::intrusive_ptr<CpuBucket>& self, std::vector<at::Tensor> grad_A,
+                      std::vector<at::Tensor> grad_B, at::Tensor scale, double lr_A, double beta1_A, double beta2_A,
+                      double eps_A, double weight_decay_A, bool maximize_A, double lr_B, double beta1_B,
+                      double beta2_B, double eps_B, double weight_decay_B, bool maximize_B,
+                      std::optional<at::Tensor> grad_scale, std::optional<at::Tensor> found_inf) {
+        RECORD_FUNCTION("asft::CpuBucket.step", std::vector<c10::IValue>());
+        return self->step(grad_A, grad_B, scale, Hyper{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A},
+                          Hyper{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B}, grad_scale, found_inf);
+      });
+}
 
 TORCH_LIBRARY_IMPL(asft, CPU, m) {
   m.impl("stats_pass", &stats_pass_cpu);

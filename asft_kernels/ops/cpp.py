@@ -130,20 +130,22 @@ def terms(
 
 @dataclass
 class Handle:
-    """A bucket prepared for :func:`step`: the op's arguments that stay the same from one
-    step to the next (the pairs' lists, the stacked statistics and weights, the counters),
-    validated once by :func:`prepare`."""
+    """A bucket prepared for :func:`step`: ``bucket``, the C++ object
+    (``torch.classes.asft.CpuBucket``) that holds the bucket's tensors (the pairs' lists, the
+    stacked statistics and weights, the counters) validated once, with the pointer tables the
+    kernel runs on."""
 
-    head: tuple  # A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M
-    U: list[Tensor]
-    w: Tensor
-    counters: Tensor
+    bucket: torch.ScriptObject
+
+    def __len__(self) -> int:
+        return len(self.bucket)
 
 
 def prepare(bucket: BucketTensors, counters: Tensor) -> Handle:
     """A :class:`Handle` for ``bucket`` (contract: :mod:`asft_kernels.ops`): every tensor is
-    checked here once (the op re-checks them in C++, without a dispatched op); nothing is
-    written.
+    checked here once, in C++ (the checks of ``asft::anchored_adamw_step_`` but the
+    gradients'); nothing is written. Each :func:`step` re-checks by pointer that the held
+    tensors still have the storage, dtype, shape and layout they were prepared with.
 
     Args:
         bucket: L pairs of one dtype, rank and basis size, every factor trained.
@@ -157,32 +159,20 @@ def prepare(bucket: BucketTensors, counters: Tensor) -> Handle:
     if bucket.train_A is not None or bucket.train_B is not None:
         raise OptimizerInputError("the C++ backend steps pairs whose factors are both trained; frozen-factor pairs "
                                   "run the eager backend")
-    L = len(bucket)
-    if counters.device.type != "cpu" or counters.dtype not in (torch.float32, torch.float64) \
-            or tuple(counters.shape) != (2 * L,) or not counters.is_contiguous():
-        raise OptimizerInputError(f"asft::cpp: counters must be a contiguous ({2 * L},) fp32/fp64 CPU tensor, found "
-                                  f"{tuple(counters.shape)} {counters.dtype} on {counters.device}")
-    handle = Handle((list(bucket.A), list(bucket.B), list(bucket.exp_avg_A), list(bucket.exp_avg_sq_A),
-                     list(bucket.exp_avg_B), list(bucket.exp_avg_sq_B), bucket.P, bucket.G, bucket.M),
-                    list(bucket.U), bucket.w, counters)
-    # the op's own checks, on a call that writes nothing (found_inf set), with the gradients'
-    # place taken by the moments (factor-shaped, math dtype) where the dtypes agree
-    if L and bucket.B[0].dtype == bucket.P.dtype:
-        scale = bucket.P.new_zeros((L,))
-        _call(torch.ops.asft.anchored_adamw_step_, *handle.head, list(bucket.exp_avg_A), list(bucket.exp_avg_B),
-              handle.U, handle.w, scale, counters, *_NO_HYPER, None, torch.ones((), dtype=torch.float32))
-    return handle
-
-
-_NO_HYPER = (0.0, 0.9, 0.999, 1e-8, 0.0, False) * 2
+    return Handle(_call(torch.classes.asft.CpuBucket, list(bucket.A), list(bucket.B), list(bucket.exp_avg_A),
+                        list(bucket.exp_avg_sq_A), list(bucket.exp_avg_B), list(bucket.exp_avg_sq_B), bucket.P,
+                        bucket.G, bucket.M, list(bucket.U), bucket.w, counters))
 
 
 def step(handle: Handle, grad_A: list[Tensor], grad_B: list[Tensor], scale: Tensor, hyper_A: AdamWHyper,
          hyper_B: AdamWHyper, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Tensor:
-    """The step of a prepared bucket in one C++ call (``asft::anchored_adamw_step_``): the
-    counters advanced, the anchoring terms (2λ = ``scale[j]``) and the fused update (A with
+    """The step of a prepared bucket in one C++ call (``CpuBucket.step``, recorded as
+    ``asft::CpuBucket.step`` by the profiler; the semantics of ``asft::anchored_adamw_step_``
+    on the handle's tensors): the counters
+    advanced, the anchoring terms (2λ = ``scale[j]``) and the fused update (A with
     ``hyper_A``, B with ``hyper_B``, task gradients divided by ``grad_scale`` inside the
-    kernel); nothing written when ``found_inf`` is nonzero.
+    kernel); nothing written when ``found_inf`` is nonzero. Only the gradients, ``scale``,
+    the hyperparameters and the scaler's tensors are passed per call.
 
     Args:
         grad_A: per pair (r, n), grad_B: per pair (m, r), parameter dtype, contiguous.
@@ -192,12 +182,13 @@ def step(handle: Handle, grad_A: list[Tensor], grad_B: list[Tensor], scale: Tens
         ``R = ½ Σ_j ⟨H_j, M_j⟩`` at the statistics before the step (0-d, math dtype).
 
     Raises:
-        OptimizerInputError: a gradient of another shape, dtype or layout (nothing written).
+        OptimizerInputError: a gradient of another shape, dtype or layout, or a held tensor
+            whose storage, dtype, shape or layout changed since :func:`prepare` (nothing
+            written).
     """
     try:
-        return torch.ops.asft.anchored_adamw_step_(*handle.head, grad_A, grad_B, handle.U, handle.w, scale,
-                                                   handle.counters, *hyper_A.op_args(), *hyper_B.op_args(),
-                                                   grad_scale, found_inf)
+        return handle.bucket.step(grad_A, grad_B, scale, *hyper_A.op_args(), *hyper_B.op_args(), grad_scale,
+                                  found_inf)
     except ValueError as exc:
         raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
 
