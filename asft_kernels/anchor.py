@@ -903,12 +903,16 @@ class AnchoredPair:
         regularizer of a parametrized factor would have to go through the parametrization."""
         from torch.nn.utils import parametrize
 
-        if self.embedding:
-            holders = ((self.module.lora_embedding_A, self.adapter), (self.module.lora_embedding_B, self.adapter))
-        else:
-            holders = ((self.module.lora_A[self.adapter], "weight"), (self.module.lora_B[self.adapter], "weight"))
-        return [label for label, (holder, name) in zip(("lora_A", "lora_B"), holders)
+        return [label for label, (holder, name) in zip(("lora_A", "lora_B"), self.factor_holders())
                 if parametrize.is_parametrized(holder, name)]
+
+    def factor_holders(self) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+        """``(module, attribute)`` holding A, then B: ``lora_A[adapter].weight`` (for an
+        embedding the ``lora_embedding_A`` dict's ``adapter`` entry), then B's. Registering a
+        parametrization on a factor changes its holder's class."""
+        if self.embedding:
+            return (self.module.lora_embedding_A, self.adapter), (self.module.lora_embedding_B, self.adapter)
+        return (self.module.lora_A[self.adapter], "weight"), (self.module.lora_B[self.adapter], "weight")
 
     @property
     def c(self) -> Tensor:

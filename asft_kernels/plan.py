@@ -206,7 +206,9 @@ class StepPlan:
     Valid while: no param group was added or loaded (``generation``), the param objects in
     ``param_groups`` are the same (accelerate/FSDP2 swaps), their storage is the same
     (``model.half()``, ``.to()``), ``requires_grad`` and the presence of gradients of
-    anchored params are unchanged, and λ has not moved to or from 0.
+    anchored params are unchanged, λ has not moved to or from 0, and no anchored factor
+    was parametrized since (``torch.nn.utils.parametrize`` changes the class of the module
+    holding it; the rebuild then refuses the factor).
     """
 
     generation: int
@@ -222,6 +224,8 @@ class StepPlan:
     plain: list[list[Tensor]]  # per group: params stepped by torch's AdamW
     plain_fp32_state: list[list[Tensor]]  # per group: λ = 0 low-precision factors with fp32 moments
     counters: list[Tensor]  # the buffers every bucket's counters are slices of
+    holders: list  # the modules holding the anchored factors (AnchoredPair.factor_holders)
+    holder_types: tuple
 
     def still_valid(self, opt) -> bool:
         if self.generation != opt._generation:
@@ -240,6 +244,7 @@ class StepPlan:
             list(map(Tensor.data_ptr, watch)) == self.ptrs
             and tuple(map(_requires_grad, self.anchored)) == self.requires_grad
             and tuple(map(_is_none, map(_grad, self.anchored))) == self.grad_missing
+            and tuple(map(type, self.holders)) == self.holder_types
         )
 
     def invalidate_statistics(self) -> None:
@@ -297,6 +302,7 @@ def build_plan(opt) -> StepPlan:
     groups = opt.param_groups
     anchored_ids: set[int] = set()
     anchored: list[Tensor] = []
+    holders: list = []
     specs: dict[tuple, dict] = {}
     backends: dict[torch.device, Backend] = {}
     lam_zero = [float(g["anchor_lambda"]) == 0.0 for g in groups]
@@ -309,6 +315,7 @@ def build_plan(opt) -> StepPlan:
             A = groups[a_gi]["params"][a_pi]
             B = group["params"][b_pi]
             anchored.extend((A, B))
+            holders.extend(holder for holder, _ in pair.factor_holders())
             if lam_zero[gi]:
                 continue  # plain AdamW for this group (below)
             anchored_ids.update((id(A), id(B)))
@@ -376,6 +383,8 @@ def build_plan(opt) -> StepPlan:
         plain=plain,
         plain_fp32_state=plain_fp32,
         counters=counters,
+        holders=holders,
+        holder_types=tuple(map(type, holders)),
     )
 
 

@@ -138,3 +138,27 @@ def test_parametrized_embedding_factor_is_refused():
     parametrize.register_parametrization(model.base_model.model.emb.lora_embedding_B, "default", _Double())
     with pytest.raises(asft.UnsupportedAdapterError, match=r"emb: lora_B is parametrized"):
         anchor.bind(model)
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_factor_parametrized_after_the_optimizer_is_built_is_refused_at_the_next_step(factor, backend):
+    """A parametrization registered after construction (and after steps): the next step
+    refuses it, naming module and factor, and writes nothing; it used to anchor the
+    parametrization's underlying tensor while the forward used another."""
+    from helpers import odd_anchor, odd_lora, odd_task_loss
+    from torch.nn.utils import parametrize
+
+    model = odd_lora(r=2)
+    opt = asft.AsFTAdamW(trainable(model), lr=1e-2, anchor=odd_anchor(rank=3).bind(model), backend=backend)
+    odd_task_loss(model, 0, torch.float64).backward()
+    opt.step()
+    up = model.base_model.model.up
+    parametrize.register_parametrization(getattr(up, factor)["default"], "weight", _Double())
+    odd_task_loss(model, 1, torch.float64).backward()
+    before = [p.detach().clone() for p in trainable(model)]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in trainable(model) if p in opt.state]
+    with pytest.raises(asft.OptimizerInputError, match=r"base_model\.model\.up: " + factor + " is parametrized"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(trainable(model), before))
+    after = [opt.state[p] for p in trainable(model) if p in opt.state]
+    assert all(torch.equal(s[k], t[k]) for s, t in zip(after, state) for k in s)
