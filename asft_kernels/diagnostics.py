@@ -237,10 +237,12 @@ def adapter_report(
     alpha_default = config.get("lora_alpha")
     use_rslora = bool(config.get("use_rslora", False))
     rows, unmatched = [], []
-    suffix = ".lora_A.weight"
-    for name_A in sorted(k for k in tensors if k.endswith(suffix)):
-        module_name = name_A[: -len(suffix)]
-        name_B = module_name + ".lora_B.weight"
+    # (name of A, name of B): a Linear/Conv1D's factors, or an Embedding's (whose anchor entry
+    # holds (W_aligned − W_base)ᵀ, the layout of PEFT's (B A))
+    factor_names = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+    found = sorted((k[: -len(a)], a, b) for k in tensors for a, b in factor_names if k.endswith(a))
+    for module_name, suffix_A, suffix_B in found:
+        name_A, name_B = module_name + suffix_A, module_name + suffix_B
         if name_B not in tensors:
             raise AnchorFileError(f"adapter {str(adapter)!r}: {name_A!r} has no matching {name_B!r}")
         A, B = tensors[name_A], tensors[name_B]
@@ -262,7 +264,8 @@ def adapter_report(
         stats = lowrank_alignment(entry.U, entry.coefficients(mode), B, A)
         rows.append(LayerAlignment(key=key, module_name=module_name, rank=int(r), lora_scaling=scaling, **stats))
     if not rows and not unmatched:
-        raise AnchorMismatchError(f"adapter {str(adapter)!r} holds no LoRA weights (*.lora_A.weight)")
+        raise AnchorMismatchError(f"adapter {str(adapter)!r} holds no LoRA weights (*.lora_A.weight, "
+                                  "*.lora_embedding_A)")
     if unmatched and strict:
         raise AnchorMismatchError(
             f"adapter modules without an anchor entry: {unmatched[:5]}"

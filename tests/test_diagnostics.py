@@ -185,3 +185,27 @@ def test_cli_unwritable_outputs_fail_before_any_work(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "--plot" in _one_line(captured.err)
     assert captured.out == ""  # no table printed: the output is checked before the report
+
+
+def test_saved_adapter_with_embedding_lora_reports_the_embedding(tmp_path):
+    """An adapter with LoRA on an nn.Embedding saves ``*.lora_embedding_A/B`` (no
+    ``.weight``): the saved-adapter report covers that module as the live one does, instead
+    of leaving it out (also under strict, which used to pass with the module missing)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)).double()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+    gen = torch.Generator().manual_seed(3)
+    deltas = {"0": torch.randn(6, 11, generator=gen, dtype=torch.float64),  # (W_aligned − W_base)ᵀ
+              "1": torch.randn(5, 6, generator=gen, dtype=torch.float64)}
+    anchor = AlignmentAnchor.from_deltas(deltas, rank=2, dtype=torch.float64)
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    live = alignment_report(model, anchor)
+    saved = adapter_report(adapter_dir, anchor)
+    assert sorted(r.key for r in live) == sorted(r.key for r in saved) == ["0", "1"]
+    by_key = {r.key: r for r in saved}
+    for row in live:
+        assert by_key[row.key].residual_fraction == pytest.approx(row.residual_fraction, rel=1e-12)
+        assert by_key[row.key].delta_norm == pytest.approx(row.delta_norm, rel=1e-12)
