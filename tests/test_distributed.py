@@ -214,20 +214,13 @@ def _worker(rank: int, rdzv: str, out_dir: str, backends: list[str]) -> None:
 
 
 def _spawn_bounded(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
-    """``torch.multiprocessing.spawn`` that fails the test, killing the workers, when they have
-    not all finished after ``timeout_s`` seconds; a worker's exception is raised as spawn does."""
-    import torch.multiprocessing as mp
+    """:func:`asft_kernels.integrations.distributed.spawn_bounded`, a timeout failing the test."""
+    from asft_kernels.integrations.distributed import spawn_bounded
 
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            for proc in context.processes:
-                if proc.is_alive():
-                    proc.kill()
-            for proc in context.processes:
-                proc.join(10)
-            pytest.fail(f"the {nprocs} spawned workers did not finish within {timeout_s} s (killed)")
+    try:
+        spawn_bounded(fn, args, nprocs, timeout_s)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def _sleeper(rank: int, seconds: float) -> None:
@@ -396,5 +389,21 @@ def test_a_hung_spawn_fails_within_its_bound():
     start = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match="did not finish within 3 s"):
         _spawn_bounded(_sleeper, (600.0,), 2, 3)
+    assert time.monotonic() - start < 60
+    assert mp.active_children() == []
+
+
+def test_comm_report_gives_up_after_its_timeout(capsys):
+    """``asft comm-report --timeout``: workers that have not finished are killed and the
+    command fails naming the bound, instead of waiting forever on a stuck collective."""
+    import torch.multiprocessing as mp
+
+    from asft_kernels.cli import main as asft_main
+
+    start = time.monotonic()
+    rc = asft_main(["comm-report", "--timeout", "0.2", "--pairs", "1", "--m", "8", "--n", "8", "--r", "2",
+                    "--k", "2"])
+    assert rc == 1
+    assert "did not finish within 0.2 s" in capsys.readouterr().err
     assert time.monotonic() - start < 60
     assert mp.active_children() == []

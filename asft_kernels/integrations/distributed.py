@@ -15,6 +15,7 @@ re-exported here. This module adds what users call:
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.distributed as dist
@@ -133,6 +134,27 @@ def _report_worker(rank: int, world: int, rdzv: str, args: argparse.Namespace, o
         dist.destroy_process_group()
 
 
+def spawn_bounded(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` that gives up after ``timeout_s``
+    seconds: the workers still running are killed and :class:`TimeoutError` is raised (a
+    collective that never completes would otherwise wait forever). A worker's exception is
+    raised as ``spawn`` raises it."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for proc in context.processes:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in context.processes:
+                proc.join(10)
+            raise TimeoutError(f"the {nprocs} spawned workers did not finish within {timeout_s:g} s (killed)")
+
+
 def _comm_report(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -141,7 +163,11 @@ def _comm_report(args: argparse.Namespace) -> int:
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
         out = manager.dict()
-        mp.spawn(_report_worker, args=(args.world_size, f"{tmp}/rdzv", args, out), nprocs=args.world_size)
+        try:
+            spawn_bounded(_report_worker, (args.world_size, f"{tmp}/rdzv", args, out), args.world_size, args.timeout)
+        except TimeoutError as exc:
+            print(f"asft comm-report: {exc}; nothing measured (raise --timeout for larger shapes)", file=sys.stderr)
+            return 1
         rows = dict(out)
     print(f"# FSDP2 anchored step, world size {args.world_size}, {args.pairs} pairs of B ({args.m}, r), "
           f"A (r, {args.n}), fp32 params; bytes per rank, counted in the collectives")
@@ -168,4 +194,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--pairs", type=int, default=64, help="anchored LoRA pairs (Llama-2-7B q/v: 64)")
     p.add_argument("--r", type=int, nargs="+", default=[8, 64], help="LoRA ranks")
     p.add_argument("--k", type=int, nargs="+", default=[64, 256], help="anchor ranks")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds after which the workers are killed and nothing is reported (default 3600)")
     p.set_defaults(func=_comm_report)
