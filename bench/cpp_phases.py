@@ -60,14 +60,14 @@ def measure(label: str, m: int, n: int, r: int, k: int, layers: int, calls: int,
         def fn():
             cpp.fused_step(batch, hyper)
 
-    scratch = torch.empty(cpp_step.FLUSH_BYTES // 4) if flush else None
+    flush_caches = cpp_step.cache_flusher() if flush else None
     for _ in range(3):
         fn()
     cpp.phase_times(reset=True)
     total = 0.0
     for _ in range(calls):
-        if scratch is not None:
-            scratch.fill_(1.0)
+        if flush_caches:
+            flush_caches()
         t0 = time.perf_counter()
         fn()
         total += time.perf_counter() - t0

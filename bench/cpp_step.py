@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -185,6 +186,13 @@ def fma_peak(threads: int, iters: int = 20_000_000, tries: int = 3) -> tuple[flo
     return best, dll.asft_vec_lanes()
 
 
+def cache_flusher() -> Callable[[], None]:
+    """A call that writes ``FLUSH_BYTES`` (evicting the caches, as forward/backward do before
+    a step); the buffer is allocated once, here."""
+    scratch = torch.empty(FLUSH_BYTES // 4)
+    return lambda: scratch.fill_(1.0)
+
+
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -255,11 +263,11 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
             fn()
     # cold: every sample starts after writing a buffer twice the size of the L3 cache, as a
     # step does after forward/backward; warm: back-to-back calls of one provider
-    scratch = torch.empty(FLUSH_BYTES // 4) if flush else None
+    flush_caches = cache_flusher() if flush else None
     for _ in range(repeats):
         for name, fn in providers.items():
-            if flush:
-                scratch.fill_(1.0)
+            if flush_caches:
+                flush_caches()
             else:
                 fn()
             times[name].append(_time(fn))
