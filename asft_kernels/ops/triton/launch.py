@@ -361,7 +361,7 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     stats = (lists["P"], lists["G"], lists["M"])
     outputs = tuple([_output(t) for t in stat] for stat in stats)
     _run_direct(_prepare(lists, shapes, device, outputs, update=True), lists, hyper_A,
-                  hyper_A if hyper_B is None else hyper_B)
+                hyper_A if hyper_B is None else hyper_B)
     for out, stat in zip(outputs, stats):
         for o, t in zip(out, stat):
             if o is not t:
