@@ -347,6 +347,48 @@ def test_repeated_direct_calls_build_their_tables_each_call_and_keep_nothing(dev
     assert all(torch.equal(a, b) for a, b in zip(saved, after))
 
 
+def test_direct_call_copies_strided_inputs_and_reduces_statistics_through_stand_ins(device):
+    """A direct call with a strided U and strided gradients (read-only: copied), a strided P
+    and an fp64 G (written: reduced into fp32 stand-ins and copied back) steps exactly as the
+    same call on contiguous fp32 tensors; a statistic of the wrong shape is refused, naming
+    it, before anything is written."""
+    shapes = SHAPES[:3]
+    plain = _pairs(shapes, torch.float32, device, seed=9)
+    odd = {name: [t.clone() for t in ts] for name, ts in plain.items()}
+    odd["U"] = [u.T.contiguous().T for u in odd["U"]]  # same values, column-major
+    stats = {}
+    for c, key in ((plain, "plain"), (odd, "odd")):
+        P, G, M = (list(x) for x in T.stats_pass(c["U"], c["B"], c["A"]))
+        if key == "odd":
+            P, G = [p.T.contiguous().T for p in P], [g.double() for g in G]
+        stats[key] = (P, G, M)
+    for t in (1, 2):
+        for c, key in ((plain, "plain"), (odd, "odd")):
+            P, G, M = stats[key]
+            gA, gB = _grads(c, t, seed=9)
+            if key == "odd":
+                gA, gB = [g.T.contiguous().T for g in gA], [g.T.contiguous().T for g in gB]
+                assert not any(g.is_contiguous() for g in gA if min(g.shape) > 1)
+            Q, R, H = _derived([p.contiguous() for p in P], [g.float() for g in G], M, c["w"])
+            T.fused_step(_batch(c, P, G, M, gA, gB, Q, R, H, t), HYPER)
+    for name in ("A", "B", "mA", "vA", "mB", "vB"):
+        for got, want in zip(odd[name], plain[name]):
+            assert torch.equal(got, want), name
+    (P1, G1, M1), (P2, G2, M2) = stats["plain"], stats["odd"]
+    for j in range(len(shapes)):
+        assert G2[j].dtype == torch.float64 and torch.equal(G2[j], G1[j].double())
+        assert torch.equal(P2[j], P1[j]) and torch.equal(M2[j], M1[j])
+    assert not all(p.is_contiguous() for p in P2)  # written in place, layout kept
+    gA, gB = _grads(odd, 3, seed=9)
+    Q, R, H = _derived([p.contiguous() for p in P2], [g.float() for g in G2], M2, odd["w"])
+    before = [t.clone() for name in ("A", "B", "mA", "vA", "mB", "vB") for t in odd[name]] + [t.clone() for t in P2]
+    bad = [P2[0], torch.zeros(P2[1].shape[0] + 1, P2[1].shape[1], device=device), P2[2]]
+    with pytest.raises(OptimizerInputError, match=r"P\[1\] has shape"):
+        T.fused_step(_batch(odd, bad, G2, M2, gA, gB, Q, R, H, 3), HYPER)
+    after = [t for name in ("A", "B", "mA", "vA", "mB", "vB") for t in odd[name]] + P2
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_fp64_and_large_rank_are_refused_and_routed_to_eager(device):
     """fp64 pairs and r > MAX_TRITON_RANK: ``supports`` is False, ``ops.route`` sends them to
     the eager backend, and handed to this backend anyway they raise before any write."""

@@ -215,10 +215,11 @@ def _check_lengths(lists: dict[str, list], count: int, where: str) -> None:
 def _check_tensors(lists: dict[str, list[Tensor]], names: Sequence[str], loose: Sequence[str] = ()
                    ) -> tuple[list[tuple[int, int, int, int]], torch.device]:
     """Validate the per-pair tensors of a call: every pair (:func:`_check_pair`), the device
-    (:func:`_check_device`), then per pair each field of ``names`` against :data:`_FIELDS`
-    (device, contiguity, shape, dtype); the fields of ``loose`` only for device and shape
-    (outputs the caller reduces into stand-ins). Lists of equal length holding ``A``, ``B``
-    and ``U``; raises :class:`OptimizerInputError` naming the field and pair.
+    (:func:`_check_device`), then each field of ``names`` against :data:`_FIELDS` (device,
+    contiguity, shape, dtype); the fields of ``loose`` only for device and shape (outputs
+    the caller reduces into stand-ins). Lists of equal length holding ``A``, ``B`` and ``U``.
+    Each field is checked in C-level passes over its list; one that fails is checked pair by
+    pair to raise :class:`OptimizerInputError` naming the field, pair, and what is wrong.
 
     Returns:
         ``(m, n, r, k)`` per pair, and the device.
@@ -226,15 +227,19 @@ def _check_tensors(lists: dict[str, list[Tensor]], names: Sequence[str], loose: 
     A, B, U = lists["A"], lists["B"], lists["U"]
     shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(len(A))]
     device = _check_device(B, "B")
-    for j, (m, n, r, k) in enumerate(shapes):
-        size = {"m": m, "n": n, "r": r, "k": k}
-        for name in names:
-            letters, dtype = _FIELDS[name]
-            exact = name not in loose
-            if dtype == "param":
-                dtype = B[j].dtype
-            _require(lists[name][j], name, j, device, tuple(size[c] for c in letters), dtype if exact else None,
-                     contiguous=exact)
+    param_dtypes = list(map(_dtype, B))
+    for name in names:
+        letters, dtype = _FIELDS[name]
+        rows, cols = ("mnrk".index(c) for c in letters)
+        exact = name not in loose
+        tensors, want = lists[name], [(dims[rows], dims[cols]) for dims in shapes]
+        dtypes = None if dtype is None or not exact else param_dtypes if dtype == "param" else [dtype] * len(want)
+        if (list(map(_shape, tensors)) == want and set(map(_device, tensors)) == {device}
+                and (dtypes is None or list(map(_dtype, tensors)) == dtypes)
+                and (not exact or all(map(Tensor.is_contiguous, tensors)))):
+            continue  # the usual case
+        for j, t in enumerate(tensors):
+            _require(t, name, j, device, want[j], None if dtypes is None else dtypes[j], contiguous=exact)
     return shapes, device
 
 
