@@ -36,10 +36,11 @@ loses only itself:
 Usage (CUDA)::
 
     python bench/triton_suite.py --out bench/results/gpu --parts bench accuracy profile
-    python bench/triton_suite.py --smoke     # CPU, Triton interpreter: every code path, tiny shapes
+    python bench/triton_suite.py --smoke [--out DIR]   # CPU, Triton interpreter: every code path, tiny shapes
 
 ``--smoke`` runs every part's code on a tiny shape under the Triton interpreter (no
-timing worth reading) so that a broken script is found before GPU time is spent on it.
+timing worth reading) so that a broken script is found before GPU time is spent on it; it
+writes into ``--out`` or, without it, a new temporary directory (never bench/results/gpu).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +256,30 @@ def graph_step_fn(step, device: torch.device):
 # ---------------------------------------------------------------------------- parts
 
 
+@contextmanager
+def _recorded(rows: list[dict], row: dict, device: torch.device, skip: tuple = (), timed: bool = False):
+    """Fill ``row`` in the ``with`` block, then keep it whatever happened: an exception of
+    ``skip`` is recorded as ``row["skipped"]``, any other as ``row["error"]`` (traceback on
+    stderr; one case failing must not lose the others); with ``timed`` the block's wall time
+    as ``row["setup_and_run_s"]``. The row is appended to ``rows`` and printed as one JSON
+    line, then the memory of the case is released."""
+    t0 = time.perf_counter()
+    try:
+        yield row
+    except skip as exc:
+        row["skipped"] = str(exc)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    if timed:
+        row["setup_and_run_s"] = round(time.perf_counter() - t0, 2)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _harness_case(variant: str, shape: Shape, device: torch.device, anchor):
     from bench.harness import StepShape, build_step_case
 
@@ -266,9 +293,8 @@ def bench_shape(shape: Shape, device: torch.device, variants, rounds: int, paper
     rows = []
     anchor = None
     for variant in variants:
-        t0 = time.perf_counter()
-        row = {"shape": shape.name, "variant": variant}
-        try:
+        with _recorded(rows, {"shape": shape.name, "variant": variant}, device, skip=(VariantUnavailable,),
+                       timed=True) as row:
             if variant in ("triton", "eager", "adamw_fused", "paper_eager", "floor"):
                 if variant != "floor" and anchor is None:
                     anchor = random_anchor(StepShape(shape.m, shape.n, shape.r, shape.k, shape.pairs))
@@ -291,17 +317,6 @@ def bench_shape(shape: Shape, device: torch.device, variants, rounds: int, paper
                     step()  # compiles
                 row.update(time_step(step, device, rounds))
                 del bucket, step
-        except VariantUnavailable as exc:
-            row["skipped"] = str(exc)
-        except Exception as exc:  # noqa: BLE001  (one variant failing must not lose the others)
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        row["setup_and_run_s"] = round(time.perf_counter() - t0, 2)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return rows
 
 
@@ -313,8 +328,7 @@ def accuracy(device: torch.device, shapes: list[Shape], speed_shapes: list[Shape
     bases = {shape: Bucket(shape, device, seed=5, orthonormal=True).U for shape in shapes}  # one QR per shape
     for precision in launch.u_precisions():
         for shape in shapes:
-            row = {"precision": precision, "shape": shape.name}
-            try:
+            with _recorded(rows, {"precision": precision, "shape": shape.name}, device) as row:
                 got = Bucket(shape, device, seed=5, U=bases[shape])
                 ref = Bucket(shape, device, seed=5, math_dtype=torch.float64, U=bases[shape].double())
                 step = triton_step_fn(got, precision)
@@ -327,25 +341,12 @@ def accuracy(device: torch.device, shapes: list[Shape], speed_shapes: list[Shape
                 for name, a, b in zip(("A", "B", "mA", "vA", "mB", "vB", "P", "G", "M"), got.state(), ref.state()):
                     errs[name] = float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30))
                 row.update(max_rel_err=max(errs.values()), errors=errs, within_tolerance=max(errs.values()) < TOLERANCE)
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                del got, ref, step, ref_step
         for shape in speed_shapes:
-            row = {"precision": precision, "shape": shape.name}
-            try:
+            with _recorded(rows, {"precision": precision, "shape": shape.name}, device) as row:
                 bucket = Bucket(shape, device)
                 row.update(time_step(triton_step_fn(bucket, precision), device, rounds))
                 del bucket
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     return rows
 
 
@@ -353,8 +354,7 @@ def profile(device: torch.device, shapes: list[Shape], rounds: int) -> list[dict
     """Host time of issuing a prepared step against its device time; device time per kernel."""
     rows = []
     for shape in shapes:
-        row = {"shape": shape.name}
-        try:
+        with _recorded(rows, {"shape": shape.name}, device) as row:
             bucket = Bucket(shape, device)
             step = triton_step_fn(bucket)
             row.update(time_step(step, device, rounds))
@@ -366,12 +366,6 @@ def profile(device: torch.device, shapes: list[Shape], rounds: int) -> list[dict
                 row["kernels_ms"] = {e.key[:80]: round(e.device_time_total / rounds / 1e3, 4)
                                      for e in prof.key_averages() if e.device_time_total > 0}
             del bucket, step
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        gc.collect()
     return rows
 
 
@@ -420,7 +414,9 @@ def markdown(bench_rows: list[dict], accuracy_rows: list[dict], profile_rows: li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results/gpu", help="directory of the JSON and markdown results")
+    parser.add_argument("--out", default=None,
+                        help="directory of the JSON and markdown results (default: bench/results/gpu; with "
+                             "--smoke a new temporary directory, printed)")
     parser.add_argument("--parts", nargs="+", default=["bench", "accuracy", "profile"],
                         choices=["bench", "accuracy", "profile"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -450,8 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [Shape(m, m, r, k, pairs, dt) for r, k, dt in SHAPES
                   if chosen is None or (str(r), str(k), dt) in chosen]
         variants = args.variants
-    out = Path(args.out)
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.smoke:  # never over the published GPU results
+        out = Path(tempfile.mkdtemp(prefix="triton_suite_smoke_"))
+    else:
+        out = Path("bench/results/gpu")
     out.mkdir(parents=True, exist_ok=True)
+    print(f"triton_suite.py: results in {out}", file=sys.stderr, flush=True)
     facts = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
              "torch": torch.__version__}
     import triton

@@ -44,12 +44,49 @@ def test_triton_step_host_work_has_fixed_launches_and_ops():
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"\d+ \| ", line)]
     assert [int(r[0]) for r in rows] == [2, 12]
-    (launches_2, ops_2), (launches_12, ops_12) = [(int(r[4]), int(r[5])) for r in rows]
+    (launches_2, ops_2), (launches_12, ops_12) = [(int(r[3]), int(r[4])) for r in rows]
     # the terms launch (counters, bias corrections, terms), B and A factor kernels, the P' tiles
     # (64 rows < 32·max(k, r): layout.p_split), one reduction
     assert launches_2 == launches_12 == 5
     assert ops_2 == ops_12 > 0
-    assert all(float(x) > 0 for r in rows for x in r[1:4])
+    assert all(float(x) > 0 for r in rows for x in r[1:3])
+
+
+def test_triton_suite_rows_keep_skips_and_errors(capsys):
+    """``bench/triton_suite.py``'s row bookkeeping: a skipped case, a failing one and a good
+    one each leave their row (in order, printed as JSON lines); the next case still runs."""
+    from bench import triton_suite
+
+    rows, cpu = [], torch.device("cpu")
+    with triton_suite._recorded(rows, {"case": 1}, cpu, skip=(LookupError,), timed=True):
+        raise KeyError("absent")
+    with triton_suite._recorded(rows, {"case": 2}, cpu):
+        raise RuntimeError("boom")
+    with triton_suite._recorded(rows, {"case": 3}, cpu) as row:
+        row["host_ms"] = 1.5
+    assert rows[0]["skipped"] == "'absent'" and rows[0]["setup_and_run_s"] >= 0 and "error" not in rows[0]
+    assert rows[1] == {"case": 2, "error": "RuntimeError: boom"}
+    assert rows[2] == {"case": 3, "host_ms": 1.5}
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+
+
+def test_triton_suite_smoke_writes_outside_the_published_results():
+    """``triton_suite.py --smoke`` without ``--out`` writes into a new temporary directory
+    (named on stderr), not bench/results/gpu."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench/triton_suite.py", "--smoke", "--parts", "bench", "--variants",
+                           "floor"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = Path(re.search(r"results in (\S+)", proc.stderr).group(1))
+    try:
+        assert not out.resolve().is_relative_to(ROOT.resolve())
+        rows = json.loads((out / "triton_bench.json").read_text())["rows"]
+        assert [r["variant"] for r in rows] == ["floor", "floor"] and all(r["host_ms"] > 0 for r in rows)
+    finally:
+        for f in out.iterdir():
+            f.unlink()
+        out.rmdir()
 
 
 def test_smoke_suite_is_not_collected_by_default():

@@ -9,9 +9,11 @@ CUDA present the same tests run on the device.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -270,11 +272,12 @@ def test_launches_and_torch_ops_do_not_grow_with_the_number_of_pairs(device, mon
     assert more[1] - stats_ops == collections.Counter({"aten.empty.memory_format": 3 * 10})
 
 
-def test_repeated_calls_reuse_one_prepared_launch(device):
-    """Calls with the same parameters, state, statistics, terms and counters (as the
-    optimizer makes them) validate and build their tables once: later calls with new
-    gradient tensors, or the same ones again, follow the float64 contract step by step; a
-    bad gradient after that is still refused before anything is written."""
+def test_repeated_direct_calls_build_their_tables_each_call_and_keep_nothing(device, monkeypatch):
+    """Direct calls with the same parameters, state, statistics, terms and counters (views of
+    one buffer, as the plan keeps them) follow the float64 contract step by step, with new
+    gradient tensors or the very same ones again; every call validates and builds its own
+    tables and reads all counters at once; nothing module-wide keeps a call's tables or
+    tensors afterwards; a bad gradient after that is still refused before anything is written."""
     cols = _pairs(SHAPES, torch.float32, device, seed=12)
     ref = _float64_copy(cols)
     runs = []
@@ -283,7 +286,7 @@ def test_repeated_calls_reuse_one_prepared_launch(device):
         Q, R, H = _derived(P, G, M, c["w"])  # kept fixed: the same tensors in every call
         n = len(c["A"])
         # counters that differ between pairs and factors (pairs that joined later); for the
-        # triton calls views of one buffer, A's first, as the optimizer keeps them
+        # triton calls views of one buffer, A's first, as the plan keeps them
         first = [float(j % 3) for j in range(n)] + [float(j % 2) for j in range(n)]
         if impl is T.fused_step:
             buffer = torch.tensor(first)
@@ -291,25 +294,48 @@ def test_repeated_calls_reuse_one_prepared_launch(device):
         else:
             step_A, step_B = [torch.tensor(v) for v in first[:n]], [torch.tensor(v) for v in first[n:]]
         runs.append((impl, c, P, G, M, Q, R, H, step_A, step_B))
-    before = set(L._PREPARED)
-    kept = None
-    for t in (1, 2, 3, 4):
-        for impl, c, P, G, M, Q, R, H, step_A, step_B in runs:
-            if t == 4 and impl is T.fused_step:
-                gA, gB = kept  # the very tensors of step 3: the same addresses
-            else:
-                gA, gB = _grads(c, min(t, 3), seed=12)  # step 4 reuses step 3's values
-                kept = (gA, gB) if impl is T.fused_step else kept
-            for s in step_A + step_B:
-                s.add_(1)
-            batch = AnchoredBatch(c["A"], c["B"], c["mA"], c["vA"], c["mB"], c["vB"], P, G, M, gA, gB, c["U"],
-                                  Q, R, H, step_A, step_B)
-            impl(batch, HYPER)
-        for name in ("A", "B", "mA", "vA", "mB", "vB"):
-            for j, (got, want) in enumerate(zip(cols[name], ref[name])):
-                assert rel_err(got, want) < TOLERANCE[torch.float32], (t, name, j)
-    (key,) = set(L._PREPARED) - before  # one prepared call for the four
-    assert L._PREPARED[key].step_span is not None  # all counters read at once
+    built = []  # a weak reference to each set of tables built
+
+    def recording(*args, _prepare=L._prepare, **kwargs):
+        prep = _prepare(*args, **kwargs)
+        built.append(weakref.ref(prep))
+        return prep
+
+    kept, gone = None, []
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "_prepare", recording)
+        for t in (1, 2, 3, 4):
+            for impl, c, P, G, M, Q, R, H, step_A, step_B in runs:
+                if t == 4 and impl is T.fused_step:
+                    gA, gB = kept  # the very tensors of step 3: the same addresses
+                else:
+                    gA, gB = _grads(c, min(t, 3), seed=12)  # step 4 reuses step 3's values
+                    kept = (gA, gB) if impl is T.fused_step else kept
+                for s in step_A + step_B:
+                    s.add_(1)
+                batch = AnchoredBatch(c["A"], c["B"], c["mA"], c["vA"], c["mB"], c["vB"], P, G, M, gA, gB, c["U"],
+                                      Q, R, H, step_A, step_B)
+                if impl is T.fused_step:
+                    with OpCounter() as ops:
+                        impl(batch, HYPER)
+                    assert ops.ops["aten.stack.default"] == 1  # all counters read at once
+                    if t < 3:  # gradients nobody holds after the call
+                        gone += [weakref.ref(g) for g in gA + gB]
+                else:
+                    impl(batch, HYPER)
+                del batch, gA, gB
+            for name in ("A", "B", "mA", "vA", "mB", "vB"):
+                for j, (got, want) in enumerate(zip(cols[name], ref[name])):
+                    assert rel_err(got, want) < TOLERANCE[torch.float32], (t, name, j)
+    assert len(built) == 4  # one set of tables per call
+    # nothing module-wide holds a call's tables or tensors: no cache of prepared calls, and
+    # the tables and the gradients of steps 1 and 2 (unreferenced here) are freed
+    gc.collect()
+    assert all(ref() is None for ref in built)
+    assert gone and all(ref() is None for ref in gone)
+    for name, value in vars(L).items():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set)) else ()
+        assert not any(isinstance(x, (torch.Tensor, L._Prepared, L._Launch)) for x in items), name
     impl, c, P, G, M, Q, R, H, step_A, step_B = runs[0]
     gA, gB = _grads(c, 5, seed=12)
     gB[1] = gB[1].double()
@@ -319,6 +345,48 @@ def test_repeated_calls_reuse_one_prepared_launch(device):
                            step_A, step_B), HYPER)
     after = [t for name in ("A", "B", "mA", "vA", "mB", "vB") for t in c[name]] + P
     assert all(torch.equal(a, b) for a, b in zip(saved, after))
+
+
+def test_direct_call_copies_strided_inputs_and_reduces_statistics_through_stand_ins(device):
+    """A direct call with a strided U and strided gradients (read-only: copied), a strided P
+    and an fp64 G (written: reduced into fp32 stand-ins and copied back) steps exactly as the
+    same call on contiguous fp32 tensors; a statistic of the wrong shape is refused, naming
+    it, before anything is written."""
+    shapes = SHAPES[:3]
+    plain = _pairs(shapes, torch.float32, device, seed=9)
+    odd = {name: [t.clone() for t in ts] for name, ts in plain.items()}
+    odd["U"] = [u.T.contiguous().T for u in odd["U"]]  # same values, column-major
+    stats = {}
+    for c, key in ((plain, "plain"), (odd, "odd")):
+        P, G, M = (list(x) for x in T.stats_pass(c["U"], c["B"], c["A"]))
+        if key == "odd":
+            P, G = [p.T.contiguous().T for p in P], [g.double() for g in G]
+        stats[key] = (P, G, M)
+    for t in (1, 2):
+        for c, key in ((plain, "plain"), (odd, "odd")):
+            P, G, M = stats[key]
+            gA, gB = _grads(c, t, seed=9)
+            if key == "odd":
+                gA, gB = [g.T.contiguous().T for g in gA], [g.T.contiguous().T for g in gB]
+                assert not any(g.is_contiguous() for g in gA if min(g.shape) > 1)
+            Q, R, H = _derived([p.contiguous() for p in P], [g.float() for g in G], M, c["w"])
+            T.fused_step(_batch(c, P, G, M, gA, gB, Q, R, H, t), HYPER)
+    for name in ("A", "B", "mA", "vA", "mB", "vB"):
+        for got, want in zip(odd[name], plain[name]):
+            assert torch.equal(got, want), name
+    (P1, G1, M1), (P2, G2, M2) = stats["plain"], stats["odd"]
+    for j in range(len(shapes)):
+        assert G2[j].dtype == torch.float64 and torch.equal(G2[j], G1[j].double())
+        assert torch.equal(P2[j], P1[j]) and torch.equal(M2[j], M1[j])
+    assert not all(p.is_contiguous() for p in P2)  # written in place, layout kept
+    gA, gB = _grads(odd, 3, seed=9)
+    Q, R, H = _derived([p.contiguous() for p in P2], [g.float() for g in G2], M2, odd["w"])
+    before = [t.clone() for name in ("A", "B", "mA", "vA", "mB", "vB") for t in odd[name]] + [t.clone() for t in P2]
+    bad = [P2[0], torch.zeros(P2[1].shape[0] + 1, P2[1].shape[1], device=device), P2[2]]
+    with pytest.raises(OptimizerInputError, match=r"P\[1\] has shape"):
+        T.fused_step(_batch(odd, bad, G2, M2, gA, gB, Q, R, H, 3), HYPER)
+    after = [t for name in ("A", "B", "mA", "vA", "mB", "vB") for t in odd[name]] + P2
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 def test_fp64_and_large_rank_are_refused_and_routed_to_eager(device):
@@ -385,7 +453,7 @@ def test_bad_input_raises_and_changes_nothing(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_optimizer_trajectory_against_published_formula(device, dtype):
+def test_optimizer_trajectory_against_published_formula(device, dtype, monkeypatch):
     """AsFTAdamW(backend="triton") on a PEFT model (ranks 3 and 17: two buckets) against
     torch.optim.AdamW on task_loss + λ·paper_regularizer in float64."""
     anchor = odd_anchor(rank=4)
@@ -399,16 +467,26 @@ def test_optimizer_trajectory_against_published_formula(device, dtype):
         y = torch.randn(5, 123, generator=g).to(device=device, dtype=dtype)
         return (model(x).float() - y.float()).pow(2).mean()
 
-    before = set(L._PREPARED)
-    opt, _ = run_asft(m1, anchor.bind(m1), 3, loss_low, backend="triton", lr=1e-3, eps=1e-6)
+    built = []  # per set of tables built: whether it was an update's
+
+    def recording(*args, update, _prepare=L._prepare, **kwargs):
+        built.append(update)
+        return _prepare(*args, update=update, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "_prepare", recording)
+        opt, _ = run_asft(m1, anchor.bind(m1), 3, loss_low, backend="triton", lr=1e-3, eps=1e-6)
     run_reference(m2, anchor.bind(m2), 3, lambda m, s: odd_task_loss(m, s, torch.float64), lr=1e-3, eps=1e-6)
     assert max_rel_err([p.cpu() for p in trainable(m1)], trainable(m2)) < TOLERANCE[dtype]
     assert resolve_backend("triton", device).name == "triton"
     # each triton bucket steps through the handle its prepare made (TritonStep), kept by the
-    # plan; nothing goes through the address-keyed cache of fused_step
+    # plan, with its tables on the handle: the three steps built update tables once per
+    # bucket (no direct fused_step call, which builds them every call)
     buckets = [b for b in opt._current_plan().buckets if b.backend.name == "triton"]
     assert buckets and all(isinstance(b.handle, T.TritonStep) for b in buckets)
-    assert set(L._PREPARED) == before
+    assert built.count(True) == len(buckets)
+    for b in buckets:
+        assert b.handle.prep.launches and all(launch.pair_table is not None for launch in b.handle.prep.launches)
 
 
 def test_cuda_impls_are_registered():

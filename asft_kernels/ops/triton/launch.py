@@ -15,20 +15,18 @@ tables built once on the device, one terms launch per bucket that advances the c
 and computes the bias corrections and anchoring terms on the device, and nothing read back
 to the host, so a step can be captured in a CUDA graph.
 
-``fused_step`` (counters on the host, terms precomputed) reuses what an earlier call with
-the same tensors prepared (:func:`_prepare`): it uploads the scalar table, and the pair
-table only when a gradient's address changed, both from pinned memory without waiting for
-the GPU (docs/triton.md, "Prepared calls").
+``fused_step`` (counters on the host, terms precomputed) is the direct op call: it validates
+its tensors and builds its tables on every call and keeps nothing afterwards; the tables that
+outlive a call are those of a ``prepare`` handle, which the plan owns (docs/triton.md,
+"Direct op calls").
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 import triton
@@ -182,15 +180,67 @@ def _check_pair(j: int, U: Tensor, B: Tensor, A: Tensor) -> tuple[int, int, int,
     return m, n, r, k
 
 
-def _require(t: Tensor, name: str, j: int, device: torch.device, shape=None, dtype=None) -> None:
+def _require(t: Tensor, name: str, j: int, device: torch.device, shape=None, dtype=None,
+             contiguous: bool = True) -> None:
+    """Refuse ``name[j]`` unless it is on ``device`` and, where given, has ``shape`` and
+    ``dtype`` and (``contiguous``) is contiguous."""
     if t.device != device:
         raise OptimizerInputError(f"triton: {name}[{j}] is on {t.device}, expected {device}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise OptimizerInputError(f"triton: {name}[{j}] {tuple(t.shape)} must be contiguous")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise OptimizerInputError(f"triton: {name}[{j}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if dtype is not None and t.dtype != dtype:
         raise OptimizerInputError(f"triton: {name}[{j}] is {t.dtype}, expected {dtype}")
+
+
+#: Per contract field: its shape as dimension letters of the pair's ``(m, n, r, k)``, and its
+#: dtype: ``None`` (any the pair check allows), ``"param"`` (the pair's parameter dtype) or fp32.
+_FIELDS = {
+    "A": ("rn", None), "B": ("mr", None), "grad_A": ("rn", "param"), "grad_B": ("mr", "param"),
+    "exp_avg_A": ("rn", torch.float32), "exp_avg_sq_A": ("rn", torch.float32),
+    "exp_avg_B": ("mr", torch.float32), "exp_avg_sq_B": ("mr", torch.float32), "U": ("mk", None),
+    "P": ("kr", torch.float32), "G": ("rr", torch.float32), "M": ("rr", torch.float32),
+    "Q_B": ("rr", torch.float32), "R_B": ("kr", torch.float32), "H": ("rr", torch.float32),
+}
+
+
+def _check_lengths(lists: dict[str, list], count: int, where: str) -> None:
+    """Refuse per-pair lists whose length is not ``count`` (A's)."""
+    for name, values in lists.items():
+        if len(values) != count:
+            raise OptimizerInputError(f"triton {where}: {name} has {len(values)} entries, A has {count}")
+
+
+def _check_tensors(lists: dict[str, list[Tensor]], names: Sequence[str], loose: Sequence[str] = ()
+                   ) -> tuple[list[tuple[int, int, int, int]], torch.device]:
+    """Validate the per-pair tensors of a call: every pair (:func:`_check_pair`), the device
+    (:func:`_check_device`), then each field of ``names`` against :data:`_FIELDS` (device,
+    contiguity, shape, dtype); the fields of ``loose`` only for device and shape (outputs
+    the caller reduces into stand-ins). Lists of equal length holding ``A``, ``B`` and ``U``.
+    Each field is checked in C-level passes over its list; one that fails is checked pair by
+    pair to raise :class:`OptimizerInputError` naming the field, pair, and what is wrong.
+
+    Returns:
+        ``(m, n, r, k)`` per pair, and the device.
+    """
+    A, B, U = lists["A"], lists["B"], lists["U"]
+    shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(len(A))]
+    device = _check_device(B, "B")
+    param_dtypes = list(map(_dtype, B))
+    for name in names:
+        letters, dtype = _FIELDS[name]
+        rows, cols = ("mnrk".index(c) for c in letters)
+        exact = name not in loose
+        tensors, want = lists[name], [(dims[rows], dims[cols]) for dims in shapes]
+        dtypes = None if dtype is None or not exact else param_dtypes if dtype == "param" else [dtype] * len(want)
+        if (list(map(_shape, tensors)) == want and set(map(_device, tensors)) == {device}
+                and (dtypes is None or list(map(_dtype, tensors)) == dtypes)
+                and (not exact or all(map(Tensor.is_contiguous, tensors)))):
+            continue  # the usual case
+        for j, t in enumerate(tensors):
+            _require(t, name, j, device, want[j], None if dtypes is None else dtypes[j], contiguous=exact)
+    return shapes, device
 
 
 def _check_steps(steps: Sequence[Tensor], name: str) -> None:
@@ -260,13 +310,9 @@ def stats_pass(
         raise OptimizerInputError(f"triton stats_pass: {len(U)} U, {len(B)} B and {len(A)} A tensors")
     if not B:
         return [], [], []
-    shapes = [_check_pair(j, u, b, a) for j, (u, b, a) in enumerate(zip(U, B, A))]
-    device = _check_device(B, "B")
     # Read-only inputs: a contiguous copy is as good as the original.
     U, B, A = ([t.contiguous() for t in ts] for ts in (U, B, A))
-    for j in range(len(B)):
-        for t, name in ((U[j], "U"), (B[j], "B"), (A[j], "A")):
-            _require(t, name, j, device)
+    shapes, device = _check_tensors({"U": U, "B": B, "A": A}, ("U", "B", "A"))
     # Three fresh outputs per pair (the op's outputs must not alias each other): the only
     # torch ops of this call whose number grows with the number of pairs.
     outputs = tuple([torch.empty(shape, dtype=torch.float32, device=device) for shape in per_pair]
@@ -277,6 +323,11 @@ def stats_pass(
     return outputs
 
 
+#: Fields a direct call validates, in the order they are checked per pair.
+_DIRECT_FIELDS = ("A", "B", "grad_A", "grad_B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "U",
+                  "Q_B", "R_B", "H", "P", "G", "M")
+
+
 def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | None = None) -> None:
     """Anchored AdamW step for a batch of pairs in grouped launches (contract:
     :mod:`asft_kernels.ops.schema`).
@@ -285,9 +336,13 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     ``exp_avg*_B``: (m, r); ``U``: (m, k); ``P``, ``R_B``: (k, r); ``G``, ``M``, ``Q_B``,
     ``H``: (r, r); ``step_A``, ``step_B``: one-element CPU tensors, already incremented.
     Parameters fp32/bf16/fp16 with r <= :data:`MAX_TRITON_RANK`; optimizer state and
-    statistics fp32; A steps with ``hyper_A``, B with ``hyper_B`` (default: ``hyper_A``),
+    terms fp32; A steps with ``hyper_A``, B with ``hyper_B`` (default: ``hyper_A``),
     ``lr`` in parameter units per step. Updates ``A``, ``B``, the
-    moments, and ``P``, ``G``, ``M`` (the statistics of the stored new parameters) in place.
+    moments, and ``P``, ``G``, ``M`` (the statistics of the stored new parameters) in place;
+    statistics that are not fp32 contiguous are reduced into fp32 stand-ins and copied back.
+
+    A direct call (the op): it validates its tensors and builds its tables on every call and
+    keeps nothing after it; the optimizer steps through :func:`prepare` / :func:`step`.
 
     Raises:
         OptimizerInputError: inconsistent lengths/shapes/dtypes/devices, non-contiguous
@@ -295,72 +350,36 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
             :func:`asft_kernels.ops.route` sends those to the eager backend); raised before
             anything is written.
     """
-    hyper = (hyper_A, hyper_A if hyper_B is None else hyper_B)
     count = len(batch)
     lists = {name: list(values) for name, values in zip(BATCH_FIELDS, batch.op_args())}
-    for name, values in lists.items():
-        if len(values) != count:
-            raise OptimizerInputError(f"triton fused_step: {name} has {len(values)} entries, A has {count}")
+    _check_lengths(lists, count, "fused_step")
     if count == 0:
-        return
-    key = _prepared_key(lists)
-    prep = _PREPARED.get(key) if key is not None else None
-    if prep is not None and _grads_fit(prep, lists["grad_A"], lists["grad_B"]):
-        _run_prepared(prep, lists, *hyper)
         return
     # Read-only inputs: a contiguous copy is as good as the original.
     for name in ("grad_A", "grad_B", "U", "Q_B", "R_B", "H"):
         lists[name] = [t.contiguous() for t in lists[name]]
-    A, B, U = lists["A"], lists["B"], lists["U"]
-    shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(count)]
-    device = _check_device(B, "B")
-    f32 = torch.float32
-    for j in range(count):
-        m, n, r, k = shapes[j]
-        for name, shape, dtype in (
-            ("A", (r, n), None), ("B", (m, r), None), ("grad_A", (r, n), B[j].dtype),
-            ("grad_B", (m, r), B[j].dtype), ("exp_avg_A", (r, n), f32), ("exp_avg_sq_A", (r, n), f32),
-            ("exp_avg_B", (m, r), f32), ("exp_avg_sq_B", (m, r), f32), ("U", (m, k), None),
-            ("Q_B", (r, r), f32), ("R_B", (k, r), f32), ("H", (r, r), f32),
-        ):
-            _require(lists[name][j], name, j, device, shape, dtype)
-        for name, shape in (("P", (k, r)), ("G", (r, r)), ("M", (r, r))):
-            t = lists[name][j]
-            if tuple(t.shape) != shape or t.device != device:
-                raise OptimizerInputError(
-                    f"triton: {name}[{j}] is {tuple(t.shape)} on {t.device}, expected {shape} on {device}")
+    # P, G, M only for shape and device: any other dtype or layout goes through a stand-in.
+    shapes, device = _check_tensors(lists, _DIRECT_FIELDS, loose=("P", "G", "M"))
     _check_steps(lists["step_B"], "step_B")
     _check_steps(lists["step_A"], "step_A")
+    # Reduced into fp32 contiguous stand-ins where a statistic is not one, copied back after.
     stats = (lists["P"], lists["G"], lists["M"])
-    if key is None or not all(t.dtype == f32 for t in chain.from_iterable(stats)):
-        # reduced into fp32 contiguous stand-ins, copied back: nothing kept for a next call
-        outputs = tuple([_output(t) for t in stat] for stat in stats)
-        _run_prepared(_prepare(lists, shapes, device, outputs, update=True), lists, *hyper)
-        for out, stat in zip(outputs, stats):
-            for o, t in zip(out, stat):
-                if o is not t:
-                    t.copy_(o)
-        return
-    if prep is None:
-        prep = _prepare(lists, shapes, device, stats, update=True)
-        _PREPARED[key] = prep
-        if len(_PREPARED) > _PREPARED_MAX:
-            _PREPARED.popitem(last=False)
-    _run_prepared(prep, lists, *hyper)
+    outputs = tuple([_output(t) for t in stat] for stat in stats)
+    _run_direct(_prepare(lists, shapes, device, outputs, update=True), lists, hyper_A,
+                hyper_A if hyper_B is None else hyper_B)
+    for out, stat in zip(outputs, stats):
+        for o, t in zip(out, stat):
+            if o is not t:
+                t.copy_(o)
 
 
-# ---------------------------------------------------------------------------- prepared calls
+# ---------------------------------------------------------------------------- tables
 #
-# The optimizer calls ``fused_step`` every step with the same tensors (parameters, moments,
-# statistics, bases, terms, counters): only the gradients and the counters' values change.
-# The first call with a set of tensors validates them and builds everything that depends on
-# them (pair tables, scratch layout, reduction table, launch options); later calls with the same
-# tensors check only the gradients, read the counters, and upload one or two small tables.
+# What a call needs beyond its gradients and counter values (pair tables, scratch layout,
+# reduction table, launch options) is built by ``_prepare``: once per bucket by ``prepare``
+# (kept on its handle, which the plan owns), and per call by ``stats_pass`` and ``fused_step``
+# (nothing of it is kept after the call).
 
-#: Fields of the batch that must be the same tensors for a prepared call to be reused.
-_STATIC_FIELDS = ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B", "P", "G", "M", "U", "Q_B",
-                  "R_B", "H", "step_A", "step_B")
-_PREPARED_MAX = 16
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
@@ -368,7 +387,7 @@ _device = operator.attrgetter("device")
 
 @dataclass
 class _Launch:
-    """One bucket (param dtype, U dtype, padded rank) of a prepared call."""
+    """One bucket (param dtype, U dtype, padded rank) of a call's tables."""
 
     idx: list[int]
     rows: list[list[int]]  # pair-table rows; the gradient fields are filled in per call
@@ -383,7 +402,8 @@ class _Launch:
 
 @dataclass
 class _Prepared:
-    """What a call with one set of tensors needs beyond its gradients and counter values."""
+    """What a call with one set of tensors needs beyond its gradients and counter values
+    (:func:`_prepare`)."""
 
     device: torch.device
     a_shapes: tuple
@@ -393,30 +413,6 @@ class _Prepared:
     scratch_numel: int  # fp32 partial statistics of every bucket, allocated per call
     reduce_table: Tensor | None
     reduce_grid: tuple[int, int]
-    step_span: Tensor | None  # one tensor over the counters' memory, when they share it
-    step_index: list[int] | None  # step_B then step_A as positions in step_span (None: in order)
-
-
-#: Prepared calls by :func:`_prepared_key`, oldest first (the oldest is dropped past
-#: :data:`_PREPARED_MAX`).
-_PREPARED: OrderedDict[tuple, _Prepared] = OrderedDict()
-
-
-def _prepared_key(lists: dict[str, list[Tensor]]) -> tuple | None:
-    """Identity of a call's tensors: addresses of every static field, shapes and dtypes of
-    the factors and bases, and the interpreter switch; None if a tensor is not contiguous
-    (those calls take the validating path, which copies or refuses them), or if an entry is
-    not a tensor (the validating path names it)."""
-    static = [lists[name] for name in _STATIC_FIELDS]
-    A, B, U = lists["A"], lists["B"], lists["U"]
-    try:
-        if not all(map(Tensor.is_contiguous, chain.from_iterable(static[:13]))):
-            return None
-        return (tuple(map(Tensor.data_ptr, chain.from_iterable(static))), tuple(map(_shape, chain(A, B, U))),
-                tuple(map(_dtype, chain(A, B, U, lists["P"], lists["G"], lists["M"]))), B[0].device,
-                _interpreting())
-    except TypeError:  # an entry that is no tensor
-        return None
 
 
 def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int, int]], device: torch.device,
@@ -475,34 +471,8 @@ def _prepare(tensors: dict[str, list[Tensor]], shapes: list[tuple[int, int, int,
             jobs.append((outputs[2][j].data_ptr(), base + m_off, m_stride, r * r, m_tiles))
     table = _upload(jobs, torch.int64, device) if jobs else None
     grid = (len(jobs), triton.cdiv(max((job[3] for job in jobs), default=1), REDUCE_BLOCK))
-    span, index = (_counter_span(tensors["step_B"] + tensors["step_A"]) if update and "step_B" in tensors
-                   else (None, None))
     return _Prepared(device, tuple(map(_shape, tensors["A"])), tuple(map(_shape, tensors["B"])),
-                     tuple(map(_dtype, tensors["B"])), launches, total, table, grid, span, index)
-
-
-def _counter_span(counters: list[Tensor]) -> tuple[Tensor | None, list[int] | None]:
-    """One 1-D tensor over the memory of ``counters`` and their positions in it, when they
-    are elements of one storage of one dtype packed closely (the optimizer keeps its counters
-    as views of one buffer): a call then reads every counter with one ``tolist``."""
-    first = counters[0]
-    storage = first.untyped_storage().data_ptr()
-    for c in counters:
-        if c.dtype != first.dtype or c.numel() != 1 or c.untyped_storage().data_ptr() != storage:
-            return None, None
-    offsets = [c.storage_offset() for c in counters]
-    low, high = min(offsets), max(offsets)
-    if high - low >= 2 * len(counters):
-        return None, None
-    index = [o - low for o in offsets]
-    return first.as_strided((high - low + 1,), (1,), low), None if index == list(range(len(index))) else index
-
-
-def _grads_fit(prep: _Prepared, grad_A: list[Tensor], grad_B: list[Tensor]) -> bool:
-    """Whether the gradients can go to the prepared call as they are: the factors' shapes
-    and dtypes, contiguous, on the call's device."""
-    return (_fits(grad_A, prep.a_shapes, prep.param_dtypes, prep.device)
-            and _fits(grad_B, prep.b_shapes, prep.param_dtypes, prep.device))
+                     tuple(map(_dtype, tensors["B"])), launches, total, table, grid)
 
 
 def _fits(grads: Sequence[Tensor], shapes: tuple, dtypes: tuple, device: torch.device) -> bool:
@@ -520,16 +490,12 @@ def _upload(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(data, dtype=dtype, device=device)
 
 
-def _run_prepared(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
-    """An update with a prepared call: the counters read at once, the bias corrections,
-    the gradients' addresses (tables re-uploaded only when one changed), the launches.
-    A's rows take ``hyper_A``, B's ``hyper_B``."""
+def _run_direct(prep: _Prepared, lists: dict[str, list[Tensor]], hyper_A: AdamWHyper, hyper_B: AdamWHyper) -> None:
+    """An update of a direct call with its tables ``prep``: the counters read at once, the
+    bias corrections, the gradients' addresses, the launches. A's rows take ``hyper_A``, B's
+    ``hyper_B``."""
     count = len(lists["A"])
-    if prep.step_span is not None:
-        values = prep.step_span.tolist()
-        steps = values if prep.step_index is None else [values[i] for i in prep.step_index]
-    else:
-        steps = _read_steps(lists["step_B"] + lists["step_A"])
+    steps = _read_steps(lists["step_B"] + lists["step_A"])
     # One set of bias corrections when every counter holds the same step (the usual case).
     uniform = steps.count(steps[0]) == len(steps)
     terms_A: dict[float, list[float]] = {}
@@ -699,24 +665,12 @@ def prepare(batch: AnchoredBatch, counters: Tensor, w: Sequence[Tensor] | Tensor
         raise OptimizerInputError("triton prepare: no anchor weights w (neither an argument nor batch.w)")
     w = list(w.unbind(0)) if isinstance(w, Tensor) else list(w)
     lists = {name: list(getattr(batch, name)) for name in _STEP_FIELDS}
-    for name, values in (*lists.items(), ("w", w)):
-        if len(values) != count:
-            raise OptimizerInputError(f"triton prepare: {name} has {len(values)} entries, A has {count}")
+    _check_lengths({**lists, "w": w}, count, "prepare")
     if count == 0:
         raise OptimizerInputError("triton prepare: the batch has no pairs")
     lists["U"] = [t.contiguous() for t in lists["U"]]
-    A, B, U = lists["A"], lists["B"], lists["U"]
-    shapes = [_check_pair(j, U[j], B[j], A[j]) for j in range(count)]
-    device = _check_device(B, "B")
+    shapes, device = _check_tensors(lists, _STEP_FIELDS)
     f32 = torch.float32
-    for j in range(count):
-        m, n, r, k = shapes[j]
-        for name, shape, dtype in (
-            ("A", (r, n), None), ("B", (m, r), None), ("exp_avg_A", (r, n), f32), ("exp_avg_sq_A", (r, n), f32),
-            ("exp_avg_B", (m, r), f32), ("exp_avg_sq_B", (m, r), f32), ("U", (m, k), None), ("P", (k, r), f32),
-            ("G", (r, r), f32), ("M", (r, r), f32), ("Q_B", (r, r), f32), ("R_B", (k, r), f32), ("H", (r, r), f32),
-        ):
-            _require(lists[name][j], name, j, device, shape, dtype)
     lists["w"] = [_as_k_vector(t, j, shapes[j][3], device) for j, t in enumerate(w)]
     if (not isinstance(counters, Tensor) or counters.shape != (2 * count,) or counters.dtype not in
             (torch.float32, torch.float64) or counters.device != device or not counters.is_contiguous()):
