@@ -3,7 +3,6 @@
 The backend contract (docs/architecture.md has the flow and an add-a-backend checklist): a
 module with
 
-* ``is_available() -> bool``;
 * ``supports(dtype, rank) -> bool``: which pairs it runs (parameter dtype, LoRA rank r);
 * ``stats_pass(U, B, A) -> (P, G, M)`` on lists of pairs (fresh statistics);
 * ``prepare(bucket: BucketTensors, counters) -> handle``: validates the tensors of one
@@ -20,11 +19,14 @@ module with
 * ``fused_step(batch: AnchoredBatch, hyper_A, hyper_B=None)``: the fused update alone, the
   ``asft::fused_anchored_adamw_`` op (and :func:`asft_kernels.functional.anchored_adamw`).
 
+* ``is_available(warn=True) -> bool`` (``warn=False``: an explicit request, which raises
+  naming the cause instead of warning);
+* ``DEVICE_COUNTERS`` (optional, default False): the step counters live on the parameters'
+  device (Triton) rather than on the CPU.
+
 A backend module without ``prepare``/``step`` of its own is run through
 :func:`.eager.prepare` with its ``fused_step``: the terms in eager math, the counters on the
-CPU. The Triton module's ``prepare`` takes ``(AnchoredBatch, counters, w)``: it gets the
-bucket's views (:meth:`BucketTensors.as_batch`); its counters live on the parameters'
-device. A backend is given only pairs it supports; it never falls back by itself. The
+CPU. A backend is given only pairs it supports; it never falls back by itself. The
 one place that decides which backend runs a pair is :func:`route`, called once per pair when
 the step plan is built:
 
@@ -89,21 +91,14 @@ def _compiled_backend(name: str, warn: bool = True) -> Backend | None:
         mod = importlib.import_module(f"{__name__}.{name}")
     except ImportError:
         return None
-    if not (mod.is_available() if warn or name != "cpp" else mod.is_available(warn=False)):
+    if not mod.is_available(warn=warn):
         return None
+    device_counters = bool(getattr(mod, "DEVICE_COUNTERS", False))
     if hasattr(mod, "prepare") and hasattr(mod, "step"):
-        # the Triton module's prepare takes (AnchoredBatch, counters, w): the bucket's views
-        prepare = partial(_prepare_from_batch, mod.prepare) if name == "triton" else mod.prepare
-        return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, prepare, mod.step,
-                       device_counters=name == "triton")
+        return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, mod.prepare, mod.step,
+                       device_counters=device_counters)
     return Backend(name, mod.supports, mod.stats_pass, mod.fused_step, partial(eager.prepare, fused=mod.fused_step),
-                   eager.step)
-
-
-def _prepare_from_batch(prepare: Callable, bucket: BucketTensors, counters: torch.Tensor):
-    """``prepare(batch, counters, w)`` of a backend that takes the bucket as an
-    :class:`AnchoredBatch` of views (:meth:`BucketTensors.as_batch`) and its weights."""
-    return prepare(bucket.as_batch(counters)[0], counters, bucket.w)
+                   eager.step, device_counters=device_counters)
 
 
 def _triton_interpreting() -> bool:

@@ -54,6 +54,7 @@ if UNSUPPORTED is None:
     )
     from .launch import (
         DEFAULT_U_PRECISION,
+        DEVICE_COUNTERS,
         PARAM_DTYPES,
         U_PRECISION_ENV,
         TritonStep,
@@ -81,7 +82,9 @@ if UNSUPPORTED is None:
 else:
     warnings.warn(UNSUPPORTED, TritonVersionWarning, stacklevel=2)
 
-    def is_available() -> bool:
+    DEVICE_COUNTERS = True
+
+    def is_available(warn: bool = True) -> bool:
         """False: the installed Triton is not supported (see :data:`UNSUPPORTED`)."""
         return False
 
@@ -100,8 +103,8 @@ else:
     stats_pass = fused_step = prepare = step = _unsupported
 
 __all__ = [
-    "MAX_TRITON_EXCLUSIVE", "MIN_TRITON", "TRITON_REQUIREMENT", "UNSUPPORTED", "TritonVersionWarning", "fused_step",
-    "is_available", "prepare", "stats_pass", "step", "supports",
+    "DEVICE_COUNTERS", "MAX_TRITON_EXCLUSIVE", "MIN_TRITON", "TRITON_REQUIREMENT", "UNSUPPORTED",
+    "TritonVersionWarning", "fused_step", "is_available", "prepare", "stats_pass", "step", "supports",
 ]
 if UNSUPPORTED is None:
     __all__ += [

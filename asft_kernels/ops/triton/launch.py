@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...errors import OptimizerInputError
-from ..schema import BATCH_FIELDS, AdamWHyper, AnchoredBatch, _lib, op_kernel
+from ..schema import BATCH_FIELDS, AdamWHyper, AnchoredBatch, BucketTensors, _lib, op_kernel
 from .kernels import (
     _A,
     _B,
@@ -127,9 +127,14 @@ def u_precision(requested: str | None = None) -> str:
     return value
 
 
-def is_available() -> bool:
+#: the step counters of a bucket live on the parameters' device (the plan's buffer there)
+DEVICE_COUNTERS = True
+
+
+def is_available(warn: bool = True) -> bool:
     """True when the kernels can run here: a CUDA device is present, or the Triton
-    interpreter is switched on (``TRITON_INTERPRET=1``, CPU tensors)."""
+    interpreter is switched on (``TRITON_INTERPRET=1``, CPU tensors). ``warn`` is the
+    contract's (nothing here warns: an unsupported Triton warned at import)."""
     return torch.cuda.is_available() or _interpreting()
 
 
@@ -638,12 +643,15 @@ def _as_k_vector(t: Tensor, j: int, k: int, device: torch.device) -> Tensor:
     return t.reshape(k)
 
 
-def prepare(batch: AnchoredBatch, counters: Tensor, w: Sequence[Tensor] | Tensor | None = None,
+def prepare(batch: AnchoredBatch | BucketTensors, counters: Tensor, w: Sequence[Tensor] | Tensor | None = None,
             precision: str | None = None) -> TritonStep:
     """Validate a bucket's tensors once and build what its steps need on the device.
 
     Args:
-        batch: the bucket's pairs (its gradient and step-counter lists are not read). Shapes
+        batch: the bucket's pairs: the plan's :class:`BucketTensors` (contract:
+            :mod:`asft_kernels.ops`; its views are taken with :meth:`BucketTensors.as_batch`
+            and its ``w``), or an :class:`AnchoredBatch` (its gradient and step-counter lists
+            are not read). Shapes
             as :func:`fused_step`; ``P``, ``G``, ``M``, ``Q_B``, ``R_B``, ``H`` fp32 contiguous
             (the step writes them in place; views of the plan's stacked buffers are fine).
         counters: (2L,) fp32/fp64 contiguous step counters on the parameters' device, A's
@@ -659,6 +667,8 @@ def prepare(batch: AnchoredBatch, counters: Tensor, w: Sequence[Tensor] | Tensor
         OptimizerInputError: anything :func:`fused_step` refuses, statistics or terms that
             are not fp32 contiguous, counters or ``w`` of the wrong shape, dtype or device.
     """
+    if isinstance(batch, BucketTensors):
+        batch, w = batch.as_batch(counters)[0], batch.w if w is None else w
     count = len(batch)
     w = getattr(batch, "w", None) if w is None else w
     if w is None:
