@@ -19,7 +19,9 @@ printed too; the ratios use medians). By default the caches are flushed before e
 
 The kernel's multiply-adds (per pair ``m (2kr + 2r²) + n · 2r²``: ``U R_B``, ``Uᵀ B'``,
 ``B Q_B``, ``B'ᵀ B'``, ``H A``, ``A' A'ᵀ``) per second are printed as a fraction of this
-CPU's peak, measured in the same run by a short loop of independent fp32 multiply-adds at
+CPU's peak, and "step / floor at the FMA peak" is the least step / floor this machine
+allows (those multiply-adds at the peak, overlapped entirely with the floor's traffic);
+the peak is measured in the same run by a short loop of independent fp32 multiply-adds at
 the vector width the kernel is compiled for (``at::vec::Vectorized<float>`` with the
 kernel's ``-march=native`` flags), run on as many threads as the kernel uses.
 
@@ -295,6 +297,12 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     if peak:
         line += f" = {rate / peak:.3f} of peak ({peak / 1e9:.1f} G/s)"
     print(line)
+    if peak:
+        # the least step / floor this machine allows: the multiply-adds at the measured peak,
+        # fully overlapped with the floor's memory traffic
+        bound = max(fmas / peak, med["floor (copy_)"]) / med["floor (copy_)"]
+        print(f"  step / floor at the FMA peak = {bound:.3f} (multiply-adds at peak {fmas / peak * 1e3:.3f} ms, "
+              f"overlapped with the floor)")
     return med
 
 
