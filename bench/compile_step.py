@@ -28,9 +28,18 @@ parameters after them agree with the uncompiled run, and the steady median step 
 median over ``--rounds`` round-robin rounds of the median of ``--steps`` steps (so a change
 of load hits every variant alike). The load average is printed before and after.
 
+The first call of the first compiled variant compiles the model's forward and backward; the
+later variants reuse inductor's caches of the same graphs, so their first calls are not
+comparable with it. For first-call times, run one variant per process with an empty cache
+directory: ``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/compile_step.py --variants X``.
+The default model has two buckets (v_proj at another LoRA rank than q_proj): with one bucket
+the traced final frame of ``_anchored_step`` holds no tensor op, runs as plain Python, and
+``traced_whole`` happens to keep ``anchor_loss``.
+
     python bench/compile_step.py                          # cpp backend, inductor
     python bench/compile_step.py --backend eager --compiler eager
-    python bench/compile_step.py --variants uncompiled compiled --rounds 9
+    python bench/compile_step.py --variants compiled traced_ops --rounds 15 --no-explain
+    python bench/compile_step.py --compiler eager --lr-schedule    # recompiles when lr changes
 
 Not part of the test suite.
 """
