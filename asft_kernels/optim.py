@@ -492,8 +492,10 @@ class AsFTAdamW(torch.optim.AdamW):
     def _anchored_step(self) -> None:
         """One step: checks (λ, the plan), then torch's AdamW on the plain parameters and one
         backend call per bucket (:meth:`asft_kernels.plan.StepPlan.step`). Run as it is under
-        ``torch.compile`` (no Python of the plan is traced: its caches and counters are state
-        that dynamo's side-effect replay must not rewrite; the work is in the ``asft::`` ops)."""
+        ``torch.compile``: dynamo does not write back attributes set on an optimizer in a frame
+        it turns into a graph, so a traced step lost ``_anchor_loss`` (and could lose ``_plan``)
+        with two or more buckets; the work is in the ``asft::`` ops anyway (docs/architecture.md,
+        "torch.compile")."""
         groups = self.param_groups
         for group in groups:
             _check_lambda(group["anchor_lambda"])

@@ -245,6 +245,7 @@ class StepCase:
         params: the parameters the step updates (for correctness checks), may be empty.
         warmup: what runs before the measured steps (default: ``step``); a cheaper call
             that allocates the same state for variants whose step takes seconds.
+        optimizer: the optimizer ``step`` calls, where the case has one (the end-to-end cases).
     """
 
     variant: str
@@ -252,6 +253,7 @@ class StepCase:
     extra: dict = field(default_factory=dict)
     params: list[Tensor] = field(default_factory=list)
     warmup: Callable[[], None] | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 class VariantUnavailable(Exception):
@@ -481,6 +483,7 @@ class E2EConfig:
     batch: int = 2
     r: int = 16
     k: int = 64
+    rank_pattern: tuple[tuple[str, int], ...] = ()  # PEFT's rank_pattern: (module name pattern, r) pairs
 
     @property
     def group(self) -> str:
@@ -489,7 +492,8 @@ class E2EConfig:
 
     def info(self) -> dict:
         """The configuration as ``extra_info`` entries (``kind="e2e"``)."""
-        return {"kind": "e2e", **{f: getattr(self, f) for f in self.__dataclass_fields__}}
+        return {"kind": "e2e", **{f: getattr(self, f) for f in self.__dataclass_fields__
+                                  if f != "rank_pattern" or self.rank_pattern}}
 
 
 E2E_CONFIGS = {
@@ -533,7 +537,7 @@ def build_e2e_case(variant: str, cfg: E2EConfig, device: torch.device, dtype: to
               for name, mod in base.named_modules() if name.endswith(("q_proj", "v_proj"))}
     anchor = AlignmentAnchor.from_deltas(deltas, rank=cfg.k)
     lora_cfg = LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                          init_lora_weights=False)
+                          init_lora_weights=False, rank_pattern=dict(cfg.rank_pattern))
     model = get_peft_model(base, lora_cfg)
     model.train()
     binding = anchor.bind(model, mode="paper")
@@ -554,7 +558,8 @@ def build_e2e_case(variant: str, cfg: E2EConfig, device: torch.device, dtype: to
         opt.zero_grad(set_to_none=True)
 
     backend = {"adamw": "torch.optim.AdamW", "paper_eager": "reference+torch.optim.AdamW"}.get(variant, variant)
-    return StepCase(variant, step, {"backend": backend, "trainable_params": sum(p.numel() for p in params)}, params)
+    return StepCase(variant, step, {"backend": backend, "trainable_params": sum(p.numel() for p in params)}, params,
+                    optimizer=opt)
 
 
 def machine_facts() -> dict:
