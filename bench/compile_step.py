@@ -16,8 +16,8 @@ traced_whole    experiment: the same, with ``_anchored_step`` traced by dynamo (
                 write of ``anchor_loss`` (docs/architecture.md, "torch.compile").
 traced_ops      experiment: the checks, the plan, the gradients, the statistics refresh and the
                 ``anchor_loss`` write run outside tracing (``torch.compiler.disable``); only each
-                bucket's backend ``step`` call (cpp: ``torch.ops.asft.anchored_adamw_step_``) is
-                traced.
+                bucket's backend ``step`` call is traced (cpp: a method of the prepared C++
+                bucket, which dynamo runs without tracing into it).
 ==============  ================================================================================
 
 Reported per variant: the first call's time (compilation included), graphs and graph breaks
