@@ -106,8 +106,11 @@ def adamw_foreach_(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    step_size = [-(lr / (1 - beta1**t)) for t in steps]
-    bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
+    if len(set(steps)) == 1:  # every factor at the same step (the usual case): two numbers, not two lists
+        step_size, bias_correction2_sqrt = -(lr / (1 - beta1**steps[0])), math.sqrt(1 - beta2**steps[0])
+    else:
+        step_size = [-(lr / (1 - beta1**t)) for t in steps]
+        bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
