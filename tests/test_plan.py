@@ -76,19 +76,40 @@ def test_cpp_step_dispatches_the_same_ops_at_14_and_224_pairs():
     assert counts[14] == ["asft.anchored_adamw_step_.default"], counts[14]
 
 
-def test_eager_step_ops_grow_only_with_the_anchoring_products():
-    """The eager AdamW update is foreach (constant); what grows per pair is a fixed number of
-    matmuls for the anchoring gradient and the next statistics."""
-    per = {}
-    for layers in (1, 2):
-        binding, params = _all_linear_llama(layers)
-        opt = asft.AsFTAdamW(params, lr=1e-3, anchor=binding, backend="eager")
+def _eager_step_ops(layers: int, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The torch ops of one eager step (not the first) on ``_all_linear_llama(layers)`` in ``dtype``."""
+    binding, params = _all_linear_llama(layers)
+    for p in params:
+        p.data = p.data.to(dtype)
+        p.grad = p.grad.to(dtype)
+    opt = asft.AsFTAdamW(params, lr=1e-3, anchor=binding, backend="eager")
+    opt.step()
+    with _OpCounter() as counter:
         opt.step()
-        with _OpCounter() as counter:
-            opt.step()
-        per[len(binding)] = len(counter.ops)
-    growth = (per[14] - per[7]) / 7
-    assert growth <= 10, per
+    assert opt.plan_builds == 1
+    return counter.ops
+
+
+@pytest.mark.skipif(not hasattr(torch, "_foreach_mm"), reason="torch before 2.13 has no foreach matmul")
+def test_eager_step_dispatches_the_same_ops_at_14_and_224_pairs():
+    """fp32 (and fp64): the AdamW update, the anchoring products and the next statistics are
+    foreach or batched ops over the bucket, so one step's ops do not depend on the pairs."""
+    small, large = _eager_step_ops(2), _eager_step_ops(32)
+    assert small == large, (len(small), len(large))
+    assert small.count("aten._foreach_mm.default") == 3, small  # B Q_B and H A, U R_B, the statistics
+    assert not any(op.startswith(("aten.mm", "aten.addmm")) for op in small), small
+    assert len(small) <= 30, small
+
+
+@pytest.mark.skipif(not hasattr(torch, "_foreach_mm"), reason="torch before 2.13 has no foreach matmul")
+def test_eager_bf16_step_grows_only_by_the_math_dtype_copies():
+    """A bf16 bucket adds per pair only its fp32 work copies of A and B and their transposes
+    for the statistics."""
+    per = {layers: _eager_step_ops(layers, torch.bfloat16) for layers in (1, 2)}
+    extra = sorted(set(per[2]) - set(per[1]))
+    assert extra == [], extra
+    growth = (len(per[2]) - len(per[1])) / 7
+    assert growth == 4, (growth, per)
 
 
 def test_plan_is_reused_on_ordinary_steps(backend):

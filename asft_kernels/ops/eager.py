@@ -275,7 +275,7 @@ def _frozen_factor_step(batch: AnchoredBatch, train_A: list[int], train_B: list[
 
     grads = _anchoring_gradients(pick(B_old, train_B), pick(b.Q_B, train_B), pick(U, train_B),
                                  pick(b.R_B, train_B), pick(b.grad_B, train_B),
-                                 pick(A_old, train_A), pick(b.H, train_A), pick(b.grad_A, train_A), dt)
+                                 pick(A_old, train_A), pick(b.H, train_A), pick(b.grad_A, train_A))
     g_B, g_A = grads[:len(train_B)], grads[len(train_B):]
     for hyper, idx, g, is_a in ((hyper_B, train_B, g_B, False), (hyper_A, train_A, g_A, True)):
         if not idx:
@@ -334,7 +334,7 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     B_old, A_old = _in_dtype(b.B, dt), _in_dtype(b.A, dt)
     U = views.U if views is not None else _in_dtype(b.U, dt)
     # Anchoring gradients from the cached statistics (before any update), B's then A's
-    grads = _anchoring_gradients(B_old, b.Q_B, U, b.R_B, b.grad_B, A_old, b.H, b.grad_A, dt)
+    grads = _anchoring_gradients(B_old, b.Q_B, U, b.R_B, b.grad_B, A_old, b.H, b.grad_A)
     steps = torch.stack(list(b.step_B) + list(b.step_A)).tolist()
     params, work = list(b.B) + list(b.A), list(B_old) + list(A_old)
     exp_avgs, exp_avg_sqs = list(b.exp_avg_B) + list(b.exp_avg_A), list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A)
@@ -357,16 +357,15 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
 
 
 def _anchoring_gradients(B: list[Tensor], Q_B: list[Tensor], U: list[Tensor], R_B: list[Tensor],
-                         grad_B: list[Tensor], A: list[Tensor], H: list[Tensor], grad_A: list[Tensor],
-                         dt: torch.dtype) -> list[Tensor]:
-    """The gradients of task + R, new tensors in the math dtype ``dt``: per pair of the B lists
+                         grad_B: list[Tensor], A: list[Tensor], H: list[Tensor], grad_A: list[Tensor]) -> list[Tensor]:
+    """The gradients of task + R, new tensors in the math dtype: per pair of the B lists
     ``g_B = grad_B + B Q_B − U R_B`` (m, r), then per pair of the A lists ``g_A = grad_A + H A``
-    (r, n). Factors and ``U`` in ``dt``; task gradients in their parameter dtype (unchanged).
-    Five torch ops whatever the number of pairs (:func:`mm_each`)."""
+    (r, n). Factors, terms and ``U`` in the math dtype; task gradients in their parameter dtype
+    (unchanged). Four torch ops whatever the number of pairs (:func:`mm_each`)."""
     if not (B or A):
         return []
     grads = mm_each(list(B) + list(H), list(Q_B) + list(A))  # B Q_B, H A
-    torch._foreach_add_(grads, list(_in_dtype(grad_B, dt)) + list(_in_dtype(grad_A, dt)))
+    torch._foreach_add_(grads, list(grad_B) + list(grad_A))  # a bf16/fp16 gradient is promoted exactly
     if B:
         torch._foreach_sub_(grads[:len(B)], mm_each(U, R_B))
     return grads
