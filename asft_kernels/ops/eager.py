@@ -186,14 +186,16 @@ class Handle:
 class Views(NamedTuple):
     """Views :func:`fused_step` would otherwise make every step, made once by :func:`prepare`:
     ``U`` (m, k) and ``UT`` = Uᵀ in the math dtype; ``BT`` = Bᵀ, ``AT`` = Aᵀ of parameters
-    stored in the math dtype (None otherwise). Bᵀ and Aᵀ are views of detached aliases: they
-    follow the in-place updates of the parameters and are no autograd views of them (those
-    would be refused once grad mode is back on)."""
+    stored in the math dtype (None otherwise); ``stats`` the bucket's stacked ``P`` (L, k, r),
+    ``G``, ``M`` (L, r, r) that the batch's per-pair statistics are views of. Bᵀ and Aᵀ are
+    views of detached aliases: they follow the in-place updates of the parameters and are no
+    autograd views of them (those would be refused once grad mode is back on)."""
 
     U: list[Tensor]
     UT: list[Tensor]
     BT: list[Tensor] | None
     AT: list[Tensor] | None
+    stats: tuple[Tensor, Tensor, Tensor]
 
 
 def _views(bucket: BucketTensors) -> Views:
@@ -201,7 +203,7 @@ def _views(bucket: BucketTensors) -> Views:
     same = bucket.B[0].dtype == dt
     U = _in_dtype(bucket.U, dt)
     return Views(U, [u.T for u in U], [b.detach().T for b in bucket.B] if same else None,
-                 [a.detach().T for a in bucket.A] if same else None)
+                 [a.detach().T for a in bucket.A] if same else None, (bucket.P, bucket.G, bucket.M))
 
 
 def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = None) -> Handle:
@@ -353,7 +355,7 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     UT = views.UT if views is not None else [u.T for u in U]
     same = stored[0] is b.B[0]
     BT, AT = (views.BT, views.AT) if views is not None and same else (None, None)
-    _write_statistics(b, stored[:L], stored[L:], UT, BT, AT)
+    _write_statistics(b, stored[:L], stored[L:], UT, BT, AT, views.stats if views is not None else None)
 
 
 def _anchoring_gradients(B: list[Tensor], Q_B: list[Tensor], U: list[Tensor], R_B: list[Tensor],
@@ -372,11 +374,19 @@ def _anchoring_gradients(B: list[Tensor], Q_B: list[Tensor], U: list[Tensor], R_
 
 
 def _write_statistics(b: AnchoredBatch, B_new: list[Tensor], A_new: list[Tensor], UT: list[Tensor],
-                      BT: list[Tensor] | None = None, AT: list[Tensor] | None = None) -> None:
+                      BT: list[Tensor] | None = None, AT: list[Tensor] | None = None,
+                      stacked: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """``P = Uᵀ B'``, ``G = B'ᵀ B'``, ``M = A' A'ᵀ`` of every pair into the batch's buffers, from
     the stored factors ``B_new``, ``A_new`` in the math dtype and ``UT`` = Uᵀ in it (``BT``,
-    ``AT``: B'ᵀ and A'ᵀ when the caller holds them). Two torch ops (:func:`mm_each`, one
-    foreach copy) plus the transposes not given."""
+    ``AT``: B'ᵀ and A'ᵀ when the caller holds them; ``stacked``: the (L, ·, ·) tensors the
+    batch's ``P``, ``G``, ``M`` are views of, when known). One :func:`mm_each`, then one foreach
+    copy or three stacks into ``stacked``, plus the transposes not given."""
+    L = len(B_new)
     BT = [t.T for t in B_new] if BT is None else BT
     AT = [t.T for t in A_new] if AT is None else AT
-    torch._foreach_copy_([*b.P, *b.G, *b.M], mm_each([*UT, *BT, *A_new], [*B_new, *B_new, *AT]))
+    new = mm_each([*UT, *BT, *A_new], [*B_new, *B_new, *AT])
+    if stacked is None:
+        torch._foreach_copy_([*b.P, *b.G, *b.M], new)
+        return
+    for i, out in enumerate(stacked):  # one copy kernel each, cheaper than a foreach copy of 3L tensors
+        torch.stack(new[i * L:(i + 1) * L], out=out)
