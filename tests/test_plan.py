@@ -112,6 +112,28 @@ def test_eager_bf16_step_grows_only_by_the_math_dtype_copies():
     assert growth == 4, (growth, per)
 
 
+def test_eager_step_without_foreach_mm_steps_the_same(monkeypatch):
+    """Where torch has no ``_foreach_mm`` (before 2.13) the eager step makes the same products
+    one ``torch.mm`` at a time: the same values, bit for bit."""
+    from asft_kernels.ops import eager
+
+    def run(model_params):
+        binding, params = model_params
+        opt = asft.AsFTAdamW(params, lr=1e-2, anchor=binding, backend="eager")
+        for _ in range(3):
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    with_foreach, _ = run(_all_linear_llama(1))
+    monkeypatch.setattr(eager, "_FOREACH_MM", None)
+    without, opt = run(_all_linear_llama(1))
+    assert all(torch.equal(a, b) for a, b in zip(with_foreach, without))
+    assert any(not torch.equal(a, p0) for a, p0 in zip(without, _all_linear_llama(1)[1]))  # it did step
+    with _OpCounter() as counter:
+        opt.step()
+    assert "aten._foreach_mm.default" not in counter.ops and "aten.mm.default" in counter.ops
+
+
 def test_plan_is_reused_on_ordinary_steps(backend):
     m1 = odd_lora(r=2, device=device_for(backend))
     opt = asft.AsFTAdamW(trainable(m1), lr=1e-2, anchor=odd_anchor(rank=3).bind(m1), backend=backend)
