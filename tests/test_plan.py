@@ -78,19 +78,62 @@ def test_cpp_step_dispatches_the_same_ops_at_14_and_224_pairs():
     assert counts[14] == ["aten.empty.memory_format"], counts[14]
 
 
-def test_eager_step_ops_grow_only_with_the_anchoring_products():
-    """The eager AdamW update is foreach (constant); what grows per pair is a fixed number of
-    matmuls for the anchoring gradient and the next statistics."""
-    per = {}
-    for layers in (1, 2):
-        binding, params = _all_linear_llama(layers)
-        opt = asft.AsFTAdamW(params, lr=1e-3, anchor=binding, backend="eager")
+def _eager_step_ops(layers: int, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The torch ops of one eager step (not the first) on ``_all_linear_llama(layers)`` in ``dtype``."""
+    binding, params = _all_linear_llama(layers)
+    for p in params:
+        p.data = p.data.to(dtype)
+        p.grad = p.grad.to(dtype)
+    opt = asft.AsFTAdamW(params, lr=1e-3, anchor=binding, backend="eager")
+    opt.step()
+    with _OpCounter() as counter:
         opt.step()
-        with _OpCounter() as counter:
+    assert opt.plan_builds == 1
+    return counter.ops
+
+
+@pytest.mark.skipif(not hasattr(torch, "_foreach_mm"), reason="torch before 2.13 has no foreach matmul")
+def test_eager_step_dispatches_the_same_ops_at_14_and_224_pairs():
+    """fp32 (and fp64): the AdamW update, the anchoring products and the next statistics are
+    foreach or batched ops over the bucket, so one step's ops do not depend on the pairs."""
+    small, large = _eager_step_ops(2), _eager_step_ops(32)
+    assert small == large, (len(small), len(large))
+    assert small.count("aten._foreach_mm.default") == 3, small  # B Q_B and H A, U R_B, the statistics
+    assert not any(op.startswith(("aten.mm", "aten.addmm")) for op in small), small
+    assert len(small) <= 30, small
+
+
+@pytest.mark.skipif(not hasattr(torch, "_foreach_mm"), reason="torch before 2.13 has no foreach matmul")
+def test_eager_bf16_step_grows_only_by_the_math_dtype_copies():
+    """A bf16 bucket adds per pair only its fp32 work copies of A and B and their transposes
+    for the statistics."""
+    per = {layers: _eager_step_ops(layers, torch.bfloat16) for layers in (1, 2)}
+    extra = sorted(set(per[2]) - set(per[1]))
+    assert extra == [], extra
+    growth = (len(per[2]) - len(per[1])) / 7
+    assert growth == 4, (growth, per)
+
+
+def test_eager_step_without_foreach_mm_steps_the_same(monkeypatch):
+    """Where torch has no ``_foreach_mm`` (before 2.13) the eager step makes the same products
+    one ``torch.mm`` at a time: the same values, bit for bit."""
+    from asft_kernels.ops import eager
+
+    def run(model_params):
+        binding, params = model_params
+        opt = asft.AsFTAdamW(params, lr=1e-2, anchor=binding, backend="eager")
+        for _ in range(3):
             opt.step()
-        per[len(binding)] = len(counter.ops)
-    growth = (per[14] - per[7]) / 7
-    assert growth <= 10, per
+        return [p.detach().clone() for p in params], opt
+
+    with_foreach, _ = run(_all_linear_llama(1))
+    monkeypatch.setattr(eager, "_FOREACH_MM", None)
+    without, opt = run(_all_linear_llama(1))
+    assert all(torch.equal(a, b) for a, b in zip(with_foreach, without))
+    assert any(not torch.equal(a, p0) for a, p0 in zip(without, _all_linear_llama(1)[1]))  # it did step
+    with _OpCounter() as counter:
+        opt.step()
+    assert "aten._foreach_mm.default" not in counter.ops and "aten.mm.default" in counter.ops
 
 
 def test_plan_is_reused_on_ordinary_steps(backend):

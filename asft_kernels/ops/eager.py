@@ -1,9 +1,13 @@
 """Eager backend: the low-rank anchored AdamW step in plain torch.
 
-Implements the contract of :mod:`asft_kernels.ops.schema` with ordinary torch ops, one
-pair at a time. It is the default implementation of the ``asft::`` ops on every device,
-the fallback when no compiled backend is available, and the readable version of what the
-fused kernels do. Nothing of size ``m × n`` or ``m × m`` is ever created.
+Implements the contract of :mod:`asft_kernels.ops.schema` with ordinary torch ops over
+the lists of a bucket's pairs: ``torch._foreach_*`` ops for the elementwise work and the
+per-pair matmuls (``torch._foreach_mm``), batched matmuls for the stacked terms, so that a
+step dispatches a constant number of torch ops per bucket (fp32/fp64 parameters; a
+bucket of bf16/fp16 parameters adds its per-pair conversions to the math dtype). It is the
+default implementation of the ``asft::`` ops on every device, the fallback when no
+compiled backend is available, and the readable version of what the fused kernels do.
+Nothing of size ``m × n`` or ``m × m`` is ever created.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,6 +26,30 @@ from .schema import AdamWHyper, AnchoredBatch, BucketTensors
 
 def _math(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+_FOREACH_MM = getattr(torch, "_foreach_mm", None)  # torch ≥ 2.13
+
+
+def mm_each(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """``[x @ y for x, y in zip(xs, ys)]`` as new tensors, any shapes: one
+    ``torch._foreach_mm`` op for CPU tensors where torch has it, else one ``torch.mm`` per
+    product (on CUDA, torch sends fp32 ``_foreach_mm`` through a grouped-GEMM path whose
+    precision has not been checked against ``torch.mm`` here, so the eager pairs routed there
+    keep ``torch.mm``)."""
+    if not xs:
+        return []
+    if _FOREACH_MM is not None and xs[0].device.type == "cpu":
+        return _FOREACH_MM(xs, ys)
+    return [torch.mm(x, y) for x, y in zip(xs, ys)]
+
+
+def _in_dtype(ts: list[Tensor], dt: torch.dtype) -> list[Tensor]:
+    """The tensors of ``ts`` (a list of one dtype) in ``dt``: ``ts`` itself when they are
+    already (no per-tensor call), else converted copies."""
+    if not ts or ts[0].dtype == dt:
+        return ts
+    return [t.to(dt) for t in ts]
 
 
 def stats_pass(
@@ -66,7 +95,8 @@ def adamw_foreach_(
 
     Mirrors ``torch.optim.AdamW``'s foreach implementation (decoupled weight decay)
     operation by operation. Returns the values as stored (rounded to the parameter dtype),
-    in the math dtype, for the statistics.
+    in the math dtype, for the statistics: ``params`` themselves, or ``work`` overwritten
+    with them.
     """
     dt = exp_avgs[0].dtype
     same = params[0].dtype == dt
@@ -79,8 +109,11 @@ def adamw_foreach_(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    step_size = [-(lr / (1 - beta1**t)) for t in steps]
-    bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
+    if len(set(steps)) == 1:  # every factor at the same step (the usual case): two numbers, not two lists
+        step_size, bias_correction2_sqrt = -(lr / (1 - beta1**steps[0])), math.sqrt(1 - beta2**steps[0])
+    else:
+        step_size = [-(lr / (1 - beta1**t)) for t in steps]
+        bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
@@ -88,7 +121,8 @@ def adamw_foreach_(
     if same:
         return params
     torch._foreach_copy_(params, work)
-    return [t.to(dt) for t in params]
+    torch._foreach_copy_(work, params)  # the stored (rounded) values, exactly, in the math dtype
+    return work
 
 
 def anchoring_terms(
@@ -152,6 +186,29 @@ class Handle:
     scale_views: tuple = (None, None)  # (scale, its (L, 1, 1) view) of the last step
 
 
+class Views(NamedTuple):
+    """Views :func:`fused_step` would otherwise make every step, made once by :func:`prepare`:
+    ``U`` (m, k) and ``UT`` = Uᵀ in the math dtype; ``BT`` = Bᵀ, ``AT`` = Aᵀ of parameters
+    stored in the math dtype (None otherwise); ``stats`` the bucket's stacked ``P`` (L, k, r),
+    ``G``, ``M`` (L, r, r) that the batch's per-pair statistics are views of. Bᵀ and Aᵀ are
+    views of detached aliases: they follow the in-place updates of the parameters and are no
+    autograd views of them (those would be refused once grad mode is back on)."""
+
+    U: list[Tensor]
+    UT: list[Tensor]
+    BT: list[Tensor] | None
+    AT: list[Tensor] | None
+    stats: tuple[Tensor, Tensor, Tensor]
+
+
+def _views(bucket: BucketTensors) -> Views:
+    dt = bucket.P.dtype
+    same = bucket.B[0].dtype == dt
+    U = _in_dtype(bucket.U, dt)
+    return Views(U, [u.T for u in U], [b.detach().T for b in bucket.B] if same else None,
+                 [a.detach().T for a in bucket.A] if same else None, (bucket.P, bucket.G, bucket.M))
+
+
 def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = None) -> Handle:
     """A :class:`Handle` for ``bucket`` (contract: :mod:`asft_kernels.ops`).
 
@@ -163,14 +220,8 @@ def prepare(bucket: BucketTensors, counters: Tensor, fused: Callable | None = No
     """
     L = len(bucket)
     batch, Q_B, R_B, H = bucket.as_batch(counters)
-    if fused is None:  # this module's update: the transposed views it needs, once
-        dt = bucket.P.dtype
-        same = bucket.B[0].dtype == dt
-        # views of detached aliases: they follow the in-place updates of the parameters and
-        # are no autograd views of them (those would be refused once grad mode is back on)
-        fused = partial(fused_step, transposed=([u.to(dt).T for u in bucket.U],
-                                                [b.detach().T for b in bucket.B] if same else None,
-                                                [a.detach().T for a in bucket.A] if same else None))
+    if fused is None:  # this module's update, with the views it needs made once
+        fused = partial(fused_step, views=_views(bucket))
     train = None
     if bucket.train_A is not None or bucket.train_B is not None:
         train_A = bucket.train_A if bucket.train_A is not None else [True] * L
@@ -221,24 +272,28 @@ def _frozen_factor_step(batch: AnchoredBatch, train_A: list[int], train_B: list[
     dt = b.P[0].dtype
     steps = torch.stack(list(b.step_A) + list(b.step_B)).tolist()
     L = len(b)
-    for hyper, idx, is_a in ((hyper_B, train_B, False), (hyper_A, train_A, True)):
+    B_old, A_old = _in_dtype(b.B, dt), _in_dtype(b.A, dt)  # a bucket has one parameter dtype
+    U = _in_dtype(b.U, dt)
+
+    def pick(xs: list, idx: list[int]) -> list:
+        return [xs[j] for j in idx]
+
+    grads = _anchoring_gradients(pick(B_old, train_B), pick(b.Q_B, train_B), pick(U, train_B),
+                                 pick(b.R_B, train_B), pick(b.grad_B, train_B),
+                                 pick(A_old, train_A), pick(b.H, train_A), pick(b.grad_A, train_A))
+    g_B, g_A = grads[:len(train_B)], grads[len(train_B):]
+    for hyper, idx, g, is_a in ((hyper_B, train_B, g_B, False), (hyper_A, train_A, g_A, True)):
         if not idx:
             continue
-        grads = []
-        for j in idx:
-            if is_a:  # g_A = grad_A + H A
-                grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], b.A[j].to(dt)))
-            else:  # g_B = grad_B + B Q_B − U R_B
-                g = torch.addmm(b.grad_B[j].to(dt), b.B[j].to(dt), b.Q_B[j])
-                grads.append(g.addmm_(b.U[j].to(dt), b.R_B[j], alpha=-1.0))
         if hyper.maximize:
-            torch._foreach_neg_(grads)
-        params = [(b.A if is_a else b.B)[j] for j in idx]
-        m = [(b.exp_avg_A if is_a else b.exp_avg_B)[j] for j in idx]
-        v = [(b.exp_avg_sq_A if is_a else b.exp_avg_sq_B)[j] for j in idx]
+            torch._foreach_neg_(g)
+        params = pick(b.A if is_a else b.B, idx)
+        m = pick(b.exp_avg_A if is_a else b.exp_avg_B, idx)
+        v = pick(b.exp_avg_sq_A if is_a else b.exp_avg_sq_B, idx)
         t = [steps[j if is_a else L + j] for j in idx]
-        adamw_foreach_(params, grads, m, v, t, *hyper.op_args()[:5])  # a bucket has one parameter dtype
-    _write_statistics(b, [t.to(dt) for t in b.B], [t.to(dt) for t in b.A], dt)
+        # B_old/A_old: the parameters themselves, or their copies, left holding the stored values
+        adamw_foreach_(params, g, m, v, t, *hyper.op_args()[:5], work=pick(A_old if is_a else B_old, idx))
+    _write_statistics(b, B_old, A_old, [u.T for u in U])
 
 
 def anchored_step_op(A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, w, scale,
@@ -257,17 +312,16 @@ def supports(dtype: torch.dtype, rank: int) -> bool:
 
 
 def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | None = None, *,
-               transposed: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None) -> None:
+               views: Views | None = None) -> None:
     """Anchored AdamW step for a batch of pairs (contract: :mod:`asft_kernels.ops.schema`).
 
     Per pair ``j``: A (r, n), B (m, r) and their moments are updated in place, and
     ``P`` (k, r), ``G`` (r, r), ``M`` (r, r) receive the statistics of the stored values.
     The AdamW update runs as ``torch.optim.AdamW``'s foreach implementation does, over every
     factor of the batch at once (A with ``hyper_A``, B with ``hyper_B``, default: ``hyper_A``;
-    one foreach pass when they are equal); the anchoring products are a few matmuls per pair.
-    ``transposed``: ``(Uᵀ, Bᵀ, Aᵀ)`` views made once by :func:`prepare` (Uᵀ in the math
-    dtype; Bᵀ, Aᵀ of parameters stored in the math dtype, None otherwise), saving three
-    view ops per pair and step.
+    one foreach pass when they are equal); the anchoring products are foreach matmuls
+    (:func:`mm_each`) over the batch's lists. ``views``: the :class:`Views` of the batch's
+    tensors made once by :func:`prepare` (made here when None).
     """
     hyper_B = hyper_A if hyper_B is None else hyper_B
     if len(batch) == 0:
@@ -282,18 +336,12 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
     dt = b.exp_avg_B[0].dtype
     # the factors in the math dtype: the parameters themselves, or fresh copies that the
     # AdamW update below works on after they served the anchoring gradients
-    B_old = [t.to(dt) for t in b.B]
-    A_old = [t.to(dt) for t in b.A]
-    # Anchoring gradients from the cached statistics (before any update):
-    # g_B = grad_B + B Q_B − U R_B,  g_A = grad_A + H A
-    grads = []
-    for j in range(L):
-        g_b = torch.addmm(b.grad_B[j].to(dt), B_old[j], b.Q_B[j])
-        grads.append(g_b.addmm_(b.U[j].to(dt), b.R_B[j], alpha=-1.0))
-    for j in range(L):
-        grads.append(torch.addmm(b.grad_A[j].to(dt), b.H[j], A_old[j]))
+    B_old, A_old = _in_dtype(b.B, dt), _in_dtype(b.A, dt)
+    U = views.U if views is not None else _in_dtype(b.U, dt)
+    # Anchoring gradients from the cached statistics (before any update), B's then A's
+    grads = _anchoring_gradients(B_old, b.Q_B, U, b.R_B, b.grad_B, A_old, b.H, b.grad_A)
     steps = torch.stack(list(b.step_B) + list(b.step_A)).tolist()
-    params, work = list(b.B) + list(b.A), B_old + A_old
+    params, work = list(b.B) + list(b.A), list(B_old) + list(A_old)
     exp_avgs, exp_avg_sqs = list(b.exp_avg_B) + list(b.exp_avg_A), list(b.exp_avg_sq_B) + list(b.exp_avg_sq_A)
     # one foreach pass over both factors when they share hyperparameters, else B's then A's
     parts = [(hyper_A, slice(0, 2 * L))] if hyper_A == hyper_B else \
@@ -305,21 +353,43 @@ def fused_step(batch: AnchoredBatch, hyper_A: AdamWHyper, hyper_B: AdamWHyper | 
             torch._foreach_neg_(g)
         stored += adamw_foreach_(params[part], g, exp_avgs[part], exp_avg_sqs[part], steps[part],
                                  *hyper.op_args()[:5], work=work[part])
-    # Next step's statistics, from the values as stored.
-    if transposed is not None and stored[0] is b.B[0]:  # the parameters themselves: their views hold
-        UT, BT, AT = transposed
-        for j in range(L):
-            torch.mm(UT[j], stored[j], out=b.P[j])
-            torch.mm(BT[j], stored[j], out=b.G[j])
-            torch.mm(stored[L + j], AT[j], out=b.M[j])
+    # Next step's statistics, from the values as stored (the parameters themselves when
+    # they are in the math dtype: their transposed views hold)
+    UT = views.UT if views is not None else [u.T for u in U]
+    same = stored[0] is b.B[0]
+    BT, AT = (views.BT, views.AT) if views is not None and same else (None, None)
+    _write_statistics(b, stored[:L], stored[L:], UT, BT, AT, views.stats if views is not None else None)
+
+
+def _anchoring_gradients(B: list[Tensor], Q_B: list[Tensor], U: list[Tensor], R_B: list[Tensor],
+                         grad_B: list[Tensor], A: list[Tensor], H: list[Tensor], grad_A: list[Tensor]) -> list[Tensor]:
+    """The gradients of task + R, new tensors in the math dtype: per pair of the B lists
+    ``g_B = grad_B + B Q_B − U R_B`` (m, r), then per pair of the A lists ``g_A = grad_A + H A``
+    (r, n). Factors, terms and ``U`` in the math dtype; task gradients in their parameter dtype
+    (unchanged). Four torch ops whatever the number of pairs (:func:`mm_each`)."""
+    if not (B or A):
+        return []
+    grads = mm_each(list(B) + list(H), list(Q_B) + list(A))  # B Q_B, H A
+    torch._foreach_add_(grads, list(grad_B) + list(grad_A))  # a bf16/fp16 gradient is promoted exactly
+    if B:
+        torch._foreach_sub_(grads[:len(B)], mm_each(U, R_B))
+    return grads
+
+
+def _write_statistics(b: AnchoredBatch, B_new: list[Tensor], A_new: list[Tensor], UT: list[Tensor],
+                      BT: list[Tensor] | None = None, AT: list[Tensor] | None = None,
+                      stacked: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    """``P = Uᵀ B'``, ``G = B'ᵀ B'``, ``M = A' A'ᵀ`` of every pair into the batch's buffers, from
+    the stored factors ``B_new``, ``A_new`` in the math dtype and ``UT`` = Uᵀ in it (``BT``,
+    ``AT``: B'ᵀ and A'ᵀ when the caller holds them; ``stacked``: the (L, ·, ·) tensors the
+    batch's ``P``, ``G``, ``M`` are views of, when known). One :func:`mm_each`, then one foreach
+    copy or three stacks into ``stacked``, plus the transposes not given."""
+    L = len(B_new)
+    BT = [t.T for t in B_new] if BT is None else BT
+    AT = [t.T for t in A_new] if AT is None else AT
+    new = mm_each([*UT, *BT, *A_new], [*B_new, *B_new, *AT])
+    if stacked is None:
+        torch._foreach_copy_([*b.P, *b.G, *b.M], new)
         return
-    _write_statistics(b, stored[:L], stored[L:], dt)
-
-
-def _write_statistics(b: AnchoredBatch, B_new: list[Tensor], A_new: list[Tensor], dt: torch.dtype) -> None:
-    """``P = Uᵀ B'``, ``G = B'ᵀ B'``, ``M = A' A'ᵀ`` of every pair into the batch's buffers,
-    from the stored factors ``B_new``, ``A_new`` in the math dtype ``dt``."""
-    for j, (b_new, a_new) in enumerate(zip(B_new, A_new)):
-        torch.mm(b.U[j].to(dt).T, b_new, out=b.P[j])
-        torch.mm(b_new.T, b_new, out=b.G[j])
-        torch.mm(a_new, a_new.T, out=b.M[j])
+    for i, out in enumerate(stacked):  # one copy kernel each, cheaper than a foreach copy of 3L tensors
+        torch.stack(new[i * L:(i + 1) * L], out=out)
