@@ -1,4 +1,4 @@
-"""Shared fixtures: the backends that can run on this machine, the device of the Triton kernel tests, tiny PEFT models."""
+"""Shared fixtures: the backends that can run here, the device of the Triton kernel tests, tiny PEFT models."""
 
 from __future__ import annotations
 
