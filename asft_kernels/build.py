@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,12 @@ from .errors import AnchorFileError, AnchorMismatchError, AsFTError
 
 ALL_LINEAR = "all-linear"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _RankCapWarning(UserWarning):
+    """:func:`build_anchor`'s warning that ``rank`` caps k below what ``tolerance`` needs; its
+    own category so that the ``build`` command, which says it in its summary line, can silence
+    exactly this warning."""
 
 
 @dataclass(frozen=True)
@@ -365,13 +372,11 @@ def build_anchor(
     if tolerance is not None:
         over = {n: info["paper_bound"] for n, info in per_module.items() if info["paper_bound"] > tolerance}
         if over:
-            import warnings
-
             listed = ", ".join(f"{n} (k = {per_module[n]['rank']}, bound {b:.3g})" for n, b in list(over.items())[:5])
             warnings.warn(f"build_anchor: rank={rank} caps k below what tolerance={tolerance:g} needs in "
                           f"{len(over)} module(s): {listed}; their dropped directions change R by up to the "
                           "bound stored in metadata['per_module'][name]['paper_bound'] times ||BA||_F^2",
-                          UserWarning, stacklevel=2)
+                          _RankCapWarning, stacklevel=2)
     anchor = AlignmentAnchor(entries, metadata)
     anchor.timings = {"seconds": time.perf_counter() - start, "per_module": seconds}
     return anchor
@@ -439,24 +444,23 @@ def _parse_rank(text: str) -> int | None:
     return rank
 
 
-def _parse_energy(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], got {text!r}")
-    return value
+def _float_where(accept, expected: str):
+    """An argparse type: the float ``text`` names when ``accept(value)`` holds (text that is no
+    number reads as NaN), else an error ``"<expected>, got <text>"``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _parse_tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0.0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"tolerance must be a finite number >= 0, got {text!r}")
-    return value
+_parse_energy = _float_where(lambda v: 0.0 < v <= 1.0, "energy must be a number in (0, 1]")
+_parse_tolerance = _float_where(lambda v: v >= 0.0 and v != float("inf"), "tolerance must be a finite number >= 0")
 
 
 def _int_at_least(low: int, high: int | None = None):
@@ -499,10 +503,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     rank = args.rank
     if rank is _DEFAULT_RANK:
         rank = None if args.tolerance is not None else 64
-    import warnings
-
     with warnings.catch_warnings():  # a rank that caps the tolerance is said in the summary line below
-        warnings.filterwarnings("ignore", message="build_anchor: rank=", category=UserWarning)
+        warnings.simplefilter("ignore", _RankCapWarning)
         anchor = build_anchor(args.aligned, args.base, targets, rank=rank, energy=args.energy,
                               dtype=_DTYPES[args.dtype], device=args.device, progress=not args.no_progress,
                               method=args.method, oversample=args.oversample, niter=args.niter, seed=args.seed,

@@ -199,27 +199,19 @@ def ratio(num: Measurement | None, den: Measurement | float | None) -> float | N
     return num.median_s / d if d > 0 else None
 
 
+def _rounded(value: float, most_decimals: int) -> str:
+    """``value`` with 0 decimals (thousands separated) from 100 on, 1 from 10, 2 from 1, 3
+    below, but never more than ``most_decimals``."""
+    decimals = min(0 if value >= 100 else 1 if value >= 10 else 2 if value >= 1 else 3, most_decimals)
+    return f"{value:,.0f}" if decimals == 0 else f"{value:.{decimals}f}"
+
+
 def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    ms = seconds * 1e3
-    if ms >= 100:
-        return f"{ms:,.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
+    return "—" if seconds is None else _rounded(seconds * 1e3, 3)
 
 
 def _x(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if value >= 100:
-        return f"{value:,.0f}×"
-    if value >= 10:
-        return f"{value:.1f}×"
-    return f"{value:.2f}×"
+    return "—" if value is None else _rounded(value, 2) + "×"
 
 
 def _bytes(nbytes: int | None) -> str:

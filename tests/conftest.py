@@ -1,4 +1,4 @@
-"""Shared fixtures: the backends that can run on this machine, tiny PEFT models."""
+"""Shared fixtures: the backends that can run here, the device of the Triton kernel tests, tiny PEFT models."""
 
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ def device_for(backend: str) -> torch.device:
     references stay on the CPU; compare after ``.cpu()``."""
     if backend == "triton" and torch.cuda.is_available():
         return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def device(monkeypatch) -> torch.device:
+    """Where the tests of the Triton backend's kernels run: CUDA when present, else CPU tensors
+    under the Triton interpreter (``TRITON_INTERPRET=1`` for the test)."""
+    if torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        return torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     return torch.device("cpu")
 
 

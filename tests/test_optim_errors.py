@@ -28,6 +28,16 @@ def _assert_unchanged(model, opt, snap):
             assert torch.equal(now[pid][k], v)
 
 
+def _swap(opt, lora, old, new):
+    """Puts ``new`` where ``old`` is, in the LoRA layer (``lora["default"].weight``) and in the
+    optimizer's param groups, as a parameter swap (accelerate, FSDP) does."""
+    lora["default"].weight = new
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+
+
 def _stepped(backend="eager", lam=1.0):
     anchor = odd_anchor(rank=3)
     model = odd_lora(r=2)
@@ -100,11 +110,7 @@ def test_mixed_dtype_pair_changes_nothing():
     old = pair.A
     new = torch.nn.Parameter(old.detach().float())
     new.grad = torch.zeros_like(new)
-    pair.module.lora_A["default"].weight = new
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
+    _swap(opt, pair.module.lora_A, old, new)
     with pytest.raises(asft.OptimizerInputError, match=r"down.*float32.*float64"):
         opt.step()
     params, state = snap
@@ -121,18 +127,10 @@ def test_wrong_shape_parameter_changes_nothing():
     bad = torch.nn.Parameter(torch.zeros(pair.B.shape[0] + 1, pair.B.shape[1], dtype=torch.float64))
     bad.grad = torch.zeros_like(bad)
     old_b = pair.B
-    pair.module.lora_B["default"].weight = bad  # in the model and in the optimizer, as a swap does
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old_b:
-                group["params"][i] = bad
+    _swap(opt, pair.module.lora_B, old_b, bad)
     with pytest.raises(asft.OptimizerInputError, match=r"up.*\(38, 2\)"):
         opt.step()
-    pair.module.lora_B["default"].weight = old_b
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is bad:
-                group["params"][i] = old_b
+    _swap(opt, pair.module.lora_B, bad, old_b)
     _assert_unchanged(model, opt, snap)
 
 

@@ -43,16 +43,6 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 SHAPES = [(37, 53, 3, 5), (37, 53, 1, 1), (70, 20, 4, 40), (65, 17, 17, 4), (1, 9, 2, 1)]
 
 
-@pytest.fixture
-def device(monkeypatch) -> torch.device:
-    """CUDA when present, else CPU tensors under the Triton interpreter."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        return torch.device("cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return torch.device("cpu")
-
-
 def _pairs(shapes, dtype, device, seed=0, basis_dtype=torch.float32):
     """Per-pair contract inputs: params of ``dtype``, fp32 state, orthonormal U."""
     g = torch.Generator().manual_seed(seed)

@@ -215,6 +215,29 @@ def test_u_products_use_tensor_cores_on_sm90(block_r, udt):
     assert not tensor_core.search(sass(compile_kernel(T._p_tile_kernel, const, options, 90).asm["cubin"]))
 
 
+def test_launched_wrapper_binds_the_compiled_device_function(monkeypatch):
+    """The wrapper the backend launches on a GPU (``jitted`` with the interpreter off) is made
+    from a copy of the kernel whose globals name the compiled ``_u_dot``; it compiles (bf16 U
+    at a tensor-core precision: the three-part split) to the registers of the plain kernel."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel = T.jitted(T._factor_kernel)
+    assert type(kernel).__name__ == "JITFunction"
+    assert type(kernel.fn.__globals__["_u_dot"]).__name__ == "JITFunction"
+    const, options = factor_variant(16, False, True, tl.float32, tl.bfloat16, (TC_PRECISIONS or ["ieee"])[0],
+                                    split=False)
+    src = ASTSource(kernel, _signature(T._factor_kernel, const), const)
+    launched = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    plain = compile_kernel(T._factor_kernel, const, options, 90)
+    assert launched.asm["ttgir"].count("tt.dot") == plain.asm["ttgir"].count("tt.dot") > 0
+    if os.path.exists(CUOBJDUMP):
+        assert resource_usage(launched.asm["cubin"]) == resource_usage(plain.asm["cubin"])
+    # switched on at run time, the interpreter gets a wrapper that calls the interpreted _u_dot
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = T.jitted(T._factor_kernel)
+    assert type(interpreted).__name__ == "InterpretedFunction"
+    assert type(interpreted.fn.__globals__["_u_dot"]).__name__ == "InterpretedFunction"
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_reduce_kernel_compiles_without_spills(arch):
     kernel = compile_kernel(T._reduce_kernel, {"BLOCK": T.REDUCE_BLOCK}, REDUCE_OPTIONS, arch)

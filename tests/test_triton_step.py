@@ -34,16 +34,6 @@ HYPER_A = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.1, False)
 HYPER_B = AdamWHyper(4e-2, 0.8, 0.99, 1e-6, 0.0, False)  # LoRA+: B's own lr, betas, decay
 
 
-@pytest.fixture
-def device(monkeypatch) -> torch.device:
-    """CUDA when present, else CPU tensors under the Triton interpreter."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        return torch.device("cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return torch.device("cpu")
-
-
 class Bucket:
     """The tensors of one bucket as the plan keeps them, plus a float64 copy (the reference)."""
 

@@ -29,11 +29,16 @@ handed in precomputed to ``fused_step``)::
 
 The kernels are plain functions wrapped by ``triton.jit`` on first launch (:func:`jitted`):
 Triton decides at decoration time whether a function is compiled or interpreted, and tests
-switch the interpreter on after this module is imported. They call only built-in ``tl``
-functions for the same reason.
+switch the interpreter on after this module is imported. For the same reason the one device
+function they call, :func:`_u_dot` (the products with U), is bound by :func:`jitted` to its
+wrapper of the kernel's mode: a compiled kernel cannot call an interpreted function, nor the
+interpreter a compiled one. Otherwise they call only built-in ``tl`` functions.
 """
 
 from __future__ import annotations
+
+import functools
+import types
 
 import triton
 import triton.language as tl
@@ -77,6 +82,36 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+@triton.jit
+def _u_dot(u, x, acc, U_DTYPE: tl.constexpr, U_PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """``acc + u x``: a product with U, as every kernel computes it (``U R_B`` and ``Uᵀ B'``).
+
+    ``u`` (p, q) is a block of U or of Uᵀ in ``U_DTYPE``, ``x`` (q, s) and ``acc`` (p, s) are
+    fp32. ``U_PRECISION`` is the ``tl.dot`` precision of the product. With a bf16 U and a
+    precision other than ``"ieee"``, ``x`` is split into three bf16 parts, ``x = hi + mid +
+    lo`` (exact to fp32 accuracy; U is exact in bf16), and the three products run on bf16
+    tensor cores (``NATIVE_BF16``); without ``NATIVE_BF16`` (the interpreter, whose dot
+    multiplies bf16 storage bits) the same exact products run in fp32.
+    """
+    if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
+        hi = x.to(tl.bfloat16)
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        if NATIVE_BF16:
+            acc = tl.dot(u, hi, acc)
+            acc = tl.dot(u, mid, acc)
+            acc = tl.dot(u, lo, acc)
+        else:
+            uf = u.to(tl.float32)
+            acc = tl.dot(uf, hi.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(uf, mid.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(uf, lo.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(u.to(tl.float32), x, acc, input_precision=U_PRECISION)
+    return acc
+
+
 def _factor_kernel(
     pairs,  # int64 (n_pairs, PAIR_FIELDS): addresses and sizes
     scalars,  # fp32 (n_pairs, SCALAR_FIELDS): AdamW scalars of both factors, gradient scale, write switch
@@ -115,10 +150,11 @@ def _factor_kernel(
     the write switch (0: nothing is stored, as a fused AdamW step skipped on ``found_inf``).
     The gradient scale is stored as its reciprocal and multiplied: exactly the division for
     the powers of 2 a ``GradScaler`` uses, within one rounding for other scales.
-    ``U_PRECISION`` is the ``tl.dot`` precision of the products with U; with a bf16 U and a
-    precision other than ``"ieee"``, the fp32 operand is split into three bf16 parts so that
-    the products run on bf16 tensor cores at fp32 accuracy (``NATIVE_BF16``; off under the
-    interpreter, whose dot multiplies bf16 storage bits: the same exact products in fp32).
+    ``U_PRECISION`` is the ``tl.dot`` precision of the products with U (:func:`_u_dot`); with a
+    bf16 U and a precision other than ``"ieee"``, the fp32 operand is split into three bf16
+    parts so that the products run on bf16 tensor cores at fp32 accuracy (``NATIVE_BF16``; off
+    under the interpreter, whose dot multiplies bf16 storage bits: the same exact products in
+    fp32).
 
     Partials go to the program's scratch block: ``P_s`` (k, r, with ``P_SPLIT``) then ``G_s``
     (r, r) for B, ``M_s`` (r, r) for A. All math in fp32; the statistics use the values as
@@ -198,23 +234,7 @@ def _factor_kernel(
                                 mask=mask_m[:, None] & (ck < k)[None, :], other=0.0)
                     rb = tl.load(rb_ptr + ck[:, None] * r + offs_r[None, :],
                                  mask=(ck < k)[:, None] & mask_r[None, :], other=0.0)
-                    if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
-                        # U is exact in bf16: rb = hi + mid + lo in bf16 parts, three bf16 products
-                        hi = rb.to(tl.bfloat16)
-                        rest = rb - hi.to(tl.float32)
-                        mid = rest.to(tl.bfloat16)
-                        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-                        if NATIVE_BF16:
-                            u_rb = tl.dot(u, hi, u_rb)
-                            u_rb = tl.dot(u, mid, u_rb)
-                            u_rb = tl.dot(u, lo, u_rb)
-                        else:  # the same exact products in fp32 (the interpreter's bf16 dot is not)
-                            uf = u.to(tl.float32)
-                            u_rb = tl.dot(uf, hi.to(tl.float32), u_rb, input_precision="ieee")
-                            u_rb = tl.dot(uf, mid.to(tl.float32), u_rb, input_precision="ieee")
-                            u_rb = tl.dot(uf, lo.to(tl.float32), u_rb, input_precision="ieee")
-                    else:
-                        u_rb = tl.dot(u.to(tl.float32), rb, u_rb, input_precision=U_PRECISION)
+                    u_rb = _u_dot(u, rb, u_rb, U_DTYPE, U_PRECISION, NATIVE_BF16)
                 g = g - u_rb
             # AdamW, operation by operation as torch.optim.AdamW (single-tensor path).
             g = g * grad_sign
@@ -260,23 +280,7 @@ def _factor_kernel(
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
                 u = tl.load(u_base + offs_m[:, None] * k + ck[None, :],
                             mask=mask_m[:, None] & (ck < k)[None, :], other=0.0)
-                if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
-                    hi = x.to(tl.bfloat16)
-                    rest = x - hi.to(tl.float32)
-                    mid = rest.to(tl.bfloat16)
-                    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-                    ut = tl.trans(u)
-                    if NATIVE_BF16:
-                        acc_p = tl.dot(ut, hi, acc_p)
-                        acc_p = tl.dot(ut, mid, acc_p)
-                        acc_p = tl.dot(ut, lo, acc_p)
-                    else:
-                        ut = ut.to(tl.float32)
-                        acc_p = tl.dot(ut, hi.to(tl.float32), acc_p, input_precision="ieee")
-                        acc_p = tl.dot(ut, mid.to(tl.float32), acc_p, input_precision="ieee")
-                        acc_p = tl.dot(ut, lo.to(tl.float32), acc_p, input_precision="ieee")
-                else:
-                    acc_p = tl.dot(tl.trans(u.to(tl.float32)), x, acc_p, input_precision=U_PRECISION)
+                acc_p = _u_dot(tl.trans(u), x, acc_p, U_DTYPE, U_PRECISION, NATIVE_BF16)
             tl.store(scratch + out + ck[:, None] * r + offs_r[None, :], acc_p,
                      mask=(ck < k)[:, None] & mask_r[None, :])
     else:
@@ -325,23 +329,7 @@ def _p_tile_kernel(
         u = tl.load(u_base + offs_m[:, None] * k + ck[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(b_ptr + offs_m[:, None] * r + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
                     other=0.0).to(tl.float32)
-        if (U_DTYPE == tl.bfloat16) and (U_PRECISION != "ieee"):
-            hi = x.to(tl.bfloat16)
-            rest = x - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            ut = tl.trans(u)
-            if NATIVE_BF16:
-                acc = tl.dot(ut, hi, acc)
-                acc = tl.dot(ut, mid, acc)
-                acc = tl.dot(ut, lo, acc)
-            else:
-                ut = ut.to(tl.float32)
-                acc = tl.dot(ut, hi.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(ut, mid.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(ut, lo.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(u.to(tl.float32)), x, acc, input_precision=U_PRECISION)
+        acc = _u_dot(tl.trans(u), x, acc, U_DTYPE, U_PRECISION, NATIVE_BF16)
     tl.store(p_ptr + ck[:, None] * r + offs_r[None, :], acc,
              mask=tl.where(mask_k[:, None] & mask_r[None, :], keep, 0.0) != 0.0)
 
@@ -474,12 +462,24 @@ def _reduce_kernel(
 
 
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
+# The device functions the kernels call, by name: decorated at import (for the mode of that
+# moment), rebound by jitted() to the wrapper of the kernel's mode.
+_DEVICE_FUNCTIONS = ("_u_dot",)
 
 
 def jitted(fn):
     """``triton.jit(fn)`` for the current mode (compiled, or interpreted when
-    ``TRITON_INTERPRET=1``), created once per mode."""
+    ``TRITON_INTERPRET=1``), created once per mode. A kernel's wrapper sees the device
+    functions (:data:`_DEVICE_FUNCTIONS`) wrapped for the same mode: it is made from a copy of
+    ``fn`` whose globals name those wrappers."""
     key = (fn.__name__, _interpreting())
     if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = triton.jit(fn)
+        if fn.__name__ in _DEVICE_FUNCTIONS:
+            _JIT_CACHE[key] = triton.jit(fn)
+        else:
+            scope = dict(fn.__globals__)
+            for name in _DEVICE_FUNCTIONS:
+                scope[name] = jitted(globals()[name].fn)
+            bound = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+            _JIT_CACHE[key] = triton.jit(functools.update_wrapper(bound, fn))
     return _JIT_CACHE[key]
