@@ -8,10 +8,10 @@ printed too; the ratios use medians). By default the caches are flushed before e
 * ``cpp kernel`` / ``eager kernel``: one ``fused_step`` call of the backend on all pairs;
 * ``cpp step`` / ``eager step``: ``AsFTAdamW(..., backend=...).step()`` (what a user runs:
   kernel + the optimizer's r×r math and bookkeeping);
-* ``cpp call``: the C++ call of each bucket alone (``asft_kernels.ops.cpp.step`` on the
-  prepared handles of an optimizer's plan: counters, anchoring terms, fused pass); ``cpp
-  step`` − ``cpp call`` is the time the step spends outside the C++ call (Python, plan
-  checks, gradient gathering), printed as "outside the C++ call";
+* "outside the C++ call": per ``cpp step`` sample, its time minus the time of its buckets'
+  C++ calls (``asft_kernels.ops.cpp.step`` on the plan's prepared handles: counters,
+  anchoring terms, fused pass), timed inside the same step; the median over the samples
+  (Python, plan checks, gradient gathering, step hooks);
 * ``adamw fused``: ``torch.optim.AdamW(fused=True).step()`` on the same parameters, no anchor;
 * ``floor (copy_)``: the bytes a step must move (AdamW's 7 fp32 accesses per LoRA element: read
   p, g, m, v, write p, m, v; plus one read of every U) at the bandwidth of a ``copy_`` that
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import hashlib
 import os
@@ -214,21 +215,20 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
         for p in params:
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
         optimizers[backend] = asft.AsFTAdamW(params, lr=1e-4, anchor=binding, backend=backend)
-    # the C++ call of each bucket alone, on a third copy's prepared handles
-    from asft_kernels.plan import hyper_of
+    # the C++ call of each bucket inside the cpp step, timed where the plan makes it
+    inside = [0.0]
 
-    params_op, binding_op, _ = _model(m, n, r, k, layers)
-    for p in params_op:
-        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
-    opt_op = asft.AsFTAdamW(params_op, lr=1e-4, anchor=binding_op, backend="cpp")
-    opt_op.step()  # builds the plan and its handles
-    group = opt_op.param_groups[0]
-    calls = [(b.handle, b.grads(), b.scale_for(float(group["anchor_lambda"]))) for b in opt_op._plan.buckets]
-    hyper_op = hyper_of(group)
+    def recorded(step):
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = step(*args)
+            inside[0] += time.perf_counter() - t0
+            return out
+        return timed
 
-    def cpp_call():
-        for handle, (grad_A, grad_B), scale in calls:
-            cpp.step(handle, grad_A, grad_B, scale, hyper_op, hyper_op)
+    optimizers["cpp"].step()  # builds the plan and its handles
+    for bucket in optimizers["cpp"]._plan.buckets:
+        bucket.backend = dataclasses.replace(bucket.backend, step=recorded(bucket.backend.step))
 
     plain = [p.detach().clone().requires_grad_() for p in params]
     for p, q in zip(params, plain):
@@ -252,7 +252,6 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
         "cpp kernel": kernel(cpp.fused_step, kernel_cols["cpp"]),
         "eager kernel": kernel(eager.fused_step, kernel_cols["eager"]),
         "cpp step": optimizers["cpp"].step,
-        "cpp call": cpp_call,
         "eager step": optimizers["eager"].step,
         "adamw fused": opt_adamw.step,
         "floor (copy_)": lambda: dst.copy_(src),
@@ -266,13 +265,17 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     # cold: every sample starts after writing a buffer twice the size of the L3 cache, as a
     # step does after forward/backward; warm: back-to-back calls of one provider
     flush_caches = cache_flusher() if flush else None
+    outside = []  # per cpp step: its time minus its C++ calls'
     for _ in range(repeats):
         for name, fn in providers.items():
             if flush_caches:
                 flush_caches()
             else:
                 fn()
+            inside[0] = 0.0
             times[name].append(_time(fn))
+            if name == "cpp step":
+                outside.append(times[name][-1] - inside[0])
     gc.enable()
     med = {name: statistics.median(ts) for name, ts in times.items()}
     bw = floor_bytes / med["floor (copy_)"]
@@ -282,9 +285,9 @@ def run(label, m, n, r, k, layers, repeats, warmup, flush=True, peak=None):
     print(f"  {'':14s} {'median':>9s}    {'min':>9s}")
     for name, t in med.items():
         print(f"  {name:14s} {t * 1e3:9.3f} ms {min(times[name]) * 1e3:9.3f} ms")
-    outside = med["cpp step"] - med["cpp call"]
-    print(f"  outside the C++ call         = {outside * 1e3:.3f} ms "
-          f"({outside / med['cpp step'] * 100:.1f} % of the cpp step)")
+    med["outside"] = statistics.median(outside)
+    print(f"  outside the C++ call         = {med['outside'] * 1e3:.3f} ms "
+          f"({med['outside'] / med['cpp step'] * 100:.1f} % of the cpp step; median per step)")
     print(f"  cpp step / eager step        = {med['cpp step'] / med['eager step']:.3f}")
     print(f"  cpp kernel / eager kernel    = {med['cpp kernel'] / med['eager kernel']:.3f}")
     print(f"  cpp step / floor             = {med['cpp step'] / med['floor (copy_)']:.3f}")
