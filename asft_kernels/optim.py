@@ -48,9 +48,9 @@ def _step_with_hooks(step):
     the profiler's step-code marker, the post-hooks, all inside a ``record_function`` named
     ``Optimizer.step#<class>.step``. The difference: the ``record_function`` is entered
     only while a profiler runs. Outside profiling it records nothing, but entering it (two
-    dispatched ``profiler`` ops) made torch's wrapper cost 85–195 µs per C++ step more than
-    this one with the caches cold after forward/backward and 16–144 µs warm: 6–16 % of the
-    step at 14 and 56 small pairs (``bench/step_hooks.py``; docs/architecture.md, "Step hooks").
+    dispatched ``profiler`` ops) made torch's wrapper cost 84–178 µs per C++ step more than
+    this one with the caches cold after forward/backward and 34–59 µs warm: 3–17 % of the
+    step (``bench/step_hooks.py``; docs/architecture.md, "Step hooks").
     Marked ``hooked`` so that ``Optimizer`` does not wrap it a second time; a subclass that
     overrides ``step`` gets torch's wrapper, and its ``super().step()`` runs no hooks again
     (torch's own wrapper would run them twice there once a plain ``AdamW`` exists).
