@@ -133,11 +133,16 @@ VARIANTS = variants_for("cpu")
 
 
 def measure(layers: int, steps: int, rounds: int, device: str | torch.device = "cpu") -> dict:
-    """One row: medians over ``rounds`` interleaved rounds of ``steps`` steps per variant."""
-    _, binding, params = anchored_model(layers, device=device)
+    """One row: medians over ``rounds`` interleaved rounds of ``steps`` steps per variant.
+    Each variant steps its own copy of the model (same seed: the same parameters and
+    gradients): on shared parameters an anchored optimizer would see the others' writes and
+    recompute every pair's statistics at its first step of each round."""
     variants = variants_for(device)
     fused = compiled_backend(device)
-    opts = {v: make_optimizer(v, params, binding) for v in variants}
+    opts = {}
+    for v in variants:
+        _, binding, params = anchored_model(layers, device=device)
+        opts[v] = make_optimizer(v, params, binding)
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):  # interleaved, so a load change hits every variant alike
         for v, opt in opts.items():
