@@ -7,7 +7,8 @@ has a fixed random gradient; a step is the optimizer's work only.
 
 Reported, in one run: the median step time of ``torch.optim.AdamW(fused=True)``,
 ``AdamW(foreach=True)``, ``AsFTAdamW`` with the compiled backend of the device (C++ on CPU,
-Triton on CUDA) and the eager backend, their ratios, the number of torch ops one step
+Triton on CUDA) and the eager backend, their ratios (the median of the ratios within each
+interleaved round), the number of torch ops one step
 dispatches (a ``TorchDispatchMode`` counter) and how many times the step plan was built.
 On CUDA every timed step ends with ``torch.cuda.synchronize()``.
 
@@ -150,8 +151,11 @@ def measure(layers: int, steps: int, rounds: int, device: str | torch.device = "
     row = {"layers": layers, "pairs": len(binding), "params": len(params)}
     for v in variants:
         row[f"{v}_ms"] = round(statistics.median(samples[v]), 4)
-    row[f"{fused}_over_fused"] = round(row[f"{fused}_ms"] / row["adamw_fused_ms"], 3)
-    row["eager_over_foreach"] = round(row["eager_ms"] / row["adamw_foreach_ms"], 3)
+    # ratios paired by round (the median of the rounds' ratios), so a load change between
+    # rounds does not enter them
+    for name, (num, den) in ((f"{fused}_over_fused", (fused, "adamw_fused")),
+                             ("eager_over_foreach", ("eager", "adamw_foreach"))):
+        row[name] = round(statistics.median(a / b for a, b in zip(samples[num], samples[den])), 3)
     for v in (fused, "eager", "adamw_fused"):
         row[f"{v}_ops_per_step"] = ops_per_step(opts[v])
     row[f"{fused}_plan_builds"] = opts[fused].plan_builds
@@ -173,8 +177,8 @@ def machine() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32], help="decoder layers (7 pairs each)")
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median of their medians is kept")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=25, help="interleaved rounds; times: the median of their medians; ratios: the median of their ratios")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
     ap.add_argument("--device", default="cpu", help="cpu (C++ backend) or cuda (triton backend)")
