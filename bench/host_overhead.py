@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32], help="decoder layers (7 pairs each)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=25, help="interleaved rounds; times: the median of their medians; ratios: the median of their ratios")
+    ap.add_argument("--rounds", type=int, default=25,
+                    help="interleaved rounds; times: the median of their medians; ratios: the median of their ratios")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
     ap.add_argument("--device", default="cpu", help="cpu (C++ backend) or cuda (triton backend)")
