@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import os
+import sys
 
 import torch
 from torch import nn
@@ -185,3 +187,21 @@ def swap_parameters(model, opt):
             if p in opt.state:
                 opt.state[new] = opt.state.pop(p)
             group["params"][i] = new
+
+
+def refuse_host_reads(monkeypatch, root: str) -> None:
+    """Patch ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy`` and the conversions
+    ``float()``, ``int()``, ``bool()`` (a Python branch on a tensor) to raise when called
+    from code under the folder ``root`` (the Triton interpreter itself copies tensors to the
+    host, so calls from elsewhere pass)."""
+    root = os.path.abspath(root)
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.abspath(caller).startswith(root):
+                raise AssertionError(f"Tensor.{_name} called from {caller}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)

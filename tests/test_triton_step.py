@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 
 import pytest
 import torch
-from helpers import OpCounter, rel_err
+from helpers import OpCounter, refuse_host_reads, rel_err
 from torch.utils._python_dispatch import _disable_current_modes
 
 from asft_kernels.errors import OptimizerInputError
@@ -270,22 +269,6 @@ def test_bad_inputs_are_refused_before_any_write(device):
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(T.__file__)))
 
 
-def _refuse_host_reads(monkeypatch):
-    """Patch ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy`` and the conversions
-    ``float()``, ``int()``, ``bool()`` (a Python branch on a tensor) to raise when called
-    from the project's code (the interpreter itself copies tensors to the host)."""
-    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def guarded(self, *args, _original=original, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if os.path.abspath(caller).startswith(_PROJECT):
-                raise AssertionError(f"Tensor.{_name} called from {caller}")
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
-
-
 def test_warm_step_reads_nothing_back_and_dispatches_a_constant_number_of_ops(device, monkeypatch):
     """A warm step of 2 and of 12 pairs (the plan's stacked layout, a tensor lr, a gradient
     scale and found_inf): no ``.item()``/``.tolist()``/``.cpu()`` from the project's code, the
@@ -317,7 +300,7 @@ def test_warm_step_reads_nothing_back_and_dispatches_a_constant_number_of_ops(de
             return Recorder()
 
         with monkeypatch.context() as patch:
-            _refuse_host_reads(patch)
+            refuse_host_reads(patch, _PROJECT)
             patch.setattr(L, "jitted", counting)
             with OpCounter() as ops:
                 L.step(handle, gA, gB, *args, **flags)
