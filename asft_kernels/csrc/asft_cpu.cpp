@@ -981,6 +981,28 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   return {Ps, Gs, Ms};
 }
 
+// Checks the moments of pair j (math dtype `acc`, the shapes of A (r, n) and B (m, r)) and
+// points `pv` at the pair's factors, moments and basis (U in the math dtype: converted into
+// `keep` when it is not already). Gradients, step values, statistics outputs and scratch are
+// the caller's.
+void view_pair(PairView& pv, size_t j, const at::Tensor& A, const at::Tensor& B, const at::Tensor& exp_avg_A,
+               const at::Tensor& exp_avg_sq_A, const at::Tensor& exp_avg_B, const at::Tensor& exp_avg_sq_B,
+               const at::Tensor& U, int64_t m, int64_t n, int64_t r, int64_t k, at::ScalarType acc,
+               std::vector<at::Tensor>& keep) {
+  check_tensor(exp_avg_A, "exp_avg_A", j, {r, n}, acc, true);
+  check_tensor(exp_avg_sq_A, "exp_avg_sq_A", j, {r, n}, acc, true);
+  check_tensor(exp_avg_B, "exp_avg_B", j, {m, r}, acc, true);
+  check_tensor(exp_avg_sq_B, "exp_avg_sq_B", j, {m, r}, acc, true);
+  pv.A = A.data_ptr();
+  pv.B = B.data_ptr();
+  pv.exp_avg_A = exp_avg_A.data_ptr();
+  pv.exp_avg_sq_A = exp_avg_sq_A.data_ptr();
+  pv.exp_avg_B = exp_avg_B.data_ptr();
+  pv.exp_avg_sq_B = exp_avg_sq_B.data_ptr();
+  pv.U = basis_in(U, acc, keep);
+  pv.m = m, pv.n = n, pv.r = r, pv.k = k;
+}
+
 // The lists of one fused call, in the op schema's order.
 struct FusedArgs {
   at::TensorList A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B, H,
@@ -996,10 +1018,8 @@ struct FusedCall {
 };
 
 // Validates every list entry of a fused call (nothing is written) and sets up its pairs.
-// `step_increment`: added to every step counter before it is used (the counters are
-// written by the caller only after this returns), so it is checked as t + increment ≥ 1.
-// `terms_out`: Q_B, R_B, H are outputs (contiguous), else inputs of any strides.
-FusedCall prepare_fused(const FusedArgs& a, double step_increment, bool terms_out) {
+// The step counters are already incremented; Q_B, R_B, H are inputs of any strides.
+FusedCall prepare_fused(const FusedArgs& a) {
   const size_t npairs = a.A.size();
   const size_t sizes[] = {a.B.size(),      a.exp_avg_A.size(), a.exp_avg_sq_A.size(), a.exp_avg_B.size(),
                           a.exp_avg_sq_B.size(), a.P.size(),   a.G.size(),            a.M.size(),
@@ -1017,34 +1037,22 @@ FusedCall prepare_fused(const FusedArgs& a, double step_increment, bool terms_ou
     const auto acc = acc_type(pt);
     check_tensor(a.grad_A[j], "grad_A", j, {r, n}, pt, true);
     check_tensor(a.grad_B[j], "grad_B", j, {m, r}, pt, true);
-    check_tensor(a.exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
-    check_tensor(a.exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
-    check_tensor(a.exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
-    check_tensor(a.exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
+    PairView& pv = call.pairs[j];
+    pv = PairView{};
+    view_pair(pv, j, a.A[j], a.B[j], a.exp_avg_A[j], a.exp_avg_sq_A[j], a.exp_avg_B[j], a.exp_avg_sq_B[j], a.U[j], m,
+              n, r, k, acc, call.keep);
     check_tensor(a.P[j], "P", j, {k, r}, acc, true);
     check_tensor(a.G[j], "G", j, {r, r}, acc, true);
     check_tensor(a.M[j], "M", j, {r, r}, acc, true);
-    check_tensor(a.Q_B[j], "Q_B", j, {r, r}, acc, terms_out);
-    check_tensor(a.R_B[j], "R_B", j, {k, r}, acc, terms_out);
-    check_tensor(a.H[j], "H", j, {r, r}, acc, terms_out);
-    const double t_A = step_value(a.step_A[j], "step_A", j) + step_increment;
-    const double t_B = step_value(a.step_B[j], "step_B", j) + step_increment;
-    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: step_A[", j, "] and step_B[", j, "] must be >= ",
-                      1 - step_increment, step_increment > 0 ? " (incremented by this op)" : " (already incremented)",
-                      ", found ", t_A - step_increment, " and ", t_B - step_increment);
-
-    PairView& pv = call.pairs[j];
-    pv = PairView{};
-    pv.A = a.A[j].data_ptr();
-    pv.B = a.B[j].data_ptr();
+    check_tensor(a.Q_B[j], "Q_B", j, {r, r}, acc, false);
+    check_tensor(a.R_B[j], "R_B", j, {k, r}, acc, false);
+    check_tensor(a.H[j], "H", j, {r, r}, acc, false);
+    const double t_A = step_value(a.step_A[j], "step_A", j);
+    const double t_B = step_value(a.step_B[j], "step_B", j);
+    TORCH_CHECK_VALUE(t_A >= 1 && t_B >= 1, "asft::cpp: step_A[", j, "] and step_B[", j, "] must be >= 1",
+                      " (already incremented), found ", t_A, " and ", t_B);
     pv.grad_A = a.grad_A[j].data_ptr();
     pv.grad_B = a.grad_B[j].data_ptr();
-    pv.exp_avg_A = a.exp_avg_A[j].data_ptr();
-    pv.exp_avg_sq_A = a.exp_avg_sq_A[j].data_ptr();
-    pv.exp_avg_B = a.exp_avg_B[j].data_ptr();
-    pv.exp_avg_sq_B = a.exp_avg_sq_B[j].data_ptr();
-    pv.U = basis_in(a.U[j], acc, call.keep);
-    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
     pv.step_A = t_A;
     pv.step_B = t_B;
     pv.P_out = a.P[j].data_ptr();
@@ -1091,7 +1099,7 @@ void fused_anchored_adamw_cpu(at::TensorList A, at::TensorList B, at::TensorList
   const FusedArgs a{A, B, exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B, P, G, M, grad_A, grad_B, U, Q_B, R_B,
                     H, step_A, step_B};
   PHASE_START;
-  FusedCall call = prepare_fused(a, 0.0, false);  // validates everything before anything is written
+  FusedCall call = prepare_fused(a);  // validates everything before anything is written
   PHASE_LAP(kPhasePrepare);
   run_fused(call, a, Hyper{lr_A, beta1_A, beta2_A, eps_A, weight_decay_A, maximize_A},
             Hyper{lr_B, beta1_B, beta2_B, eps_B, weight_decay_B, maximize_B});
@@ -1287,19 +1295,9 @@ BucketCore validate_bucket(at::TensorList A, at::TensorList B, at::TensorList ex
     const auto pt = core.param_type[j] = B[j].scalar_type();
     TORCH_CHECK_VALUE(acc_type(pt) == acc, "asft::cpp: anchored_adamw_step_: every pair needs the math dtype ", acc,
                       " of P, B[", j, "] is ", pt);
-    check_tensor(exp_avg_A[j], "exp_avg_A", j, {r, n}, acc, true);
-    check_tensor(exp_avg_sq_A[j], "exp_avg_sq_A", j, {r, n}, acc, true);
-    check_tensor(exp_avg_B[j], "exp_avg_B", j, {m, r}, acc, true);
-    check_tensor(exp_avg_sq_B[j], "exp_avg_sq_B", j, {m, r}, acc, true);
     PairView& pv = core.pairs[j];
-    pv.A = A[j].data_ptr();
-    pv.B = B[j].data_ptr();
-    pv.exp_avg_A = exp_avg_A[j].data_ptr();
-    pv.exp_avg_sq_A = exp_avg_sq_A[j].data_ptr();
-    pv.exp_avg_B = exp_avg_B[j].data_ptr();
-    pv.exp_avg_sq_B = exp_avg_sq_B[j].data_ptr();
-    pv.U = basis_in(U[j], acc, core.keep);
-    pv.m = m, pv.n = n, pv.r = r, pv.k = k;
+    view_pair(pv, j, A[j], B[j], exp_avg_A[j], exp_avg_sq_A[j], exp_avg_B[j], exp_avg_sq_B[j], U[j], m, n, r, k, acc,
+              core.keep);
     pv.P_out = Pp + j * k * r * elem;
     pv.G_out = Gp + j * r * r * elem;
     pv.M_out = Mp + j * r * r * elem;
