@@ -56,9 +56,14 @@ def _require() -> None:
 
 
 def _call(op, *args):
-    """``op(*args)`` on the compiled library; its input errors (``ValueError`` from
-    ``TORCH_CHECK_VALUE``) surface as :class:`OptimizerInputError`."""
+    """``op(*args)`` on the compiled library (built first if need be); see :func:`_run`."""
     _require()
+    return _run(op, *args)
+
+
+def _run(op, *args):
+    """``op(*args)``, its input errors (``ValueError`` from ``TORCH_CHECK_VALUE``) surfaced as
+    :class:`OptimizerInputError`."""
     try:
         return op(*args)
     except ValueError as exc:
@@ -186,11 +191,8 @@ def step(handle: Handle, grad_A: list[Tensor], grad_B: list[Tensor], scale: Tens
             whose storage, dtype, shape or layout changed since :func:`prepare` (nothing
             written).
     """
-    try:
-        return handle.bucket.step(grad_A, grad_B, scale, *hyper_A.op_args(), *hyper_B.op_args(), grad_scale,
-                                  found_inf)
-    except ValueError as exc:
-        raise (exc if isinstance(exc, AsFTError) else OptimizerInputError(str(exc))) from None
+    return _run(handle.bucket.step, grad_A, grad_B, scale, *hyper_A.op_args(), *hyper_B.op_args(), grad_scale,
+                found_inf)
 
 
 #: the phases of ``asft::cpu_phase_clock``, in the order of its result (``enum Phase`` of
